@@ -1,0 +1,37 @@
+# Two entry points, each doing all set-up on a fresh machine with python3:
+#   make bench   the main job: benchmark suite + comparison against the eager reference
+#   make test    the test suite (what CI runs)
+# The virtualenv reuses a torch >= 2.4 already installed system-wide (e.g. a CUDA
+# build on a GPU machine); otherwise it installs torch's CPU build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIP ?= torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+BENCH_ARGS ?= --json benchmarks/results/latest.json --plot benchmarks/results/latest.png
+PYTEST_ARGS ?=
+
+.PHONY: bench bench-quick test env clean
+
+env: $(VENV)/.ready
+
+$(VENV)/.ready: setup.py
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('.')[:2]) < (2, 4))" 2>/dev/null \
+		|| $(PY) -m pip install $(TORCH_PIP)
+	$(PY) -m pip install --no-deps mup==1.0.0
+	$(PY) -m pip install pybind11 ninja
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+bench: env
+	$(PY) -m fastmup.bench $(BENCH_ARGS)
+
+bench-quick: env
+	$(PY) -m fastmup.bench --quick $(BENCH_ARGS)
+
+test: env
+	$(PY) -m pytest tests benchmarks -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,11 @@
+"""μP optimizers: torch.optim.Optimizer subclasses with per-tensor μP multipliers.
+
+``MuAdam``, ``MuAdamW`` and ``MuSGD`` keep the user's param groups as given
+and apply mup's width rules per tensor (see :mod:`fastmup.optim.multipliers`),
+so one fused launch covers every tensor whatever its multiplier.
+"""
+from fastmup.optim.adam import MuAdam, MuAdamW
+from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.sgd import MuSGD
+
+__all__ = ["MuAdam", "MuAdamW", "MuSGD", "MuOptimizer"]

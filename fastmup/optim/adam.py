@@ -1,0 +1,212 @@
+"""μAdam and μAdamW: Adam with μP per-tensor learning rates.
+
+For each tensor, with ``lr`` and ``wd`` already multiplied by its μP factors
+(:mod:`fastmup.optim.multipliers`) and ``t`` its step count::
+
+    g   = ±grad / grad_scale                     (sign: maximize)
+    g   = g + wd·p                               (coupled weight decay, Adam)
+    p   = p·(1 - lr·wd)                          (decoupled weight decay, AdamW)
+    m   = m + (1-β1)·(g - m)
+    v   = β2·v + (1-β2)·g²
+    v̂   = max(v̂, v) if amsgrad else v
+    p   = p - lr/(1-β1^t) · m / (sqrt(v̂)/sqrt(1-β2^t) + eps)
+
+One entry point, :func:`adam`, runs a :class:`TensorBatch` with the chosen
+backend: ``_single_tensor_adam`` is the readable reference (fp32 math,
+one rounding to the storage dtype), ``_fused_adam`` hands the whole batch to
+one kernel launch.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.table import TensorBatch
+
+__all__ = ["MuAdam", "MuAdamW", "adam"]
+
+COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
+STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class MuAdam(MuOptimizer):
+    """Adam with μP: hidden matrices use ``lr / m_in`` (and ``wd · m_in``
+    unless ``decoupled_wd``); everything else uses the group's values.
+
+    Signature as ``torch.optim.Adam`` plus ``decoupled_wd`` (mup's switch:
+    do not rescale weight decay with width), ``backend``, ``state_dtype``
+    (``None``: the param's dtype) and ``param_lr_scales`` (extra per-tensor
+    lr factors, e.g. architecture-aware depth scaling, applied in the same
+    fused launch).
+    """
+
+    family = "adam"
+    columns = COLUMNS
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        decoupled_wd: bool = False,
+        capturable: bool = False,
+        backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            decoupled_wd=decoupled_wd,
+            capturable=capturable,
+        )
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+
+    def _validate(self, group: Mapping[str, Any]) -> None:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError("lr as a Tensor must have one element")
+            lr = float(lr)  # validation only; the step never syncs on it
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid eps={group['eps']}: must be >= 0")
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas={betas!r}: expected two values")
+        for i, b in enumerate(betas):
+            b = float(b)
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} must be in [0, 1)")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay={group['weight_decay']}: must be >= 0")
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return STATE if group["amsgrad"] else STATE[:2]
+
+    def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        adam(batch, backend=self.backend, grad_scale=grad_scale, found_inf=found_inf)
+
+
+class MuAdamW(MuAdam):
+    """AdamW with μP (decoupled weight decay ``p ← p·(1 - lr·wd)``, with the
+    μP-scaled ``lr`` and ``wd`` of each tensor).  Defaults as ``torch.optim.AdamW``."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_wd: bool = False,
+        capturable: bool = False,
+        backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            decoupled_weight_decay=True,
+            decoupled_wd=decoupled_wd,
+            capturable=capturable,
+            backend=backend,
+            state_dtype=state_dtype,
+            param_lr_scales=param_lr_scales,
+        )
+
+
+def adam(
+    batch: TensorBatch,
+    *,
+    backend: str = "eager",
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """Apply one Adam step to every tensor of ``batch`` (steps already advanced)."""
+    if backend == "eager":
+        _single_tensor_adam(batch, grad_scale=grad_scale, found_inf=found_inf)
+    else:
+        _fused_adam(batch, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    steps = batch.steps.tolist()
+    exp_avgs, exp_avg_sqs = batch.state["exp_avg"], batch.state["exp_avg_sq"]
+    max_exp_avg_sqs = batch.state.get("max_exp_avg_sq", [None] * len(batch))
+    for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
+        lr, wd, beta1, beta2, eps, amsgrad, maximize, decoupled = batch.rows[i].tolist()
+        # fp32 math on fp32 copies; fp32 tensors are used in place.
+        param, exp_avg, exp_avg_sq = p.float(), exp_avgs[i].float(), exp_avg_sqs[i].float()
+        grad = g.float()
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device, torch.float32)
+        if maximize:
+            grad = -grad
+        if wd != 0:
+            if decoupled:
+                param.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(param, alpha=wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = steps[i]
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        if amsgrad:
+            max_sq = max_exp_avg_sqs[i].float()
+            torch.maximum(max_sq, exp_avg_sq, out=max_sq)
+            denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            if max_sq is not max_exp_avg_sqs[i]:
+                max_exp_avg_sqs[i].copy_(max_sq)
+        else:
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+        for stored, computed in ((p, param), (exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq)):
+            if stored is not computed:
+                stored.copy_(computed)
+
+
+def _fused_adam(batch: TensorBatch, *, backend: str, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    from fastmup.optim.backend import launcher
+
+    launcher(backend, "adam")(batch, grad_scale=grad_scale, found_inf=found_inf)

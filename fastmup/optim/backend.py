@@ -1,0 +1,100 @@
+"""Which implementation runs a step: backend names and the ``auto`` choice.
+
+=========  ==========================================================
+``eager``  the single-tensor reference in plain torch ops (any device)
+``triton`` fused multi-tensor Triton kernels (``fastmup.kernels``)
+``cuda``   the hand-written CUDA C++ kernels of ``csrc/``
+``cpu``    the same C++ functors compiled for the host
+=========  ==========================================================
+
+``auto`` picks ``triton`` for CUDA tensors when Triton imports, else
+``eager`` with a one-time warning; for CPU tensors it picks ``cpu`` when the
+C++ extension is built and ``eager`` otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Iterable
+
+import torch
+
+NAMES = ("auto", "eager", "triton", "cuda", "cpu")
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Triton kernels can run on CPU tensors only under its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def extension_available(device_type: str) -> bool:
+    """Whether the compiled csrc backend for ``device_type`` can be loaded."""
+    try:
+        from fastmup import ext
+    except ImportError:
+        return False
+    return ext.available(device_type)
+
+
+def resolve(requested: str, devices: Iterable[torch.device]) -> str:
+    """The backend that will run for params on ``devices``."""
+    types = {d.type for d in devices}
+    if requested == "auto":
+        if types and types <= {"cuda"}:
+            if triton_available():
+                return "triton"
+            _warn_once("fastmup: Triton is not importable; backend='auto' falls back to the eager reference on CUDA")
+            return "eager"
+        if types and types <= {"cpu"} and extension_available("cpu"):
+            return "cpu"
+        return "eager"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
+        if "cpu" in types and not triton_interpreted():
+            raise RuntimeError(
+                "backend='triton' got CPU tensors; Triton runs on CPU tensors only under TRITON_INTERPRET=1 "
+                "(use backend='eager' or 'cpu' for CPU training)"
+            )
+        if types - {"cpu", "cuda"}:
+            raise RuntimeError(f"backend='triton' does not support devices {sorted(types - {'cpu', 'cuda'})}")
+    if requested in ("cuda", "cpu"):
+        wrong = types - {requested}
+        if wrong:
+            raise RuntimeError(f"backend={requested!r} got tensors on {sorted(wrong)}")
+        if not extension_available(requested):
+            from fastmup import ext  # raises a clear message when the build is impossible
+
+            ext.load(requested)
+    return requested
+
+
+def launcher(name: str, algorithm: str):
+    """The fused launcher of ``algorithm`` ("adam", "sgd", "esgd") in backend ``name``.
+
+    Every launcher has the signature ``launch(batch, *, grad_scale, found_inf, **kw)``
+    and reads all per-tensor values from the batch's table.
+    """
+    if name == "triton":
+        module = importlib.import_module(f"fastmup.kernels.{algorithm}")
+        return module.launch
+    if name in ("cuda", "cpu"):
+        from fastmup import ext
+
+        return functools.partial(ext.launch, algorithm)
+    raise ValueError(f"backend {name!r} has no fused launcher")

@@ -1,0 +1,79 @@
+"""The μP rule table: per-tensor learning-rate and weight-decay multipliers.
+
+μP rescales the learning rate and weight decay of each tensor according to
+how its dimensions grow with width (ALGORITHMS.md §1).  With ``m`` the width
+multiplier of the tensor's main (last infinite) dimension and ``m_in``,
+``m_out`` those of a matrix's fan-in and fan-out:
+
+=========================  ==============================  ==============
+tensor (by ``ninf``)       SGD-like  lr / wd               Adam-like lr / wd
+=========================  ==============================  ==============
+0 (finite)                 η / λ                           η / λ
+1 (vectors, readout)       η·m / λ/m                       η / λ
+2 (hidden matrices)        η·m_out/m_in / λ·m_in/m_out     η/m_in / λ·m_in
+=========================  ==============================  ==============
+
+``decoupled_wd=True`` leaves λ unscaled.  A multiplier is kept as a fraction
+``num / den`` with one side equal to 1, so that ``lr * num / den`` rounds
+exactly like mup's ``group['lr'] /= width_mult`` and ``*=`` updates.
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+Family = Literal["adam", "sgd"]
+
+
+class Multiplier(NamedTuple):
+    """A scale factor ``num / den``; apply as ``value * num / den``."""
+
+    num: float = 1.0
+    den: float = 1.0
+
+    def apply(self, value: float) -> float:
+        return value * self.num / self.den
+
+    @staticmethod
+    def times(x: float) -> "Multiplier":
+        return Multiplier(float(x), 1.0)
+
+    @staticmethod
+    def over(x: float) -> "Multiplier":
+        return Multiplier(1.0, float(x))
+
+
+ONE = Multiplier()
+
+
+def mup_multipliers(infshape, family: Family, decoupled_wd: bool = False) -> tuple[Multiplier, Multiplier]:
+    """Return ``(lr_multiplier, weight_decay_multiplier)`` for one tensor.
+
+    Raises ``NotImplementedError`` for more than two infinite dimensions, as
+    mup does: μP has no rule for them.
+    """
+    ninf = infshape.ninf()
+    if ninf > 2:
+        raise NotImplementedError(
+            f"μP has no rule for tensors with {ninf} infinite dimensions (at most 2 are supported); "
+            f"infshape {infshape}"
+        )
+    if family == "adam":
+        if ninf == 2:
+            m = infshape.width_mult()
+            lr, wd = Multiplier.over(m), Multiplier.times(m)
+        else:
+            lr, wd = ONE, ONE
+    elif family == "sgd":
+        if ninf == 2:
+            ratio = infshape.fanin_fanout_mult_ratio()
+            lr, wd = Multiplier.over(ratio), Multiplier.times(ratio)
+        elif ninf == 1:
+            m = infshape.width_mult()
+            lr, wd = Multiplier.times(m), Multiplier.over(m)
+        else:
+            lr, wd = ONE, ONE
+    else:
+        raise ValueError(f"unknown optimizer family {family!r}; expected 'adam' or 'sgd'")
+    if decoupled_wd:
+        wd = ONE
+    return lr, wd

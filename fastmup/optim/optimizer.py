@@ -1,0 +1,319 @@
+"""``MuOptimizer``: the planning half shared by every fastmup optimizer.
+
+A subclass names its hyperparameter columns, its state buffers and its
+update; this base class turns the user's param groups into the per-tensor
+table of :mod:`fastmup.optim.table` and hands each batch to one backend.
+
+The user's param groups are kept exactly as given (``group["lr"]`` is the
+base learning rate, so any LR scheduler may set it absolutely); the μP
+factors are per-tensor multipliers computed once from ``p.infshape``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fastmup.optim import backend as backends
+from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
+from fastmup.optim.table import Signature, TensorBatch, stack_steps
+
+__all__ = ["MuOptimizer"]
+
+
+def describe_param(p: Tensor, group: Mapping[str, Any], group_index: int, position: int) -> str:
+    """A name for error messages: the parameter's name when the user gave
+    ``named_parameters()``, else its place in the groups and its shape."""
+    names = group.get("param_names")
+    if names is not None and position < len(names):
+        return f"parameter {names[position]!r} (shape {tuple(p.shape)})"
+    return f"parameter #{position} of param group {group_index} (shape {tuple(p.shape)})"
+
+
+class MuOptimizer(Optimizer):
+    """Base class of the fastmup optimizers.
+
+    Subclasses set ``family`` ("adam" or "sgd": which μP rule applies),
+    ``columns`` (the per-tensor hyperparameters their update reads) and
+    implement :meth:`_state_keys`, :meth:`_group_values` and :meth:`_update`.
+    ``columns`` must include ``"lr"`` and ``"weight_decay"``: those two get
+    the μP multipliers.
+    """
+
+    family: Family
+    columns: tuple[str, ...]
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+    ) -> None:
+        if backend not in backends.NAMES:
+            raise ValueError(f"backend={backend!r} is not one of {backends.NAMES}")
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating torch.dtype or None, got {state_dtype!r}")
+        self._lr_scales: dict[Tensor, float] = {}
+        if param_lr_scales is not None:
+            for p, s in param_lr_scales.items():
+                if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
+                    raise ValueError(f"param_lr_scales: scale {s!r} for a parameter of shape {tuple(p.shape)} must be a finite float >= 0")
+                self._lr_scales[p] = float(s)
+        self._mults: dict[Tensor, tuple[Multiplier, Multiplier]] = {}
+        self._requested_backend = backend
+        self.state_dtype = state_dtype
+        self._batches: list[TensorBatch] = []
+        self._plan_key: Any = None
+        super().__init__(params, defaults)
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        self.backend = backends.resolve(backend, devices)
+
+    # ------------------------------------------------------------------
+    # subclass interface
+    # ------------------------------------------------------------------
+    def _validate(self, group: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the bad hyperparameter."""
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------
+    # param groups: μP multipliers are computed when a group is added
+    # ------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if params and isinstance(params[0], tuple):  # named_parameters(): validated by torch
+            named = params
+        else:
+            named = None
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate(merged)
+        if named:
+            merged["param_names"] = [n for n, _ in named]
+        tensors = [p for _, p in named] if named else params
+        mults = self._group_multipliers(tensors, merged, len(self.param_groups))
+        super().add_param_group(param_group)
+        self._mults.update(mults)
+        self._plan_key = None
+
+    def _group_multipliers(self, tensors: list, group: Mapping[str, Any], group_index: int) -> dict:
+        mults = {}
+        for position, p in enumerate(tensors):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__} in param group {group_index}")
+            where = describe_param(p, group, group_index, position)
+            infshape = getattr(p, "infshape", None)
+            if infshape is None:
+                raise ValueError(
+                    f"{where} has no μP base shapes (no `infshape` attribute): call "
+                    "fastmup.set_base_shapes(model, base_model, delta=delta_model) before creating the optimizer"
+                )
+            try:
+                lr_m, wd_m = mup_multipliers(infshape, self.family, bool(group.get("decoupled_wd", False)))
+            except NotImplementedError as e:
+                raise NotImplementedError(f"{where}: {e}") from None
+            scale = self._lr_scales.get(p)
+            if scale is not None:
+                lr_m = Multiplier(lr_m.num * scale, lr_m.den)
+            mults[p] = (lr_m, wd_m)
+        return mults
+
+    # ------------------------------------------------------------------
+    # the plan
+    # ------------------------------------------------------------------
+    def _current_key(self) -> tuple:
+        """Everything the cached plan depends on: which params have grads,
+        their dtypes, devices and addresses, and the state buffers' addresses."""
+        parts: list = []
+        for gi, group in enumerate(self.param_groups):
+            keys = self._state_keys(group) + ("step",)
+            parts.append(keys)
+            for position, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    parts.append(None)
+                    continue
+                if g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{describe_param(p, group, gi, position)} has a sparse gradient "
+                        f"({g.layout}); fastmup optimizers support dense gradients only"
+                    )
+                st = self.state.get(p)
+                ptrs = tuple(st[k].data_ptr() if st.get(k) is not None else 0 for k in keys) if st else None
+                parts.append((p.data_ptr(), g.data_ptr(), p.dtype, g.dtype, p.device, ptrs))
+        return tuple(parts)
+
+    def _state_dtype_for(self, p: Tensor) -> torch.dtype:
+        return self.state_dtype or p.dtype
+
+    def _check(self) -> None:
+        """Validate every tensor of the next step before anything is mutated."""
+        fused = self.backend != "eager"
+        for gi, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = describe_param(p, group, gi, position)
+                if g.shape != p.shape:
+                    raise RuntimeError(f"{where} has a gradient of shape {tuple(g.shape)}")
+                if not p.is_floating_point() or not g.is_floating_point():
+                    raise TypeError(f"{where}: fastmup optimizers need floating-point params and grads, got {p.dtype}/{g.dtype}")
+                if g.device != p.device:
+                    raise RuntimeError(f"{where} is on {p.device} but its gradient is on {g.device}")
+                if fused and not (p.is_contiguous() and g.is_contiguous()):
+                    which = "parameter" if not p.is_contiguous() else "gradient"
+                    raise RuntimeError(
+                        f"{where}: the {which} is not contiguous; backend {self.backend!r} needs contiguous "
+                        "tensors (make it contiguous or use backend='eager')"
+                    )
+
+    def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        state = self.state[p]
+        dtype = self._state_dtype_for(p)
+        for key in self._state_keys(group):
+            if state.get(key) is None:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
+    def _build_plan(self) -> list[TensorBatch]:
+        self._check()
+        members: dict[Signature, list[tuple[int, int, Tensor, dict]]] = {}
+        flat = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._init_state(p, group)
+                    sig = Signature(p.device, p.dtype, p.grad.dtype, self._state_dtype_for(p))
+                    members.setdefault(sig, []).append((flat, gi, p, group))
+                flat += 1
+        batches = []
+        for sig, entries in members.items():
+            params = [p for _, _, p, _ in entries]
+            state_keys = sorted({k for _, _, _, g in entries for k in self._state_keys(g)})
+            steps = stack_steps([self.state[p]["step"] for p in params], sig.device)
+            for i, p in enumerate(params):
+                self.state[p]["step"] = steps[i]
+            batch = TensorBatch(
+                signature=sig,
+                columns=self.columns,
+                index=[f for f, _, _, _ in entries],
+                params=params,
+                grads=[p.grad for p in params],
+                state={k: [self.state[p].get(k) for p in params] for k in state_keys},
+                rows=np.zeros((len(params), len(self.columns)), dtype=np.float64),
+                steps=steps,
+            )
+            batch.group_index = np.array([gi for _, gi, _, _ in entries], dtype=np.int64)
+            lr_m = [self._mults[p][0] for p in params]
+            wd_m = [self._mults[p][1] for p in params]
+            batch.lr_num = np.array([m.num for m in lr_m])
+            batch.lr_den = np.array([m.den for m in lr_m])
+            batch.wd_num = np.array([m.num for m in wd_m])
+            batch.wd_den = np.array([m.den for m in wd_m])
+            batches.append(batch)
+        return batches
+
+    def _plan(self) -> list[TensorBatch]:
+        key = self._current_key()
+        if key != self._plan_key:
+            self._batches = self._build_plan()
+            self._plan_key = self._current_key()
+        return self._batches
+
+    def _refresh_rows(self, batches: list[TensorBatch]) -> None:
+        """Write this step's per-tensor hyperparameters into each batch's rows."""
+        per_group = []
+        for group in self.param_groups:
+            values = self._group_values(group)
+            per_group.append([float(values[c]) for c in self.columns])
+        table = np.array(per_group, dtype=np.float64).reshape(len(per_group), len(self.columns))
+        lr, wd = self.columns.index("lr"), self.columns.index("weight_decay")
+        for batch in batches:
+            rows = table[batch.group_index]
+            rows[:, lr] = rows[:, lr] * batch.lr_num / batch.lr_den
+            rows[:, wd] = rows[:, wd] * batch.wd_num / batch.wd_den
+            batch.rows[...] = rows
+
+    # ------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step (one fused launch per batch)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        batches = self._plan()
+        if not batches:
+            return loss
+        self._refresh_rows(batches)
+        if found_inf is not None and self.backend == "eager":
+            # The reference path is allowed a host sync; fused paths skip on device.
+            if bool(found_inf.item()):
+                return loss
+            found_inf = None
+        for batch in batches:
+            batch.steps.add_(1)
+            self._update(batch, grad_scale, found_inf)
+            if found_inf is not None:
+                batch.steps.sub_(found_inf.to(batch.steps.device, torch.float32))
+        return loss
+
+    # ------------------------------------------------------------------
+    # state_dict: keep the state's own dtype (torch casts state to the
+    # param's dtype on load, which would round fp32 state of bf16 params)
+    # ------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
+            )
+        id_map = {}
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(
+                    f"param group {gi}: the loaded state dict has {len(sg['params'])} parameters, the optimizer has {len(g['params'])}"
+                )
+            id_map.update(zip(sg["params"], g["params"]))
+        saved_state = state_dict["state"]
+        for gi, sg in enumerate(saved_groups):
+            self._validate({**self.defaults, **{k: v for k, v in sg.items() if k != "params"}})
+        super().load_state_dict(state_dict)
+        for gi, group in enumerate(self.param_groups):
+            self._mults.update(self._group_multipliers(group["params"], group, gi))
+        for pid, values in saved_state.items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            restored = {}
+            for key, value in values.items():
+                if not isinstance(value, Tensor):
+                    restored[key] = value
+                elif key == "step":
+                    restored[key] = value.detach().to(device=p.device, dtype=torch.float32).clone()
+                else:
+                    restored[key] = value.detach().to(device=p.device, dtype=self._state_dtype_for(p)).clone()
+            self.state[p] = restored
+        self._plan_key = None
+        self._batches = []

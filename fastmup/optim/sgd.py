@@ -1,0 +1,149 @@
+"""μSGD: SGD with momentum and μP per-tensor learning rates.
+
+For each tensor, with ``lr`` and ``wd`` multiplied by its μP factors and ``t``
+its step count (torch's rules, including the first momentum step)::
+
+    g   = ±grad / grad_scale + wd·p
+    b   = g                                  if t == 1
+        = μ·b + (1-dampening)·g              otherwise
+    g   = g + μ·b if nesterov else b         (only when μ != 0)
+    p   = p - lr·g
+
+As in :mod:`fastmup.optim.adam`: one entry point :func:`sgd`, a readable
+single-tensor reference and a fused path.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.table import TensorBatch
+
+__all__ = ["MuSGD", "sgd"]
+
+COLUMNS = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
+
+
+class MuSGD(MuOptimizer):
+    """SGD with μP: vector-like tensors use ``lr·m`` (``wd/m``), hidden
+    matrices ``lr·m_out/m_in`` (``wd·m_in/m_out``), unless ``decoupled_wd``
+    leaves weight decay unscaled.  Signature as ``torch.optim.SGD`` plus
+    ``decoupled_wd``, ``backend``, ``state_dtype`` and ``param_lr_scales``.
+
+    The per-tensor state holds ``momentum_buffer`` (torch's key) and
+    ``step``, which marks whether the buffer has been seeded yet.
+    """
+
+    family = "sgd"
+    columns = COLUMNS
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_wd: bool = False,
+        capturable: bool = False,
+        backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            decoupled_wd=decoupled_wd,
+            capturable=capturable,
+        )
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+
+    def _validate(self, group: Mapping[str, Any]) -> None:
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, Tensor) else lr
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+        if not 0.0 <= group["momentum"]:
+            raise ValueError(f"Invalid momentum={group['momentum']}: must be >= 0")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay={group['weight_decay']}: must be >= 0")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            # A buffer loaded from torch.optim.SGD has been seeded already.
+            seeded = state.get("momentum_buffer") is not None
+            state["step"] = torch.full((), float(seeded), dtype=torch.float32, device=p.device)
+        super()._init_state(p, group)
+
+    def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
+        return dict(
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+
+    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        sgd(batch, backend=self.backend, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def sgd(
+    batch: TensorBatch,
+    *,
+    backend: str = "eager",
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """Apply one SGD step to every tensor of ``batch`` (steps already advanced)."""
+    if backend == "eager":
+        _single_tensor_sgd(batch, grad_scale=grad_scale, found_inf=found_inf)
+    else:
+        from fastmup.optim.backend import launcher
+
+        launcher(backend, "sgd")(batch, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    steps = batch.steps.tolist()
+    buffers = batch.state.get("momentum_buffer", [None] * len(batch))
+    for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
+        lr, wd, momentum, dampening, nesterov, maximize = batch.rows[i].tolist()
+        param, grad = p.float(), g.float()
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device, torch.float32)
+        if maximize:
+            grad = -grad
+        if wd != 0:
+            grad = grad.add(param, alpha=wd)
+        if momentum != 0:
+            buf = buffers[i].float()
+            if steps[i] == 1:
+                buf.copy_(grad)
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            if buf is not buffers[i]:
+                buffers[i].copy_(buf)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)
+        if param is not p:
+            p.copy_(param)

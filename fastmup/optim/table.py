@@ -1,0 +1,146 @@
+"""The per-tensor metadata table: the one structure every backend consumes.
+
+An optimizer step is planned once and replayed: the tensors that have a
+gradient are grouped into :class:`TensorBatch` es, one per device and dtype
+signature ``(param dtype, grad dtype, state dtype)``.  A batch holds
+
+* the tensor lists (params, grads, one list per state buffer),
+* ``rows``: a float64 host table, one row per tensor, one column per
+  hyperparameter, with μP multipliers and per-group values already applied
+  (``lr = group_lr * lr_num / lr_den``),
+* ``steps``: a float32 device tensor, the per-tensor step counts.  The
+  optimizer's ``state[p]["step"]`` entries are 0-d views into it, so one
+  ``steps.add_(1)`` advances every tensor and no step count lives on the host.
+
+Fused backends additionally ask a batch for device copies of the table
+(:meth:`device_rows`), for pointer tables built from ``data_ptr()``
+(:meth:`pointers`) and for a block map (:meth:`block_map`).  All of them are
+cached: replaying a step with unchanged tensors rebuilds nothing, and a
+changed hyperparameter costs one small host-to-device copy of ``rows``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What one fused launch specialises on."""
+
+    device: torch.device
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    state_dtype: torch.dtype
+
+
+@dataclass(eq=False)
+class TensorBatch:
+    """Tensors of one device and dtype signature, stepped together.
+
+    ``index[i]`` is the position of tensor ``i`` in the optimizer's flat list
+    of parameters (group order), ``columns`` names the columns of ``rows``.
+    """
+
+    signature: Signature
+    columns: tuple[str, ...]
+    index: list[int]
+    params: list[Tensor]
+    grads: list[Tensor]
+    state: dict[str, list[Tensor | None]]
+    rows: np.ndarray
+    steps: Tensor
+    _device_rows: Tensor | None = field(default=None, repr=False)
+    _uploaded: np.ndarray | None = field(default=None, repr=False)
+    _pointers: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
+    _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
+    _numels: Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def device(self) -> torch.device:
+        return self.signature.device
+
+    def col(self, name: str) -> int:
+        """Column number of hyperparameter ``name`` in ``rows``."""
+        return self.columns.index(name)
+
+    def value(self, i: int, name: str) -> float:
+        return float(self.rows[i, self.columns.index(name)])
+
+    # ------------------------------------------------------------------
+    # device-side views for fused backends
+    # ------------------------------------------------------------------
+    def device_rows(self) -> Tensor:
+        """The hyperparameter table on the batch's device (float64, ``[n, ncols]``).
+
+        Uploaded only when ``rows`` changed since the last upload; the tensor
+        keeps its address, so a captured CUDA graph sees new values.
+        """
+        if self._device_rows is None:
+            self._device_rows = torch.empty(self.rows.shape, dtype=torch.float64, device=self.device)
+        if self._uploaded is None or not np.array_equal(self._uploaded, self.rows):
+            host = torch.from_numpy(self.rows.copy())
+            self._device_rows.copy_(host, non_blocking=False)
+            self._uploaded = self.rows.copy()
+        return self._device_rows
+
+    def pointers(self, names: Sequence[str]) -> Tensor:
+        """int64 table ``[len(names), n]`` of ``data_ptr()`` values.
+
+        ``names`` are ``"param"``, ``"grad"`` or a state key; a missing state
+        buffer (e.g. no ``max_exp_avg_sq`` without amsgrad) has address 0.
+        """
+        key = tuple(names)
+        table = self._pointers.get(key)
+        if table is None:
+            host = torch.zeros((len(key), len(self)), dtype=torch.int64)
+            for r, name in enumerate(key):
+                tensors = self.params if name == "param" else self.grads if name == "grad" else self.state[name]
+                for i, t in enumerate(tensors):
+                    if t is not None:
+                        host[r, i] = t.data_ptr()
+            table = host.to(self.device)
+            self._pointers[key] = table
+        return table
+
+    def numels(self) -> Tensor:
+        """int64 ``[n]`` element counts on the device."""
+        if self._numels is None:
+            self._numels = torch.tensor([p.numel() for p in self.params], dtype=torch.int64).to(self.device)
+        return self._numels
+
+    def block_map(self, block: int) -> tuple[Tensor, Tensor, int]:
+        """Map program id -> (tensor index, first element) for chunks of ``block``.
+
+        Returns ``(tensor_of_block int32 [nblocks], start_of_block int64
+        [nblocks], nblocks)``.  Empty tensors get no block.  Offsets are int64
+        so tensors beyond 2**31 elements are addressed correctly.
+        """
+        cached = self._block_maps.get(block)
+        if cached is None:
+            numel = np.array([p.numel() for p in self.params], dtype=np.int64)
+            nblocks = (numel + block - 1) // block
+            tensor_of_block = np.repeat(np.arange(len(numel), dtype=np.int32), nblocks)
+            first = np.cumsum(nblocks) - nblocks
+            start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * block
+            cached = (
+                torch.from_numpy(tensor_of_block).to(self.device),
+                torch.from_numpy(start).to(self.device),
+                int(nblocks.sum()),
+            )
+            self._block_maps[block] = cached
+        return cached
+
+
+def stack_steps(steps: Sequence[Tensor | float], device: torch.device) -> Tensor:
+    """Gather per-tensor step counts into one float32 column on ``device``."""
+    values = [s.detach().reshape(()).to("cpu", torch.float32) if isinstance(s, Tensor) else torch.tensor(float(s)) for s in steps]
+    column = torch.stack(values) if values else torch.zeros(0)
+    return column.to(device=device, dtype=torch.float32)

@@ -1,0 +1,30 @@
+"""Build script for fastmup.
+
+Nothing here imports torch: pip's isolated build environment would otherwise
+pull a CUDA build of torch just to read this file.  The CUDA/C++ sources in
+``csrc/`` are compiled on first use (see ``fastmup/ext``), not at build time.
+"""
+import sys
+
+from setuptools import find_packages, setup
+
+install_requires = ["torch>=2.4", "numpy", "pyyaml"]
+if sys.platform.startswith("linux"):
+    install_requires.append("triton")
+
+setup(
+    name="fastmup",
+    version="0.1.0",
+    description="Maximal Update Parametrization with fused multi-tensor optimizers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fastmup", "fastmup.*"]) + ["fastmup.kernels"],
+    package_dir={"fastmup.kernels": "kernels"},
+    install_requires=install_requires,
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "pandas", "matplotlib", "tqdm"],
+        "plot": ["matplotlib", "pandas", "tqdm"],
+    },
+    entry_points={"console_scripts": ["fastmup-bench=fastmup.bench:main"]},
+)

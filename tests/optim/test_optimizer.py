@@ -1,0 +1,271 @@
+"""The shared planning layer: errors, state_dict round trips, AMP, plan cache."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fastmup
+from fastmup.infshape import InfDim, InfShape
+from fastmup.optim import MuAdam, MuAdamW, MuSGD
+
+from .conftest import build, clone, loss_of, max_diff, train, MODELS
+
+OPTIMIZERS = [
+    (MuAdam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    (MuAdamW, dict(lr=1e-2)),
+    (MuSGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+]
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy([p.detach().clone() for p in model.parameters()]), copy.deepcopy(opt.state_dict())
+
+
+def _unchanged(model, opt, snap):
+    params, sd = snap
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    now = opt.state_dict()
+    assert now["param_groups"] == sd["param_groups"]
+    assert now["state"].keys() == sd["state"].keys()
+    for k in now["state"]:
+        for name, v in now["state"][k].items():
+            assert torch.equal(v, sd["state"][k][name]), (k, name)
+
+
+# ----------------------------------------------------------------------------
+# bad input: a clear error, nothing changed
+# ----------------------------------------------------------------------------
+def test_params_without_base_shapes_name_the_parameter():
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match=r"'0\.weight'.*set_base_shapes"):
+        MuAdam(model.named_parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"parameter #0 of param group 0 \(shape \(4, 3\)\).*set_base_shapes"):
+        MuSGD(model.parameters(), lr=1e-3)
+
+
+def test_parameter_in_two_groups():
+    model = build("mlp", 16)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        MuAdam([{"params": [model.inp.weight]}, {"params": [model.inp.weight, model.inp.bias]}])
+
+
+def test_add_param_group_error_leaves_optimizer_unchanged():
+    model = build("mlp", 16)
+    opt = MuAdam([model.inp.weight], lr=1e-3)
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [model.inp.bias], "betas": (0.9, 1.5)})
+    bare = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="set_base_shapes"):
+        opt.add_param_group({"params": [model.out.weight, bare]})
+    assert len(opt.param_groups) == 1 and model.out.weight not in opt._mults
+
+
+@pytest.mark.parametrize(
+    "cls,kw,match",
+    [
+        (MuAdam, dict(lr=-1.0), "lr"),
+        (MuAdam, dict(eps=-1e-8), "eps"),
+        (MuAdam, dict(betas=(1.0, 0.9)), r"betas\[0\]"),
+        (MuAdamW, dict(weight_decay=-0.1), "weight_decay"),
+        (MuSGD, dict(lr=0.1, momentum=-0.5), "momentum"),
+        (MuSGD, dict(lr=0.1, nesterov=True), "nesterov"),
+        (MuAdam, dict(backend="fast"), "backend"),
+        (MuAdam, dict(state_dtype=torch.int32), "state_dtype"),
+    ],
+)
+def test_invalid_hyperparameters(cls, kw, match):
+    model = build("mlp", 16)
+    with pytest.raises(ValueError, match=match):
+        cls(model.parameters(), **kw)
+
+
+def test_more_than_two_infinite_dims():
+    p = nn.Parameter(torch.zeros(4, 4, 4))
+    p.infshape = InfShape([InfDim(2, 4), InfDim(2, 4), InfDim(2, 4)])
+    with pytest.raises(NotImplementedError, match=r"3 infinite dimensions"):
+        MuAdam([p])
+
+
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+def test_sparse_gradient_is_an_error_and_changes_nothing(cls, kw):
+    model = build("mlp", 16)
+    opt = cls(model.parameters(), **kw)
+    train("mlp", model, opt, steps=1)
+    snap = _snapshot(model, opt)
+    loss_of("mlp", model, MODELS["mlp"][1]()).backward()
+    model.hidden.weight.grad = model.hidden.weight.grad.to_sparse()
+    with pytest.raises(RuntimeError, match=r"sparse gradient"):
+        opt.step()
+    _unchanged(model, opt, snap)
+
+
+def test_error_before_first_step_creates_no_state():
+    model = build("mlp", 16)
+    opt = MuAdam(model.named_parameters(), lr=1e-3)
+    loss_of("mlp", model, MODELS["mlp"][1]()).backward()
+    model.out.bias.grad = model.out.bias.grad.to_sparse()
+    with pytest.raises(RuntimeError, match=r"'out\.bias'"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+# ----------------------------------------------------------------------------
+# state_dict: exact round trips and bit-identical resumption
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+def test_resume_is_bit_identical(kind, cls, kw):
+    model = build(kind, 16)
+    opt = cls(model.parameters(), **kw)
+    train(kind, model, opt, steps=2)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+
+    train(kind, model, opt, steps=3, seed=9)
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = build(kind, 16)
+    resumed.load_state_dict(ckpt["model"])
+    ropt = cls(resumed.parameters(), **kw)
+    ropt.load_state_dict(ckpt["opt"])
+    train(kind, resumed, ropt, steps=3, seed=9)
+    assert max_diff(model, resumed) == 0.0
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, ropt.state[q][key]), key
+
+
+@pytest.mark.parametrize("cls,torch_cls,kw", [
+    (MuAdam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    (MuAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (MuSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+])
+def test_state_moves_to_torch_optim_and_back(cls, torch_cls, kw):
+    """torch's key names: a fastmup state loads into torch.optim and back (base width)."""
+    model = build("mlp", 8)
+    opt = cls(model.parameters(), **kw)
+    train("mlp", model, opt, steps=2)
+    twin = clone(model)
+    ref = torch_cls(twin.parameters(), **kw)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train("mlp", model, opt, steps=2, seed=3)
+    train("mlp", twin, ref, steps=2, seed=3)
+    assert max_diff(model, twin) == 0.0
+    back_model = clone(twin)
+    back = cls(back_model.parameters(), **kw)
+    back.load_state_dict(copy.deepcopy(ref.state_dict()))
+    train("mlp", twin, ref, steps=2, seed=4)
+    train("mlp", back_model, back, steps=2, seed=4)
+    assert max_diff(back_model, twin) == 0.0
+
+
+def test_fp32_state_of_bf16_params_survives_load():
+    """torch casts loaded state to the param dtype; fastmup keeps state_dtype."""
+    model = build("mlp", 16).to(torch.bfloat16)
+    opt = MuAdam(model.parameters(), lr=1e-2, state_dtype=torch.float32)
+    model(torch.randn(4, 12, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    opt2 = MuAdam(model.parameters(), lr=1e-2, state_dtype=torch.float32)
+    opt2.load_state_dict(sd)
+    for p in model.parameters():
+        assert opt2.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_load_state_dict_mismatch_is_clear():
+    model = build("mlp", 16)
+    opt = MuAdam(model.parameters())
+    other = MuAdam([{"params": [model.inp.weight]}, {"params": [model.inp.bias]}])
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict(other.state_dict())
+
+
+# ----------------------------------------------------------------------------
+# plan cache, skipping, AMP, hooks
+# ----------------------------------------------------------------------------
+def test_plan_is_reused_and_replanned_on_new_tensors():
+    model = build("mlp", 16)
+    opt = MuAdam(model.parameters(), lr=1e-3)
+    train("mlp", model, opt, steps=1)
+    first = opt._batches
+    loss_of("mlp", model, MODELS["mlp"][1]()).backward()  # accumulates into the same .grad
+    opt.step()
+    assert opt._batches is first
+    opt.zero_grad(set_to_none=True)  # fresh gradient tensors: a new plan
+    loss_of("mlp", model, MODELS["mlp"][1]()).backward()
+    opt.step()
+    assert opt._batches is not first
+
+
+def test_params_without_grad_are_skipped():
+    model = build("mlp", 16)
+    opt = MuAdam(model.parameters(), lr=1e-2)
+    frozen = model.inp.weight.detach().clone()
+    model.inp.weight.requires_grad_(False)
+    train("mlp", model, opt, steps=2)
+    assert torch.equal(model.inp.weight, frozen)
+    assert model.inp.weight not in opt.state
+    assert opt.state[model.hidden.weight]["step"].item() == 2
+
+
+def test_empty_parameter_is_harmless():
+    model = build("mlp", 16)
+    empty = nn.Parameter(torch.zeros(0, 16))
+    empty.infshape = InfShape([InfDim(None, 0), InfDim(8, 16)])
+    opt = MuAdam(list(model.parameters()) + [empty], lr=1e-2)
+    loss_of("mlp", model, MODELS["mlp"][1]()).backward()
+    empty.grad = torch.zeros(0, 16)
+    opt.step()
+    assert opt.state[empty]["exp_avg"].shape == (0, 16)
+
+
+def test_grad_scaler_skips_inf_steps_and_unscales():
+    """GradScaler drives the optimizer through _step_supports_amp_scaling."""
+    model = build("mlp", 16)
+    twin = clone(model)
+    opt = MuAdam(model.parameters(), lr=1e-2)
+    ref = MuAdam(twin.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    batch = MODELS["mlp"][1]()
+    scaler.scale(loss_of("mlp", model, batch)).backward()
+    scaler.step(opt)
+    scaler.update()
+    loss_of("mlp", twin, batch).backward()
+    ref.step()
+    torch.testing.assert_close(list(model.parameters()), list(twin.parameters()), rtol=1e-6, atol=1e-7)
+
+    before = _snapshot(model, opt)
+    opt.zero_grad()
+    scaler.scale(loss_of("mlp", model, batch)).backward()
+    model.hidden.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    _unchanged(model, opt, before)
+
+
+def test_step_hooks_run():
+    model = build("mlp", 16)
+    opt = MuSGD(model.parameters(), lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    train("mlp", model, opt, steps=1)
+    assert calls == ["pre", "post"]
+
+
+def test_closure_is_evaluated_with_grad():
+    model = build("mlp", 16)
+    opt = MuAdam(model.parameters(), lr=1e-2)
+    batch = MODELS["mlp"][1]()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of("mlp", model, batch)
+        loss.backward()
+        return loss
+
+    assert opt.step(closure) is not None
+    assert opt.state[model.inp.weight]["step"].item() == 1
