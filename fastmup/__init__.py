@@ -10,7 +10,8 @@ from fastmup.shape import *  # noqa: F401,F403
 from fastmup.init import *  # noqa: F401,F403
 from fastmup.layer import *  # noqa: F401,F403
 from fastmup.optim import *  # noqa: F401,F403
-from fastmup import infshape, shape, init, layer, optim  # noqa: F401
+from fastmup import infshape, shape, init, layer, optim, coord_check  # noqa: F401
+from fastmup import arch, schedule, sharpness  # noqa: F401
 
 name = "fastmup"
 __version__ = "0.1.0"

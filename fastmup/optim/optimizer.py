@@ -11,6 +11,8 @@ factors are per-tensor multipliers computed once from ``p.infshape``.
 from __future__ import annotations
 
 import math
+import operator
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
@@ -20,9 +22,20 @@ from torch.optim import Optimizer
 
 from fastmup.optim import backend as backends
 from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
-from fastmup.optim.table import Signature, TensorBatch, stack_steps
+from fastmup.optim.table import Signature, TensorBatch, stack_scalars
 
 __all__ = ["MuOptimizer"]
+
+
+@dataclass(eq=False)
+class _PlanKey:
+    group_keys: list
+    params: list
+    grads: list
+    slots: list
+    state_tensors: list
+    tensors: list
+    ptrs: list
 
 
 def describe_param(p: Tensor, group: Mapping[str, Any], group_index: int, position: int) -> str:
@@ -46,6 +59,10 @@ class MuOptimizer(Optimizer):
 
     family: Family
     columns: tuple[str, ...]
+    #: per-tensor scalar state: key -> (initial value, dtype).  Each key lives
+    #: in one device column per batch (``batch.scalars[key]``) and
+    #: ``state[p][key]`` is a 0-d view into it, like torch's ``step``.
+    scalar_state: dict[str, tuple[float, torch.dtype]] = {"step": (0.0, torch.float32)}
     _step_supports_amp_scaling = True
 
     def __init__(
@@ -71,7 +88,7 @@ class MuOptimizer(Optimizer):
         self._requested_backend = backend
         self.state_dtype = state_dtype
         self._batches: list[TensorBatch] = []
-        self._plan_key: Any = None
+        self._plan_key: Optional[_PlanKey] = None
         super().__init__(params, defaults)
         devices = {p.device for g in self.param_groups for p in g["params"]}
         self.backend = backends.resolve(backend, devices)
@@ -136,27 +153,34 @@ class MuOptimizer(Optimizer):
     # ------------------------------------------------------------------
     # the plan
     # ------------------------------------------------------------------
-    def _current_key(self) -> tuple:
-        """Everything the cached plan depends on: which params have grads,
-        their dtypes, devices and addresses, and the state buffers' addresses."""
-        parts: list = []
-        for gi, group in enumerate(self.param_groups):
-            keys = self._state_keys(group) + ("step",)
-            parts.append(keys)
-            for position, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    parts.append(None)
-                    continue
-                if g.layout != torch.strided:
-                    raise RuntimeError(
-                        f"{describe_param(p, group, gi, position)} has a sparse gradient "
-                        f"({g.layout}); fastmup optimizers support dense gradients only"
-                    )
-                st = self.state.get(p)
-                ptrs = tuple(st[k].data_ptr() if st.get(k) is not None else 0 for k in keys) if st else None
-                parts.append((p.data_ptr(), g.data_ptr(), p.dtype, g.dtype, p.device, ptrs))
-        return tuple(parts)
+    def _snapshot(self) -> _PlanKey:
+        """Record what the plan just built depends on."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in params]
+        slots = [(self.state[p], k) for b in self._batches for p in b.params for k in self.state[p]]
+        state_tensors = [st[k] for st, k in slots]
+        tensors = params + [g for g in grads if g is not None] + [t for t in state_tensors if isinstance(t, Tensor)]
+        return _PlanKey(
+            group_keys=[self._state_keys(g) for g in self.param_groups],
+            params=params,
+            grads=grads,
+            slots=slots,
+            state_tensors=state_tensors,
+            tensors=tensors,
+            ptrs=[t.data_ptr() for t in tensors],
+        )
+
+    def _plan_is_current(self, key: _PlanKey) -> bool:
+        """Cheap per-step check: the same grad objects, state objects and
+        addresses as when the plan was built (``zero_grad(set_to_none=True)``,
+        a new ``p.data`` or a replaced state buffer all invalidate it)."""
+        if [self._state_keys(g) for g in self.param_groups] != key.group_keys:
+            return False
+        if not all(map(operator.is_, [p.grad for p in key.params], key.grads)):
+            return False
+        if not all(map(operator.is_, [st.get(k) for st, k in key.slots], key.state_tensors)):
+            return False
+        return [t.data_ptr() for t in key.tensors] == key.ptrs
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
         return self.state_dtype or p.dtype
@@ -170,6 +194,10 @@ class MuOptimizer(Optimizer):
                 if g is None:
                     continue
                 where = describe_param(p, group, gi, position)
+                if g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{where} has a sparse gradient ({g.layout}); fastmup optimizers support dense gradients only"
+                    )
                 if g.shape != p.shape:
                     raise RuntimeError(f"{where} has a gradient of shape {tuple(g.shape)}")
                 if not p.is_floating_point() or not g.is_floating_point():
@@ -189,8 +217,9 @@ class MuOptimizer(Optimizer):
         for key in self._state_keys(group):
             if state.get(key) is None:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key, (initial, dtype) in self.scalar_state.items():
+            if key not in state:
+                state[key] = torch.full((), initial, dtype=dtype, device=p.device)
 
     def _build_plan(self) -> list[TensorBatch]:
         self._check()
@@ -207,9 +236,11 @@ class MuOptimizer(Optimizer):
         for sig, entries in members.items():
             params = [p for _, _, p, _ in entries]
             state_keys = sorted({k for _, _, _, g in entries for k in self._state_keys(g)})
-            steps = stack_steps([self.state[p]["step"] for p in params], sig.device)
-            for i, p in enumerate(params):
-                self.state[p]["step"] = steps[i]
+            scalars = {}
+            for key, (_, dtype) in self.scalar_state.items():
+                scalars[key] = stack_scalars([self.state[p][key] for p in params], sig.device, dtype)
+                for i, p in enumerate(params):
+                    self.state[p][key] = scalars[key][i]
             batch = TensorBatch(
                 signature=sig,
                 columns=self.columns,
@@ -218,7 +249,8 @@ class MuOptimizer(Optimizer):
                 grads=[p.grad for p in params],
                 state={k: [self.state[p].get(k) for p in params] for k in state_keys},
                 rows=np.zeros((len(params), len(self.columns)), dtype=np.float64),
-                steps=steps,
+                steps=scalars["step"],
+                scalars=scalars,
             )
             batch.group_index = np.array([gi for _, gi, _, _ in entries], dtype=np.int64)
             lr_m = [self._mults[p][0] for p in params]
@@ -231,10 +263,10 @@ class MuOptimizer(Optimizer):
         return batches
 
     def _plan(self) -> list[TensorBatch]:
-        key = self._current_key()
-        if key != self._plan_key:
+        if self._plan_key is None or not self._plan_is_current(self._plan_key):
+            self._plan_key = None
             self._batches = self._build_plan()
-            self._plan_key = self._current_key()
+            self._plan_key = self._snapshot()
         return self._batches
 
     def _refresh_rows(self, batches: list[TensorBatch]) -> None:
@@ -310,8 +342,9 @@ class MuOptimizer(Optimizer):
             for key, value in values.items():
                 if not isinstance(value, Tensor):
                     restored[key] = value
-                elif key == "step":
-                    restored[key] = value.detach().to(device=p.device, dtype=torch.float32).clone()
+                elif key in self.scalar_state:
+                    dtype = self.scalar_state[key][1]
+                    restored[key] = value.detach().to(device=p.device, dtype=dtype).clone()
                 else:
                     restored[key] = value.detach().to(device=p.device, dtype=self._state_dtype_for(p)).clone()
             self.state[p] = restored

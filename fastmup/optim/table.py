@@ -11,6 +11,8 @@ signature ``(param dtype, grad dtype, state dtype)``.  A batch holds
 * ``steps``: a float32 device tensor, the per-tensor step counts.  The
   optimizer's ``state[p]["step"]`` entries are 0-d views into it, so one
   ``steps.add_(1)`` advances every tensor and no step count lives on the host.
+  Other per-tensor scalar state (``MuOptimizer.scalar_state``) lives the same
+  way in ``scalars[key]``; ``steps`` is ``scalars["step"]``.
 
 Fused backends additionally ask a batch for device copies of the table
 (:meth:`device_rows`), for pointer tables built from ``data_ptr()``
@@ -54,6 +56,7 @@ class TensorBatch:
     state: dict[str, list[Tensor | None]]
     rows: np.ndarray
     steps: Tensor
+    scalars: dict[str, Tensor] = field(default_factory=dict)
     _device_rows: Tensor | None = field(default=None, repr=False)
     _uploaded: np.ndarray | None = field(default=None, repr=False)
     _pointers: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
@@ -139,8 +142,10 @@ class TensorBatch:
         return cached
 
 
-def stack_steps(steps: Sequence[Tensor | float], device: torch.device) -> Tensor:
-    """Gather per-tensor step counts into one float32 column on ``device``."""
-    values = [s.detach().reshape(()).to("cpu", torch.float32) if isinstance(s, Tensor) else torch.tensor(float(s)) for s in steps]
-    column = torch.stack(values) if values else torch.zeros(0)
-    return column.to(device=device, dtype=torch.float32)
+def stack_scalars(values: Sequence[Tensor | float], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Gather per-tensor scalar state (e.g. step counts) into one column on ``device``."""
+    parts = [
+        v.detach().reshape(()).to(device=device, dtype=dtype) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=dtype, device=device)
+        for v in values
+    ]
+    return torch.stack(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
