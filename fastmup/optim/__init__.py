@@ -5,7 +5,8 @@ and apply mup's width rules per tensor (see :mod:`fastmup.optim.multipliers`),
 so one fused launch covers every tensor whatever its multiplier.
 """
 from fastmup.optim.adam import MuAdam, MuAdamW
+from fastmup.optim.esgd import ESGD, MuESGD
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.optim.sgd import MuSGD
 
-__all__ = ["MuAdam", "MuAdamW", "MuSGD", "MuOptimizer"]
+__all__ = ["MuAdam", "MuAdamW", "MuSGD", "MuOptimizer", "MuESGD", "ESGD"]

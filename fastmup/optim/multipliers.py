@@ -13,15 +13,22 @@ tensor (by ``ninf``)       SGD-like  lr / wd               Adam-like lr / wd
 2 (hidden matrices)        η·m_out/m_in / λ·m_in/m_out     η/m_in / λ·m_in
 =========================  ==============================  ==============
 
+``"esgd"`` (ESGD-M, :mod:`fastmup.optim.esgd`) is the geometric mean of
+the two rules: η·√m / λ/√m for vectors, η/√(m_in²/m_out) / λ·√(m_in²/m_out)
+for hidden matrices, η / λ for finite tensors.  Its Hessian-row
+preconditioner scales the update by Θ(1/√n), halfway between SGD's Θ(1/n)
+and Adam's Θ(1); see ``docs/esgd_mup.md``.
+
 ``decoupled_wd=True`` leaves λ unscaled.  A multiplier is kept as a fraction
 ``num / den`` with one side equal to 1, so that ``lr * num / den`` rounds
 exactly like mup's ``group['lr'] /= width_mult`` and ``*=`` updates.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
-Family = Literal["adam", "sgd"]
+Family = Literal["adam", "sgd", "esgd"]
 
 
 class Multiplier(NamedTuple):
@@ -72,8 +79,18 @@ def mup_multipliers(infshape, family: Family, decoupled_wd: bool = False) -> tup
             lr, wd = Multiplier.times(m), Multiplier.over(m)
         else:
             lr, wd = ONE, ONE
+    elif family == "esgd":
+        # sqrt(adam multiplier x sgd multiplier), class by class
+        if ninf == 2:
+            r = math.sqrt(infshape.width_mult() * infshape.fanin_fanout_mult_ratio())
+            lr, wd = Multiplier.over(r), Multiplier.times(r)
+        elif ninf == 1:
+            r = math.sqrt(infshape.width_mult())
+            lr, wd = Multiplier.times(r), Multiplier.over(r)
+        else:
+            lr, wd = ONE, ONE
     else:
-        raise ValueError(f"unknown optimizer family {family!r}; expected 'adam' or 'sgd'")
+        raise ValueError(f"unknown optimizer family {family!r}; expected 'adam', 'sgd' or 'esgd'")
     if decoupled_wd:
         wd = ONE
     return lr, wd

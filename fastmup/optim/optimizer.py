@@ -272,8 +272,16 @@ class MuOptimizer(Optimizer):
     def _refresh_rows(self, batches: list[TensorBatch]) -> None:
         """Write this step's per-tensor hyperparameters into each batch's rows."""
         per_group = []
+        lr_tensors = []
+        # A Tensor lr (capturable training) stays on the device: the fused
+        # backends compute that column there, so a step never syncs on it.
+        device_lr = self.backend != "eager" and any(isinstance(g["lr"], Tensor) for g in self.param_groups)
         for group in self.param_groups:
             values = self._group_values(group)
+            if device_lr:
+                lr_value = group["lr"]
+                lr_tensors.append(lr_value if isinstance(lr_value, Tensor) else torch.tensor(float(lr_value)))
+                values = {**values, "lr": math.nan}
             per_group.append([float(values[c]) for c in self.columns])
         table = np.array(per_group, dtype=np.float64).reshape(len(per_group), len(self.columns))
         lr, wd = self.columns.index("lr"), self.columns.index("weight_decay")
@@ -282,6 +290,7 @@ class MuOptimizer(Optimizer):
             rows[:, lr] = rows[:, lr] * batch.lr_num / batch.lr_den
             rows[:, wd] = rows[:, wd] * batch.wd_num / batch.wd_den
             batch.rows[...] = rows
+            batch.device_lr = lr_tensors or None
 
     # ------------------------------------------------------------------
     # the step

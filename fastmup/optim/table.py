@@ -57,11 +57,19 @@ class TensorBatch:
     rows: np.ndarray
     steps: Tensor
     scalars: dict[str, Tensor] = field(default_factory=dict)
+    #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
+    device_lr: list[Tensor] | None = None
+    group_index: np.ndarray | None = None
+    lr_num: np.ndarray | None = None
+    lr_den: np.ndarray | None = None
+    wd_num: np.ndarray | None = None
+    wd_den: np.ndarray | None = None
     _device_rows: Tensor | None = field(default=None, repr=False)
     _uploaded: np.ndarray | None = field(default=None, repr=False)
     _pointers: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
     _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
     _numels: Tensor | None = field(default=None, repr=False)
+    _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -84,14 +92,25 @@ class TensorBatch:
         """The hyperparameter table on the batch's device (float64, ``[n, ncols]``).
 
         Uploaded only when ``rows`` changed since the last upload; the tensor
-        keeps its address, so a captured CUDA graph sees new values.
+        keeps its address, so a captured CUDA graph sees new values.  With
+        ``device_lr`` (Tensor learning rates) the ``lr`` column is computed on
+        the device from them: no host sync, capturable.
         """
         if self._device_rows is None:
             self._device_rows = torch.empty(self.rows.shape, dtype=torch.float64, device=self.device)
-        if self._uploaded is None or not np.array_equal(self._uploaded, self.rows):
+        if self._uploaded is None or not np.array_equal(self._uploaded, self.rows, equal_nan=True):
             host = torch.from_numpy(self.rows.copy())
             self._device_rows.copy_(host, non_blocking=False)
             self._uploaded = self.rows.copy()
+        if self.device_lr is not None:
+            if self._lr_factors is None:
+                self._lr_factors = (
+                    torch.from_numpy(self.group_index).to(self.device),
+                    torch.from_numpy(self.lr_num / self.lr_den).to(self.device),
+                )
+            group_of, factor = self._lr_factors
+            lrs = torch.stack([lr.to(self.device, torch.float64).reshape(()) for lr in self.device_lr])
+            self._device_rows[:, self.columns.index("lr")] = lrs[group_of] * factor
         return self._device_rows
 
     def pointers(self, names: Sequence[str]) -> Tensor:

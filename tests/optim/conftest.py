@@ -114,3 +114,32 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
 @pytest.fixture(params=sorted(MODELS))
 def kind(request) -> str:
     return request.param
+
+
+def available_backends() -> list[str]:
+    """The backends that run on CPU tensors here (Triton's CPU interpreter is
+    exercised in tests/kernels)."""
+    names = ["eager"]
+    try:
+        from fastmup import ext
+
+        if ext.available("cpu"):
+            names.append("cpu")
+    except ImportError:
+        pass
+    return names
+
+
+@pytest.fixture(params=available_backends())
+def backend(request) -> str:
+    return request.param
+
+
+def assert_same(a: nn.Module, b: nn.Module, backend: str) -> None:
+    """Bit-identical for the eager reference (same ops as torch); fused
+    backends round differently (fma, one rounding per element), a few fp32
+    ulps per step, so a relative tolerance of 1e-5 after a few steps."""
+    if backend == "eager":
+        assert max_diff(a, b) == 0.0
+    else:
+        torch.testing.assert_close(list(a.parameters()), list(b.parameters()), rtol=1e-5, atol=1e-6)

@@ -35,7 +35,7 @@ def test_parity_with_mup(kind, kw):
 def test_base_width_equals_torch(kind, kw):
     model = build(kind, 8)
     twin = clone(model)
-    train(kind, model, MuSGD(model.parameters(), **kw))
+    train(kind, model, MuSGD(model.parameters(), **kw, backend="eager"))
     train(kind, twin, torch.optim.SGD(twin.parameters(), **kw))
     _identical(model, twin)
 
@@ -62,7 +62,7 @@ def test_momentum_state_loads_from_torch_sgd():
     ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     train("mlp", twin, ref, steps=2)
     ours_model = clone(twin)
-    ours = MuSGD(ours_model.parameters(), lr=0.1, momentum=0.9)
+    ours = MuSGD(ours_model.parameters(), lr=0.1, momentum=0.9, backend="eager")
     ours.load_state_dict(ref.state_dict())
     train("mlp", twin, ref, steps=3, seed=5)
     train("mlp", ours_model, ours, steps=3, seed=5)

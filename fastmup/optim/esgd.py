@@ -1,0 +1,615 @@
+"""ESGD-M with μP: equilibrated SGD with quasi-hyperbolic momentum.
+
+ESGD-M (Crowson) preconditions SGD-with-momentum by ``sqrt(d)``, an
+estimate of ``diag(H²)`` (the equilibration preconditioner, the row norms of
+the Hessian) built from occasional Hessian-vector products with Rademacher
+probes: ``E[(Hz)_i²] = Σ_j H_ij²``.  The user calls::
+
+    loss.backward(create_graph=opt.should_create_graph())
+    opt.step()
+
+The math (ALGORITHMS.md §2)
+---------------------------
+Global, per optimizer: ``steps`` and ``steps_since_d``;
+``should_create_graph() = steps < d_warmup or steps_since_d >= update_d_every``
+(with the defaults the HVP runs on calls 0..19, 29, 39, ...).  On an HVP step
+one probe ``z`` (±1, the grads' dtype) is drawn for every parameter with a
+gradient and ``hvp = autograd.grad(grads, params, grad_outputs=z)`` is ONE
+call over all of them (the full Hessian, cross-parameter blocks included).
+
+Per tensor, with ``lr`` and ``wd`` already multiplied by its μP factors, the
+``variant="ema"`` step (the seed, the default) is::
+
+    m   = β1·m + (1-β1)·g ;                       bc1 = bc1·β1
+    if HVP step:  d = β2·d + (1-β2)·hvp² ;          bc2 = bc2·β2
+    denom = sqrt(d) / sqrt(1 - bc2) + eps
+    cum = cum·lr_warmup ;                         step_size = lr·(1 - cum)
+    m̃   = v·m + (1-v)·g ;                         qhm = 1 - bc1·v
+    p   = p·(1 - wd·step_size)
+    p   = p - (step_size / qhm) · m̃ / denom
+
+``variant="max"`` (the original's later version): ``d = max(β2·d, hvp²)``
+with no bias correction (``denom = sqrt(d) + eps``), Nesterov momentum only
+(``v = β1``; another ``v`` is an error) and ``cum`` advanced on HVP steps
+only.
+
+**A tensor that has not seen an HVP yet does not move** (neither the step nor
+the weight decay; its ``m``, ``bc1`` and ``cum`` advance as usual).  The seed
+divides ``0/0`` there (``bc2 = 1``): a parameter whose first gradient comes
+on a non-HVP step (a branch unused during the warm-up, a param group added
+later) turned into NaN.  "Has seen an HVP" is ``exp_avg_d_bias_corr != 1``,
+so the rule needs no extra state; in the max variant that column is kept
+(``β2^k``) for this purpose only.
+
+μP: how ESGD-M's learning rate scales with width
+-------------------------------------------------
+The preconditioned update is invariant to a constant multiplier on a
+parameter (``g ∝ a``, ``H ∝ a²``), so only the sizes of ``g`` and of the
+Hessian rows matter.  In μP every gradient entry of a width-``n`` tensor is
+``Θ(1/n)`` (as for Adam), but the Hessian row norm ``sqrt(d_ij)`` is not:
+besides the Gauss-Newton part (``Θ(1/n)``) each row has a cross-layer block
+coupling ``W_ij`` to the ``n`` weights of the neighbouring layer through the
+activation (``∂²L/∂W2_ij ∂W1_jl = δ_i·φ'(h_j)·x_l``): ``n`` entries of size
+``Θ(1/n)``, a row norm of ``Θ(1/√n)``.  It dominates at large width, so
+``g/sqrt(d) = Θ(1/√n)`` per entry: halfway between SGD (``Θ(1/n)``) and Adam
+(``Θ(1)``).  Keeping every layer's feature change ``Θ(1)`` then needs
+
+===============================  ==================  =================
+tensor (by ``ninf``)             lr                  weight decay
+===============================  ==================  =================
+0 (finite, e.g. readout bias)    η                   λ
+1 (vectors, input, readout)      η·√m                λ/√m
+2 (hidden matrices)              η/√m_in             λ·√m_in
+===============================  ==================  =================
+
+the geometric mean of mup's SGD and Adam rules (``family = "esgd"`` in
+:mod:`fastmup.optim.multipliers`), with weight decay scaled inversely so that
+the decay per step ``wd·step_size`` is width-independent.  The coordinate
+check behind it (MLP, widths 64..2048) is in ``docs/esgd_mup.md`` and
+``tests/optim/test_esgd.py``.
+
+The per-tensor table and state
+------------------------------
+Columns of ``batch.rows`` (float64, μP applied): :data:`COLUMNS`.  State
+buffers: ``exp_avg`` (m), ``exp_avg_d`` (d), in ``state_dtype``.  Per-tensor
+scalar state (``MuOptimizer.scalar_state`` columns, ``state[p][key]`` are
+0-d views):
+
+* ``step`` — float32, torch's convention (exact to 2**24 steps);
+* ``exp_avg_bias_corr`` (β1^t), ``exp_avg_d_bias_corr`` (β2^k) and
+  ``lr_warmup_cumprod`` — **float64**: all three enter as ``1 - x`` with
+  ``x`` close to 1 early on (``1 - 0.999^k``, ``1 - 0.99^t``), where a float32
+  running product would lose 3-4 significant digits to cancellation (more
+  with long warm-ups such as ``lr_warmup = 0.9999``) and accumulate one
+  rounding per step.  In float64 the running product is exact to ~1e-15,
+  every backend multiplies the same doubles, and the single rounding to
+  float32 happens when the per-step factors are formed.
+
+:func:`tensor_scalars` turns a row and the old scalars into the new scalars
+and the float32 factors of the element update; both backends (and a C++
+functor: ``prepare(row, scalars, hvp_step) -> Scalars``) compute exactly this,
+then run the element update of :func:`_single_tensor_esgd`.
+
+Unlike Adam's entry point, :func:`esgd` advances the per-tensor scalar state
+itself (the optimizer does not ``steps.add_(1)`` first): the fused kernel
+reads the old values and writes the new ones in the same launch (see
+``fastmup.kernels.esgd``), so a step is one launch per dtype signature.
+
+Backends: ``eager`` (this module, any device) and ``triton``.  The CUDA C++
+functors of ``csrc/`` do not exist yet: ``backend="auto"`` resolves to
+``triton`` on CUDA and ``eager`` on CPU, and ``"cuda"``/``"cpu"`` are refused.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from fastmup.optim import backend as backends
+from fastmup.optim import rademacher
+from fastmup.optim.multipliers import ONE, Multiplier
+from fastmup.optim.optimizer import MuOptimizer, describe_param
+from fastmup.optim.table import TensorBatch
+
+__all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "COLUMNS", "VARIANTS"]
+
+COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "v", "lr_warmup", "eps", "variant")
+STATE = ("exp_avg", "exp_avg_d")
+VARIANTS = ("ema", "max")
+#: the scalar_state of MuESGD: key -> (initial value, dtype); see the module docstring.
+SCALAR_STATE = {
+    "step": (0.0, torch.float32),
+    "exp_avg_bias_corr": (1.0, torch.float64),
+    "exp_avg_d_bias_corr": (1.0, torch.float64),
+    "lr_warmup_cumprod": (1.0, torch.float64),
+}
+PRODUCTS = ("exp_avg_bias_corr", "exp_avg_d_bias_corr", "lr_warmup_cumprod")
+
+
+# ----------------------------------------------------------------------
+# per-tensor scalars: the part a C++ functor's prepare() mirrors
+# ----------------------------------------------------------------------
+class TensorScalars(NamedTuple):
+    """One tensor's step, from its row and old scalar state (float64 math).
+
+    ``bc1``, ``bc2``, ``cum``, ``step``: the new scalar state.  ``started``:
+    the tensor has seen an HVP (``bc2 != 1``); if not, ``p`` is left alone.
+    The rest are the factors of the element update, each rounded once to
+    float32 by the consumer.
+    """
+
+    bc1: float
+    bc2: float
+    cum: float
+    step: float
+    started: bool
+    is_max: bool
+    lerp_m: float  # 1 - β1: m = lerp(m, g, 1-β1)
+    beta2: float
+    one_minus_beta2: float
+    bc2_sqrt: float  # sqrt(1 - bc2) (ema), 1 (max)
+    eps: float
+    lerp_qhm: float  # 1 - v: m̃ = lerp(m, g, 1-v)
+    decay: float  # 1 - wd·step_size
+    coef: float  # -step_size / (1 - bc1·v)
+
+
+def tensor_scalars(row: Sequence[float], bc1: float, bc2: float, cum: float, step: float, hvp_step: bool) -> TensorScalars:
+    """Advance one tensor's scalar state and form its update factors."""
+    lr, wd, beta1, beta2, v, lr_warmup, eps, variant = (float(x) for x in row)
+    is_max = variant != 0.0
+    if is_max:
+        v = beta1
+    bc1 = bc1 * beta1
+    if hvp_step:
+        bc2 = bc2 * beta2
+    if hvp_step or not is_max:
+        cum = cum * lr_warmup
+    started = bc2 != 1.0
+    step_size = lr * (1.0 - cum)
+    bc2_sqrt = 1.0 if is_max else math.sqrt(1.0 - bc2)
+    return TensorScalars(
+        bc1=bc1,
+        bc2=bc2,
+        cum=cum,
+        step=step + 1.0,
+        started=started,
+        is_max=is_max,
+        lerp_m=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        bc2_sqrt=bc2_sqrt,
+        eps=eps,
+        lerp_qhm=1.0 - v,
+        decay=1.0 - wd * step_size,
+        coef=-(step_size / (1.0 - bc1 * v)),
+    )
+
+
+# ----------------------------------------------------------------------
+# the optimizers
+# ----------------------------------------------------------------------
+class MuESGD(MuOptimizer):
+    """ESGD-M with μP per-tensor learning rates (see the module docstring).
+
+    Args:
+        params: parameters (with ``infshape``: call ``fastmup.set_base_shapes``
+            first) or param groups.
+        lr, betas, v, lr_warmup, eps, weight_decay, update_d_every, d_warmup:
+            as the original ESGD-M (``v=None``: ``β1``, Nesterov momentum).
+        variant: ``"ema"`` (the seed: EMA of hvp² with bias correction) or
+            ``"max"`` (decayed running max, no bias correction, Nesterov only,
+            warm-up counted on HVP steps).  Per param group.
+        seed: seed of the probes' counter-based generator (any int; the
+            global torch RNG is never used).
+        decoupled_wd: do not rescale weight decay with width (mup's switch).
+        backend: ``"auto"``, ``"eager"`` or ``"triton"``.
+        state_dtype: dtype of ``exp_avg`` / ``exp_avg_d`` (default: the param's).
+        param_lr_scales: extra per-tensor lr factors.
+
+    ``update_d_every`` and ``d_warmup`` are optimizer-wide (the HVP decision
+    is global).  ``state_dict()`` adds a top-level ``"esgd"`` entry with the
+    global counters and the probe generator's seed and counter, so a resumed
+    run is bit-identical; a state dict of the original (``"global_state"``)
+    loads too.
+    """
+
+    family = "esgd"
+    columns = COLUMNS
+    scalar_state = SCALAR_STATE
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1.0,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        v: Optional[float] = None,
+        lr_warmup: float = 0.99,
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        update_d_every: int = 10,
+        d_warmup: int = 20,
+        *,
+        variant: str = "ema",
+        seed: int = 0,
+        decoupled_wd: bool = False,
+        backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
+        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+    ) -> None:
+        for name, value in (("update_d_every", update_d_every), ("d_warmup", d_warmup)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}={value!r}: must be an int >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed={seed!r}: must be an int")
+        if backend in ("cuda", "cpu"):
+            raise NotImplementedError(
+                f"backend={backend!r}: ESGD-M has no csrc kernels yet; use backend='triton' (CUDA) or 'eager'"
+            )
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            v=v,
+            lr_warmup=lr_warmup,
+            eps=eps,
+            weight_decay=weight_decay,
+            variant=variant,
+            decoupled_wd=decoupled_wd,
+        )
+        self.update_d_every = update_d_every
+        self.d_warmup = d_warmup
+        self.steps = 0
+        self.steps_since_d = 0
+        self.probe_seed = seed
+        self.probe_counter = 0
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+        if backend == "auto" and self.backend in ("cuda", "cpu"):
+            # backends.resolve picked the compiled extension, which has no ESGD-M yet.
+            devices = {p.device.type for g in self.param_groups for p in g["params"]}
+            self.backend = "triton" if devices == {"cuda"} and backends.triton_available() else "eager"
+
+    # ------------------------------------------------------------------
+    # subclass interface of MuOptimizer
+    # ------------------------------------------------------------------
+    def _validate(self, group: Mapping[str, Any]) -> None:
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, Tensor) else lr
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid eps={group['eps']}: must be >= 0")
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas={betas!r}: expected two values")
+        for i, b in enumerate(betas):
+            if not 0.0 <= float(b) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} must be in [0, 1)")
+        v = group["v"]
+        if v is not None and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"Invalid v={v}: must be in [0, 1] (or None for v = beta1)")
+        if not 0.0 <= group["lr_warmup"] < 1.0:
+            raise ValueError(f"Invalid lr_warmup={group['lr_warmup']}: must be in [0, 1)")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay={group['weight_decay']}: must be >= 0")
+        variant = group["variant"]
+        if variant not in VARIANTS:
+            raise ValueError(f"Invalid variant={variant!r}: must be one of {VARIANTS}")
+        if variant == "max" and v is not None and float(v) != float(betas[0]):
+            raise ValueError(f"variant='max' uses Nesterov momentum only (v = beta1 = {betas[0]}); got v={v}")
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return STATE
+
+    def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        v = group["v"]
+        return dict(
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            beta1=beta1,
+            beta2=beta2,
+            v=beta1 if v is None or group["variant"] == "max" else v,
+            lr_warmup=group["lr_warmup"],
+            eps=group["eps"],
+            variant=VARIANTS.index(group["variant"]),
+        )
+
+    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        esgd(batch, backend=self.backend, hvps=None, grad_scale=grad_scale, found_inf=found_inf)
+
+    # ------------------------------------------------------------------
+    # the HVP schedule
+    # ------------------------------------------------------------------
+    def should_create_graph(self) -> bool:
+        """Whether the next :meth:`step` computes a Hessian-vector product, so
+        the backward before it needs ``create_graph=True``::
+
+            loss.backward(create_graph=opt.should_create_graph())
+        """
+        return self.steps < self.d_warmup or self.steps_since_d >= self.update_d_every
+
+    def _check_grads(self, hvp_step: bool) -> list[Tensor]:
+        """Validate every gradient before anything is mutated; return the
+        params that have one, in group order."""
+        with_grad = []
+        for gi, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = describe_param(p, group, gi, position)
+                if g.layout != torch.strided:
+                    raise RuntimeError(f"{where} has a sparse gradient ({g.layout}); ESGD-M supports dense gradients only")
+                if hvp_step and g.grad_fn is None:
+                    raise RuntimeError(
+                        f"{where}: its gradient has no autograd graph, but this step computes a Hessian-vector "
+                        "product. Call loss.backward(create_graph=opt.should_create_graph()) (create_graph=True "
+                        "on this step). Gradient accumulation is not supported on such steps: every backward "
+                        "that contributes to the gradient needs create_graph=True."
+                    )
+                with_grad.append(p)
+        return with_grad
+
+    # ------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One ESGD-M step: on HVP steps one probe launch and one HVP per
+        optimizer, then one fused launch per dtype signature."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        hvp_step = self.should_create_graph()
+        params = self._check_grads(hvp_step)
+        batches = self._plan() if params else []
+        if batches:
+            self._refresh_rows(batches)
+        hvps_of: Optional[dict] = None
+        if hvp_step and batches:
+            probes_of = {}
+            for batch in batches:
+                probes = draw_probes(batch, self.probe_seed, self.probe_counter, backend=self.backend)
+                probes_of.update(zip(map(id, batch.params), probes))
+            with torch.enable_grad():
+                hvps = torch.autograd.grad(
+                    [p.grad for p in params], params, grad_outputs=[probes_of[id(p)] for p in params], allow_unused=True
+                )
+            hvps_of = {id(p): h for p, h in zip(params, hvps)}
+            del probes_of, hvps
+        skip = False
+        if found_inf is not None and self.backend == "eager":
+            skip = bool(found_inf.item())  # the reference may sync; fused paths skip on device
+            found_inf = None
+        if not skip:
+            for batch in batches:
+                hvps = None if hvps_of is None else [hvps_of[id(p)] for p in batch.params]
+                esgd(batch, backend=self.backend, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
+        if hvp_step:
+            self.steps_since_d = 0
+            self.probe_counter += 1
+        self.steps += 1
+        self.steps_since_d += 1
+        return loss
+
+    # ------------------------------------------------------------------
+    # state_dict: global counters and the probe generator
+    # ------------------------------------------------------------------
+    def _global_state(self) -> dict[str, int]:
+        return {
+            "steps": self.steps,
+            "steps_since_d": self.steps_since_d,
+            "probe_seed": self.probe_seed,
+            "probe_counter": self.probe_counter,
+            "update_d_every": self.update_d_every,
+            "d_warmup": self.d_warmup,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["esgd"] = self._global_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("esgd")
+        if extra is None and "global_state" in state_dict:  # the original ESGD-M's format
+            extra = dict(state_dict["global_state"])
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            for key in ("steps", "steps_since_d", "probe_seed", "probe_counter", "update_d_every", "d_warmup"):
+                if key in extra:
+                    setattr(self, key, int(extra[key]))
+
+
+class ESGD(MuESGD):
+    """ESGD-M without μP: every tensor uses the group's ``lr`` and
+    ``weight_decay`` (times ``param_lr_scales``); params need no ``infshape``.
+    Same signature and behaviour as :class:`MuESGD` otherwise."""
+
+    def _group_multipliers(self, tensors: list, group: Mapping[str, Any], group_index: int) -> dict:
+        mults = {}
+        for p in tensors:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__} in param group {group_index}")
+            scale = self._lr_scales.get(p)
+            mults[p] = (Multiplier(scale, 1.0) if scale is not None else ONE, ONE)
+        return mults
+
+
+# ----------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------
+def draw_probes(batch: TensorBatch, seed: int, counter: int, *, backend: str = "eager") -> list[Tensor]:
+    """The Rademacher probes of every tensor of ``batch`` for draw ``counter``.
+
+    Tensor ``i`` gets ``fastmup.optim.rademacher`` signs with tensor id
+    ``batch.index[i]`` (its position in the optimizer's parameter list), so
+    the probes do not depend on how tensors are grouped into batches.  One
+    contiguous tensor per param, in the grads' dtype.  ``triton``: one launch.
+    """
+    prefix = rademacher.draw_prefix(seed, counter)
+    if backend == "eager":
+        return [
+            rademacher.fill_rademacher_(torch.empty(g.shape, dtype=g.dtype, device=g.device), seed, counter, tid, prefix=prefix)
+            for g, tid in zip(batch.grads, batch.index)
+        ]
+    return backends.launcher(backend, "rademacher")(batch, prefix=prefix)
+
+
+def esgd(
+    batch: TensorBatch,
+    *,
+    backend: str = "eager",
+    hvps: Optional[Sequence[Optional[Tensor]]] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """Apply one ESGD-M step to every tensor of ``batch``.
+
+    ``hvps``: on an HVP step, the Hessian-vector product of each tensor
+    (``None`` entries: zero, a tensor the gradients do not depend on);
+    ``None`` on other steps.  Advances the per-tensor scalar state
+    (``step`` and the three running products) itself.  ``grad_scale``
+    divides grads and HVPs; a nonzero ``found_inf`` skips the whole step.
+    """
+    if hvps is not None and len(hvps) != len(batch):
+        raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
+    if backend == "eager":
+        _single_tensor_esgd(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
+    else:
+        if hvps is not None:
+            hvps = [
+                torch.zeros_like(p, memory_format=torch.contiguous_format)
+                if h is None
+                else h.to(p.dtype).contiguous()
+                for p, h in zip(batch.params, hvps)
+            ]
+        backends.launcher(backend, "esgd")(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _math_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32 math for float32/bf16/fp16 storage, float64 when anything is float64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _single_tensor_esgd(
+    batch: TensorBatch,
+    *,
+    hvps: Optional[Sequence[Optional[Tensor]]],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+) -> None:
+    """The reference: one tensor at a time, plain torch ops.
+
+    Math in float32 on float32 copies (float64 if any of param, grad or
+    state is float64), one rounding per stored tensor; the scalars of
+    :func:`tensor_scalars` in float64, rounded once to the math dtype by
+    torch when they meet a tensor.
+    """
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    hvp_step = hvps is not None
+    columns = {k: batch.scalars[k].tolist() for k in ("step",) + PRODUCTS}
+    new = {k: list(v) for k, v in columns.items()}
+    exp_avgs, exp_avg_ds = batch.state["exp_avg"], batch.state["exp_avg_d"]
+    for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
+        s = tensor_scalars(
+            batch.rows[i],
+            columns["exp_avg_bias_corr"][i],
+            columns["exp_avg_d_bias_corr"][i],
+            columns["lr_warmup_cumprod"][i],
+            columns["step"][i],
+            hvp_step,
+        )
+        new["exp_avg_bias_corr"][i], new["exp_avg_d_bias_corr"][i] = s.bc1, s.bc2
+        new["lr_warmup_cumprod"][i], new["step"][i] = s.cum, s.step
+        math_dtype = _math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
+        param, grad = p.to(math_dtype), g.to(math_dtype)
+        exp_avg, exp_avg_d = exp_avgs[i].to(math_dtype), exp_avg_ds[i].to(math_dtype)
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device, math_dtype)
+        exp_avg.lerp_(grad, s.lerp_m)
+        if hvp_step:
+            h = hvps[i]
+            hvp = torch.zeros_like(param) if h is None else h.to(math_dtype)
+            if grad_scale is not None:
+                hvp = hvp / grad_scale.to(hvp.device, math_dtype)
+            if s.is_max:
+                torch.maximum(exp_avg_d.mul_(s.beta2), hvp * hvp, out=exp_avg_d)
+            else:
+                exp_avg_d.mul_(s.beta2).addcmul_(hvp, hvp, value=s.one_minus_beta2)
+        if s.started:
+            denom = (exp_avg_d.sqrt() / s.bc2_sqrt).add_(s.eps)
+            m_est = torch.lerp(exp_avg, grad, s.lerp_qhm)
+            param.mul_(s.decay).addcdiv_(m_est, denom, value=s.coef)
+        for stored, computed in ((p, param), (exp_avgs[i], exp_avg), (exp_avg_ds[i], exp_avg_d)):
+            if stored is not computed:
+                stored.copy_(computed)
+    for key, values in new.items():
+        column = batch.scalars[key]
+        column.copy_(torch.tensor(values, dtype=column.dtype))
+
+
+# ----------------------------------------------------------------------
+# the seed, as plain per-tensor torch ops (the benchmark's baseline)
+# ----------------------------------------------------------------------
+def esgd_per_tensor_torch(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_ds: Sequence[Tensor],
+    scalars: Sequence[dict],
+    hvps: Optional[Sequence[Tensor]] = None,
+    *,
+    lr: float = 1.0,
+    betas: Tuple[float, float] = (0.9, 0.999),
+    v: Optional[float] = None,
+    lr_warmup: float = 0.99,
+    eps: float = 1e-4,
+    weight_decay: float = 0.0,
+    variant: str = "ema",
+) -> None:
+    """One ESGD-M step written as the original does it: a Python loop over
+    tensors, torch ops in the storage dtype, scalar state as Python floats.
+
+    ``scalars[i]`` is a dict with ``exp_avg_bias_corr``,
+    ``exp_avg_d_bias_corr`` and ``lr_warmup_cumprod`` (start at 1.0),
+    updated in place; ``hvps`` is given on HVP steps.  No μP (pass the
+    per-tensor lr yourself), no AMP.  The only departure from the seed is
+    the no-NaN rule (no update before a tensor's first HVP).  Meant as the
+    unfused baseline of benchmarks; the optimizer does not use it.
+    """
+    beta1, beta2 = betas
+    is_max = variant == "max"
+    if v is None or is_max:
+        v = beta1
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        st = scalars[i]
+        exp_avg, exp_avg_d = exp_avgs[i], exp_avg_ds[i]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        st["exp_avg_bias_corr"] *= beta1
+        if hvps is not None:
+            hvp = hvps[i]
+            if is_max:
+                torch.maximum(exp_avg_d.mul_(beta2), hvp * hvp, out=exp_avg_d)
+            else:
+                exp_avg_d.mul_(beta2).addcmul_(hvp, hvp, value=1 - beta2)
+            st["exp_avg_d_bias_corr"] *= beta2
+        if hvps is not None or not is_max:
+            st["lr_warmup_cumprod"] *= lr_warmup
+        if st["exp_avg_d_bias_corr"] == 1.0:
+            continue
+        if is_max:
+            denom = exp_avg_d.sqrt().add_(eps)
+        else:
+            denom = (exp_avg_d.sqrt() / math.sqrt(1 - st["exp_avg_d_bias_corr"])).add_(eps)
+        step_size = lr * (1 - st["lr_warmup_cumprod"])
+        exp_avg_est = torch.lerp(exp_avg, grad, 1 - v)
+        qhm_bias_corr = 1 - st["exp_avg_bias_corr"] * v
+        p.mul_(1 - weight_decay * step_size)
+        p.addcdiv_(exp_avg_est, denom, value=-step_size / qhm_bias_corr)
