@@ -5,6 +5,7 @@
 # build on a GPU machine); otherwise it installs torch's CPU build.
 
 PYTHON ?= python3
+VENV_FLAGS ?= --system-site-packages
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIP ?= torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
@@ -16,7 +17,7 @@ PYTEST_ARGS ?=
 env: $(VENV)/.ready
 
 $(VENV)/.ready: setup.py
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('.')[:2]) < (2, 4))" 2>/dev/null \
 		|| $(PY) -m pip install $(TORCH_PIP)
 	$(PY) -m pip install --no-deps mup==1.0.0
