@@ -24,6 +24,11 @@ from fastmup.optim import backend as backends
 from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
 from fastmup.optim.table import Signature, TensorBatch, stack_scalars
 
+try:  # DTensor (FSDP2) parameters are updated through their local shards
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch without distributed support
+    _DTensor = None
+
 __all__ = ["MuOptimizer"]
 
 
@@ -36,6 +41,16 @@ class _PlanKey:
     state_tensors: list
     tensors: list
     ptrs: list
+
+
+def local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The tensor a kernel updates: a DTensor's local shard (FSDP2), else ``t``.
+
+    ``to_local()`` shares storage with the DTensor, so updating it in place
+    updates the sharded parameter or state."""
+    if t is not None and _DTensor is not None and isinstance(t, _DTensor):
+        return t.to_local()
+    return t
 
 
 def describe_param(p: Tensor, group: Mapping[str, Any], group_index: int, position: int) -> str:
@@ -157,9 +172,10 @@ class MuOptimizer(Optimizer):
         """Record what the plan just built depends on."""
         params = [p for g in self.param_groups for p in g["params"]]
         grads = [p.grad for p in params]
-        slots = [(self.state[p], k) for b in self._batches for p in b.params for k in self.state[p]]
+        slots = [(self.state[p], k) for b in self._batches for p in b.owners for k in self.state[p]]
         state_tensors = [st[k] for st, k in slots]
         tensors = params + [g for g in grads if g is not None] + [t for t in state_tensors if isinstance(t, Tensor)]
+        tensors = [local(t) for t in tensors]
         return _PlanKey(
             group_keys=[self._state_keys(g) for g in self.param_groups],
             params=params,
@@ -204,8 +220,8 @@ class MuOptimizer(Optimizer):
                     raise TypeError(f"{where}: fastmup optimizers need floating-point params and grads, got {p.dtype}/{g.dtype}")
                 if g.device != p.device:
                     raise RuntimeError(f"{where} is on {p.device} but its gradient is on {g.device}")
-                if fused and not (p.is_contiguous() and g.is_contiguous()):
-                    which = "parameter" if not p.is_contiguous() else "gradient"
+                if fused and not (local(p).is_contiguous() and local(g).is_contiguous()):
+                    which = "parameter" if not local(p).is_contiguous() else "gradient"
                     raise RuntimeError(
                         f"{where}: the {which} is not contiguous; backend {self.backend!r} needs contiguous "
                         "tensors (make it contiguous or use backend='eager')"
@@ -229,12 +245,13 @@ class MuOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     self._init_state(p, group)
-                    sig = Signature(p.device, p.dtype, p.grad.dtype, self._state_dtype_for(p))
+                    sig = Signature(local(p).device, p.dtype, p.grad.dtype, self._state_dtype_for(p))
                     members.setdefault(sig, []).append((flat, gi, p, group))
                 flat += 1
         batches = []
         for sig, entries in members.items():
             params = [p for _, _, p, _ in entries]
+            st = [self.state[p] for p in params]
             state_keys = sorted({k for _, _, _, g in entries for k in self._state_keys(g)})
             scalars = {}
             for key, (_, dtype) in self.scalar_state.items():
@@ -245,9 +262,10 @@ class MuOptimizer(Optimizer):
                 signature=sig,
                 columns=self.columns,
                 index=[f for f, _, _, _ in entries],
-                params=params,
-                grads=[p.grad for p in params],
-                state={k: [self.state[p].get(k) for p in params] for k in state_keys},
+                params=[local(p) for p in params],
+                grads=[local(p.grad) for p in params],
+                state={k: [local(s.get(k)) for s in st] for k in state_keys},
+                owners=params,
                 rows=np.zeros((len(params), len(self.columns)), dtype=np.float64),
                 steps=scalars["step"],
                 scalars=scalars,

@@ -57,6 +57,9 @@ class TensorBatch:
     rows: np.ndarray
     steps: Tensor
     scalars: dict[str, Tensor] = field(default_factory=dict)
+    #: the optimizer's parameters (``params`` holds what kernels update: the
+    #: same tensors, or a DTensor's local shard)
+    owners: list[Tensor] = field(default_factory=list)
     #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
     device_lr: list[Tensor] | None = None
     group_index: np.ndarray | None = None
