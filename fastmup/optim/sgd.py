@@ -85,9 +85,12 @@ class MuSGD(MuOptimizer):
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
         state = self.state[p]
-        if "step" not in state:
-            # A buffer loaded from torch.optim.SGD has been seeded already.
-            seeded = state.get("momentum_buffer") is not None
+        seeded = state.get("momentum_buffer") is not None
+        if "step" not in state or (group["momentum"] != 0 and not seeded):
+            # "step" marks whether the buffer is seeded (torch.optim.SGD keeps
+            # no step): a buffer loaded from torch counts as seeded, and a
+            # buffer created now (first step, or momentum switched on later)
+            # is seeded with the next gradient, as torch does.
             state["step"] = torch.full((), float(seeded), dtype=torch.float32, device=p.device)
         super()._init_state(p, group)
 

@@ -67,3 +67,17 @@ def test_momentum_state_loads_from_torch_sgd():
     train("mlp", twin, ref, steps=3, seed=5)
     train("mlp", ours_model, ours, steps=3, seed=5)
     _identical(ours_model, twin)
+
+
+def test_momentum_switched_on_later_seeds_the_buffer_like_torch():
+    model = build("mlp", 8)
+    twin = clone(model)
+    ours = MuSGD(model.parameters(), lr=0.1, momentum=0.0, dampening=0.5, backend="eager")
+    ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.0, dampening=0.5)
+    train("mlp", model, ours, steps=2)
+    train("mlp", twin, ref, steps=2)
+    for opt in (ours, ref):
+        opt.param_groups[0]["momentum"] = 0.9
+    train("mlp", model, ours, steps=3, seed=7)
+    train("mlp", twin, ref, steps=3, seed=7)
+    _identical(model, twin)

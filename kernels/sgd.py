@@ -1,0 +1,182 @@
+"""Fused multi-tensor SGD with momentum: one launch steps a whole :class:`TensorBatch`.
+
+For tensor ``i`` of the batch, with its row of the hyperparameter table
+(μP multipliers already applied to ``lr`` and ``wd``), ``μ`` its momentum and
+``t`` its step count (already advanced for this step)::
+
+    g   = ±grad / grad_scale + wd·p              (sign: maximize)
+    b   = g                                      if t == 1     (torch's first step)
+        = μ·b + (1-dampening)·g                  otherwise
+    g   = g + μ·b if nesterov else b             (only when μ != 0)
+    p   = p - lr·g
+
+This is exactly ``fastmup.optim.sgd._single_tensor_sgd``: fp32 math on
+values loaded from any storage dtype, one rounding per stored tensor (the
+update uses the unrounded fp32 buffer, as the eager path does), scalars
+rounded once from float64 to fp32.  Every ``add(.., alpha=a)`` of the eager
+path is a fused multiply-add in torch (CPU vector code, nvcc-contracted CUDA
+code), hence ``tl.fma`` here.
+
+Launch layout as in :mod:`fastmup.kernels.adam`: one program per chunk of
+``BLOCK`` elements of one tensor, found through the batch's block map; every
+group's values and flags (momentum 0 or not, nesterov, maximize) come from
+the table, so one launch covers every tensor of a dtype signature.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import downcast, tensor_ptr, upcast
+
+__all__ = ["sgd_kernel", "launch", "BLOCK", "TILE"]
+
+# Elements per program and per inner iteration; see fastmup.kernels.adam for
+# the reasoning (SGD streams 3-4 arrays instead of 5: the same trade-off).
+BLOCK = 4096
+TILE = 1024
+NUM_WARPS = 4
+
+# Order of the columns of ``batch.rows`` (fastmup.optim.sgd.COLUMNS).
+COLUMNS = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
+NCOLS = len(COLUMNS)
+
+
+@triton.jit
+def sgd_kernel(
+    rows_ptr,  # float64 [n, NCOLS]: per-tensor hyperparameters
+    ptrs_ptr,  # int64 [2 or 3, n]: data_ptr() of param, grad(, momentum_buffer)
+    steps_ptr,  # float32 [n]: step counts, already incremented
+    numels_ptr,  # int64 [n]
+    tensor_of_block_ptr,  # int32 [nblocks]
+    start_of_block_ptr,  # int64 [nblocks]
+    grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
+    found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
+    n_tensors,  # row stride of the pointer table
+    NCOLS: tl.constexpr,
+    PARAM: tl.constexpr,  # storage dtypes
+    GRAD: tl.constexpr,
+    STATE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,  # some tensor of the batch has a momentum buffer
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned
+    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = tl.load(tensor_of_block_ptr + pid).to(tl.int64)
+    # int64 offsets (tensors may exceed 2**31 elements); blocks start at
+    # multiples of BLOCK, which the compiler needs to know to vectorise.
+    start = tl.multiple_of(tl.load(start_of_block_ptr + pid), BLOCK)
+    n = tl.minimum(tl.load(numels_ptr + i) - start, BLOCK)  # elements of this program
+    if HAS_FOUND_INF:
+        # AMP found inf/nan in the grads: skip on device, no host sync.
+        n = tl.where(tl.load(found_inf_ptr) != 0.0, 0, n)
+
+    # ---- this tensor's hyperparameters, as fp32 scalars --------------------
+    row = rows_ptr + i * NCOLS
+    lr = tl.load(row + 0)
+    wd = tl.load(row + 1)
+    momentum = tl.load(row + 2)
+    dampening = tl.load(row + 3)
+    nesterov = tl.load(row + 4) != 0.0
+    maximize = tl.load(row + 5) != 0.0
+    neg_lr = (-lr).to(tl.float32)
+    wd32 = wd.to(tl.float32)
+    mu = momentum.to(tl.float32)
+    one_minus_dampening = (1.0 - dampening).to(tl.float32)
+    has_buf = momentum != 0.0
+    first = tl.load(steps_ptr + i) == 1.0  # torch seeds the buffer with g on the first step
+    if HAS_SCALE:
+        scale = tl.load(grad_scale_ptr)
+
+    param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED)
+    grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED)
+    if HAS_MOMENTUM:
+        # Address 0 for tensors with momentum 0: only touched when the row says so.
+        buf_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED)
+
+    # Full tiles first, without a mask, so that their accesses vectorise;
+    # then at most one masked partial tile.  (static_range: compiled twice.)
+    n_full = n // TILE
+    for masked in tl.static_range(2):
+        if masked:
+            first_tile, end_tile = n_full, tl.cdiv(n, TILE)
+        else:
+            first_tile, end_tile = 0, n_full
+        for tile in range(first_tile, end_tile):
+            offs = start + tile * TILE + tl.arange(0, TILE)
+            if masked:
+                mask = offs < start + n
+            else:
+                mask = None
+            p = upcast(tl.load(param_ptr + offs, mask=mask), PARAM)
+            g = upcast(tl.load(grad_ptr + offs, mask=mask), GRAD)
+
+            if HAS_SCALE:
+                g = tl.div_rn(g, scale)  # IEEE division, as the eager path's g / scale
+            g = tl.where(maximize, -g, g)
+            # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
+            g = tl.where(wd32 != 0.0, tl.fma(wd32, p, g), g)
+
+            if HAS_MOMENTUM:
+                if has_buf:  # uniform over the program: branches, not masks
+                    if first:
+                        b = g  # the old buffer is not even read
+                    else:
+                        b = upcast(tl.load(buf_ptr + offs, mask=mask), STATE)
+                        b = tl.fma(one_minus_dampening, g, b * mu)
+                    tl.store(buf_ptr + offs, downcast(b, STATE), mask=mask)
+                    if nesterov:
+                        g = tl.fma(mu, b, g)
+                    else:
+                        g = b
+
+            p = tl.fma(neg_lr, g, p)
+            tl.store(param_ptr + offs, downcast(p, PARAM), mask=mask)
+
+
+def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+    """One fused SGD step for every tensor of ``batch`` (one kernel launch).
+
+    ``grad_scale`` (1-element float32 tensor) divides the gradients;
+    ``found_inf`` (1-element float32 tensor), when nonzero, makes the launch
+    write nothing.  Neither is read on the host.  The pointer table, block
+    map and dtype checks are built on the first call for a batch and reused.
+    """
+    plan = _common.plan_for(batch, "sgd", lambda: _common.build_plan(
+        batch, "sgd", sgd_kernel, columns=COLUMNS, block=BLOCK,
+        state=(), optional="momentum_buffer", flag="momentum",
+    ))
+    if plan.nblocks == 0:
+        return
+    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
+    with _common.device_guard(batch.device):
+        sgd_kernel[(plan.nblocks,)](
+            batch.device_rows(),
+            plan.pointers,
+            batch.steps,
+            plan.numels,
+            plan.tensor_of_block,
+            plan.start_of_block,
+            scale,
+            inf,
+            plan.n_tensors,
+            NCOLS=NCOLS,
+            PARAM=plan.param,
+            GRAD=plan.grad,
+            STATE=plan.state,
+            HAS_MOMENTUM=plan.has_optional,
+            HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=plan.aligned,
+            BLOCK=BLOCK,
+            TILE=TILE,
+            num_warps=NUM_WARPS,
+        )
+    _common.LAUNCHES["sgd"] += 1
