@@ -30,7 +30,9 @@ class CNN(nn.Module):
     def __init__(self, width: int, classes: int = 4):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        # No bias before BatchNorm (its gradient is zero up to rounding noise,
+        # which Adam would normalise into O(lr) random updates).
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
         self.out = fastmup.MuReadout(width, classes)
 
@@ -48,7 +50,9 @@ class TinyTransformer(nn.Module):
         self.heads = heads
         self.embed = nn.Embedding(vocab, width)
         self.ln1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
+        # No qkv bias: the key bias has a zero gradient (softmax is shift
+        # invariant), which Adam would turn into noise-driven updates.
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
         self.ln2 = nn.LayerNorm(width)
         self.fc = nn.Linear(width, 4 * width)

@@ -1,0 +1,377 @@
+"""Running the comparison: one :class:`Case` per parameter set × optimizer,
+one :class:`Instance` per implementation, and :func:`run` over them all.
+
+A case first steps the fastmup eager reference a few times (``check_steps``,
+alternating two gradient sets) and keeps the resulting parameters; every
+other implementation starts from the same parameters, sees the same
+gradients, and is compared with them (max relative error) before it is
+timed.  Timing rotates through ``n_copies`` independent parameter / gradient
+/ state sets, enough that their total exceeds the last-level cache.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from fastmup.bench import models as model_sets
+from fastmup.bench.impls import BASELINE, REFERENCE, Impl
+from fastmup.bench.models import ParamSet, fill_grads, materialize
+from fastmup.bench.optimizers import OptimizerSpec, fastmup_class
+from fastmup.bench.timing import time_steps
+
+__all__ = ["Config", "Case", "Instance", "run", "max_rel_err", "step_bytes", "step_once"]
+
+GRAD_SEEDS = (1001, 1002)  # the two gradient sets
+MEMORY_HEADROOM = 0.85  # fraction of free memory a case may plan to use
+
+
+@dataclass
+class Config:
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    steps: int = 50  # timed steps per implementation
+    warmup: int = 5
+    check_steps: int = 3  # steps compared with the eager reference
+    budget_s: float = float("inf")  # per implementation: stop timing after this (≥ min_steps steps)
+    min_steps: int = 5  # timed steps taken whatever the budget
+    time_limit_s: float = float("inf")  # whole run: per-implementation budgets shrink to end near this
+    max_copies: int = 16  # input sets rotated through while timing (at least 2)
+    cache_bytes: int = 32 << 20  # last-level cache size; rotated sets total ≥ 4× this
+    seed: int = 0
+
+    def rotation_bytes(self) -> int:
+        """How much memory the rotated input sets should span: 4× the
+        last-level cache, and on a CPU at least 256 MiB (a VM may report less
+        cache than its host has)."""
+        floor = 256 << 20 if self.device.type == "cpu" else 0
+        return max(4 * self.cache_bytes, floor)
+
+
+def clone_params(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    out = []
+    for p in params:
+        q = nn.Parameter(p.detach().clone())
+        q.infshape = p.infshape
+        out.append(q)
+    return out
+
+
+def state_tensors(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
+    """The per-element state buffers of ``p`` (same shape as ``p``; not ``step``)."""
+    state = optimizer.state.get(p, {})
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+
+
+def step_bytes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], read_only: Sequence[str] = ()) -> int:
+    """Bytes one step must move, in each tensor's storage dtype: read p, g and
+    every state buffer, write p and every state buffer but those in
+    ``read_only`` (Adam: 4 reads + 3 writes; SGD with momentum: 3 + 2;
+    amsgrad adds a buffer)."""
+    total = 0
+    for p in params:
+        total += 2 * p.numel() * p.element_size()
+        if p.grad is not None:
+            total += p.grad.numel() * p.grad.element_size()
+        state = optimizer.state.get(p, {})
+        for key, s in state.items():
+            if isinstance(s, torch.Tensor) and s.shape == p.shape:
+                total += (1 if key in read_only else 2) * s.numel() * s.element_size()
+    return total
+
+
+def step_once(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], seed: int) -> None:
+    """``optimizer.step()``; for an optimizer that asks for gradients with an
+    autograd graph (``should_create_graph()``, e.g. ESGD-M's Hessian-vector
+    product steps) the gradients are ``p·a`` for this step (``a`` random,
+    drawn from ``seed``: a diagonal Hessian), then the plain ones come back."""
+    wants_graph = getattr(optimizer, "should_create_graph", None)
+    if wants_graph is None or not wants_graph():
+        optimizer.step()
+        return
+    plain = [p.grad for p in params]
+    gen = torch.Generator(device=params[0].device)
+    gen.manual_seed(seed + 7919)
+    with torch.enable_grad():
+        for p in params:
+            a = torch.empty_like(p).normal_(0.0, 1.0, generator=gen)
+            p.grad = p * a
+    try:
+        optimizer.step()
+    finally:
+        for p, g in zip(params, plain):
+            p.grad = g
+
+
+@torch.no_grad()
+def max_rel_err(params: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """max over tensors of ``max|x - ref| / max|ref|``."""
+    worst = 0.0
+    for x, r in zip(params, reference):
+        r32 = r.float()
+        scale = r32.abs().max().item()
+        diff = (x.detach().to(r.device).float() - r32).abs().max().item()
+        if scale == 0.0:
+            err = 0.0 if diff == 0.0 else math.inf
+        else:
+            err = diff / scale
+        if math.isnan(diff):
+            err = math.inf
+        worst = max(worst, err)
+    return worst
+
+
+def _release(device: torch.device, nbytes: int) -> None:
+    """Give memory back after a case of ``nbytes``.  Tensors are freed by
+    reference counting; a full ``gc.collect`` (slow once torch._dynamo is
+    imported) only runs when a lingering cycle would hold a lot of memory."""
+    if nbytes > 256 << 20:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Case:
+    """One parameter set × optimizer on one device."""
+
+    def __init__(self, pset: ParamSet, opt: OptimizerSpec, cfg: Config) -> None:
+        self.pset, self.opt, self.cfg = pset, opt, cfg
+        self.element_size = torch.empty((), dtype=cfg.dtype).element_size()
+        self.reference: Optional[list[torch.Tensor]] = None
+        self.reference_device = cfg.device  # the host when the device is short of memory
+        self.bytes_per_step: Optional[int] = None
+
+    # -- memory -----------------------------------------------------------
+    def copy_bytes(self) -> int:
+        """One input set: params + grads + state buffers."""
+        return self.pset.n_params * self.element_size * (2 + self.opt.state_buffers)
+
+    def peak_bytes(self, n_copies: int, reference_on_device: bool = True) -> int:
+        """Reference params kept + ``n_copies`` input sets + temporaries
+        (torch's foreach Adam allocates about two params' worth; so does an
+        HVP step's ``p·a`` gradients and probes)."""
+        per_param = self.pset.n_params * self.element_size
+        return per_param * (3 if reference_on_device else 2) + n_copies * self.copy_bytes()
+
+    def plan_copies(self, free_bytes: int) -> tuple[int, Optional[str]]:
+        """How many input sets to rotate through, or a reason it does not fit.
+
+        On a GPU short of memory the reference parameters are kept on the host."""
+        want = math.ceil(self.cfg.rotation_bytes() / max(self.copy_bytes(), 1))
+        n = max(2, min(self.cfg.max_copies, want))
+        budget = free_bytes * MEMORY_HEADROOM
+        while n > 2 and self.peak_bytes(n) > budget:
+            n -= 1
+        self.reference_device = self.cfg.device
+        if self.peak_bytes(n) > budget and self.cfg.device.type != "cpu" and self.peak_bytes(n, False) <= budget:
+            self.reference_device = torch.device("cpu")
+        elif self.peak_bytes(n) > budget:
+            return 0, (
+                f"needs ~{self.peak_bytes(n, self.cfg.device.type == 'cpu') / 2**30:.1f} GiB "
+                f"({n} input sets of params+grads+state, reference, temporaries), {free_bytes / 2**30:.1f} GiB free"
+            )
+        return n, None
+
+    # -- reference ----------------------------------------------------------
+    def new_params(self) -> list[nn.Parameter]:
+        return materialize(self.pset, self.cfg.device, self.cfg.dtype, seed=self.cfg.seed)
+
+    def run_checked_steps(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> None:
+        for s in range(self.cfg.check_steps):
+            fill_grads(params, GRAD_SEEDS[s % 2])
+            step_once(optimizer, params, GRAD_SEEDS[s % 2])
+
+    def prepare_reference(self) -> None:
+        """Step the fastmup eager reference; keep its parameters and the step's byte count."""
+        from fastmup.bench.impls import get as get_impl
+
+        params = self.new_params()
+        optimizer = get_impl(REFERENCE).make(params, self.opt)
+        self.run_checked_steps(optimizer, params)
+        self.reference = [p.detach().to(self.reference_device, copy=True) for p in params]
+        self.bytes_per_step = step_bytes(optimizer, params, self.opt.read_only_state)
+        del optimizer, params
+        _release(self.cfg.device, self.copy_bytes())
+
+    def instantiate(self, impl: Impl, n_copies: int) -> "Instance":
+        return Instance(self, impl, n_copies)
+
+    def close(self) -> None:
+        self.reference = None
+        _release(self.cfg.device, self.copy_bytes())
+
+
+class Instance:
+    """``n_copies`` independent parameter sets, each with its own gradients
+    and optimizer of one implementation."""
+
+    def __init__(self, case: Case, impl: Impl, n_copies: int) -> None:
+        self.case, self.impl = case, impl
+        first = case.new_params()
+        self.copies = [first] + [clone_params(first) for _ in range(n_copies - 1)]
+        for k, params in enumerate(self.copies):
+            fill_grads(params, GRAD_SEEDS[k % 2])
+        self.optimizers = [impl.make(params, case.opt) for params in self.copies]
+
+    def check(self) -> float:
+        """Step copy 0 like the reference was stepped; its max relative error."""
+        assert self.case.reference is not None, "prepare_reference() first"
+        self.case.run_checked_steps(self.optimizers[0], self.copies[0])
+        err = max_rel_err(self.copies[0], self.case.reference)
+        fill_grads(self.copies[0], GRAD_SEEDS[0])
+        return err
+
+    def steps(self, sync: bool = False) -> list[Callable[[], None]]:
+        """One step callable per input set (``sync``: wait for the device, for wall-clock timers)."""
+        device = self.case.cfg.device
+        wait = sync and device.type == "cuda"
+
+        def make(optimizer: torch.optim.Optimizer, params: list, seed: int) -> Callable[[], None]:
+            def step() -> None:
+                step_once(optimizer, params, seed)
+                if wait:
+                    torch.cuda.synchronize(device)
+
+            return step
+
+        return [make(o, ps, GRAD_SEEDS[k % 2]) for k, (o, ps) in enumerate(zip(self.optimizers, self.copies))]
+
+    def rotating_step(self, sync: bool = True) -> Callable[[], None]:
+        """One callable that steps the next input set on each call."""
+        steps = self.steps(sync=sync)
+        counter = [0]
+
+        def step() -> None:
+            steps[counter[0] % len(steps)]()
+            counter[0] += 1
+
+        return step
+
+    def close(self) -> None:
+        nbytes = len(self.copies) * self.case.copy_bytes()
+        self.optimizers.clear()
+        self.copies.clear()
+        _release(self.case.cfg.device, nbytes)
+
+
+@dataclass
+class Results:
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def skip(self, model: str, optimizer: str, impl: str, reason: str) -> None:
+        self.skipped.append({"model": model, "optimizer": optimizer, "impl": impl, "reason": reason})
+
+
+def run(
+    model_names: Sequence[str],
+    optimizers: Sequence[OptimizerSpec],
+    impls: Sequence[Impl],
+    cfg: Config,
+    copy_bw_GBps: float,
+    free_bytes: Callable[[], int],
+    progress: Optional[Callable[[str], None]] = None,
+) -> Results:
+    """Time and check every model × optimizer × implementation.
+
+    ``progress(label)`` is called once per (model, optimizer, impl) triple.
+    """
+    out = Results()
+    tick = progress or (lambda label: None)
+    began = time.perf_counter()
+    left = [len(model_names) * len(optimizers) * len(impls)]  # triples not yet timed
+
+    def budget() -> float:
+        """This implementation's share of the time left (cfg.budget_s at most)."""
+        remaining = cfg.time_limit_s - (time.perf_counter() - began)
+        if not math.isfinite(remaining):
+            return cfg.budget_s
+        return max(0.0, min(cfg.budget_s, 0.5 * remaining / (left[0] + 1)))  # left excludes the current one
+
+    def done(label: str) -> None:
+        left[0] -= 1
+        tick(label)
+
+    for model in model_names:
+        pset = model_sets.get(model)
+        for opt in optimizers:
+            if fastmup_class(opt) is None:
+                for impl in impls:
+                    out.skip(model, opt.name, impl.name, f"fastmup has no {opt.fastmup_name} yet")
+                    done(f"{model} {opt.name} {impl.name}")
+                continue
+            case = Case(pset, opt, cfg)
+            n_copies, reason = case.plan_copies(free_bytes())
+            if reason is None:
+                try:
+                    case.prepare_reference()
+                except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                    reason = f"the eager reference failed: {type(e).__name__}: {e}"
+            if reason is not None:
+                for impl in impls:
+                    out.skip(model, opt.name, impl.name, reason)
+                    done(f"{model} {opt.name} {impl.name}")
+                case.close()
+                continue
+            case_rows = []
+            for impl in impls:
+                done(f"{model} {opt.name} {impl.name}")
+                reason = impl.unavailable(opt, cfg.device)
+                if reason is not None:
+                    out.skip(model, opt.name, impl.name, reason)
+                    continue
+                instance = None
+                t0 = time.perf_counter()
+                try:
+                    instance = case.instantiate(impl, n_copies)
+                    err = instance.check()
+                    t1 = time.perf_counter()
+                    stats = time_steps(
+                        instance.steps(), cfg.device, warmup=cfg.warmup, repeats=cfg.steps,
+                        budget_s=budget(), min_repeats=min(cfg.min_steps, cfg.steps),
+                    )
+                except NotImplementedError as e:
+                    out.skip(model, opt.name, impl.name, f"not implemented: {e}")
+                    continue
+                except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                    out.skip(model, opt.name, impl.name, f"failed: {type(e).__name__}: {e}")
+                    continue
+                finally:
+                    if instance is not None:
+                        instance.close()
+                t2 = time.perf_counter()
+                gbps = case.bytes_per_step / (stats.median * 1e-3) / 1e9
+                case_rows.append(
+                    {
+                        "model": model,
+                        "optimizer": opt.name,
+                        "impl": impl.name,
+                        "n_params": pset.n_params,
+                        "n_tensors": pset.n_tensors,
+                        "ms_median": stats.median,
+                        "ms_min": stats.min,
+                        "ms_max": stats.max,
+                        "GBps": gbps,
+                        "pct_of_copy_bw": 100.0 * gbps / copy_bw_GBps if copy_bw_GBps else None,
+                        "speedup_vs_torch_fused": None,
+                        "max_rel_err_vs_eager": err,
+                        "steps_timed": stats.n,
+                        "n_copies": n_copies,
+                        "bytes_per_step": case.bytes_per_step,
+                        "dtype": str(cfg.dtype).replace("torch.", ""),
+                        "setup_check_s": t1 - t0,  # building the input sets + the checked steps
+                        "timing_s": t2 - t1,  # warm-up + timed steps
+                    }
+                )
+            baseline = next((r for r in case_rows if r["impl"] == BASELINE), None)
+            for r in case_rows:
+                if baseline is not None:
+                    r["speedup_vs_torch_fused"] = baseline["ms_median"] / r["ms_median"]
+            out.rows += case_rows
+            case.close()
+    return out
