@@ -219,7 +219,9 @@ def _get_coord_data(
                         for h in handles:
                             h.remove()
                     optimizer.zero_grad()
-                    loss.backward()
+                    # second-order optimizers (ESGD-M) ask for a graph on HVP steps
+                    wants_graph = getattr(optimizer, "should_create_graph", None)
+                    loss.backward(create_graph=bool(wants_graph()) if wants_graph else False)
                     optimizer.step()
                     if t == nsteps:
                         break

@@ -33,7 +33,8 @@ Every program of tensor ``i`` needs the *old* scalars to form this step's
 factors, and the *new* ones must be stored once.  Programs of one tensor run
 concurrently, so a program that stored early would feed its successors an
 already-advanced value.  Each program therefore loads the old values first,
-then takes a ticket (``atomic_add`` on a per-tensor int32 counter, acq_rel);
+then (after a barrier over its warps) takes a ticket (``atomic_add`` on a
+per-tensor int32 counter, acq_rel);
 the program that draws the last ticket (``nblocks_i - 1``) is the last to
 have loaded, so it alone stores the new scalars and resets the counter to 0
 for the next launch.  No host work, no extra launch, no host sync.  Every
@@ -185,7 +186,10 @@ def esgd_kernel(
         tl.store(exp_avg_ptr + offs, downcast(m, STATE), mask=mask)
 
     # ---- the new scalar state: stored by the last program of the tensor ----
-    arrived = tl.atomic_add(tickets_ptr + i, 1)  # acq_rel: after this program's loads above
+    # The barrier keeps every warp's loads of the old scalars before the
+    # ticket; acq_rel orders this program's ticket after them for the others.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(tickets_ptr + i, 1)
     last = arrived == n_blocks - 1
     tl.store(tickets_ptr + i, 0, mask=last)
     write = last
