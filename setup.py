@@ -19,12 +19,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fastmup", "fastmup.*"]) + ["fastmup.kernels"],
-    package_dir={"fastmup.kernels": "kernels"},
+    packages=find_packages(include=["fastmup", "fastmup.*"]) + ["fastmup.kernels", "fastmup.csrc"],
+    package_dir={"fastmup.kernels": "kernels", "fastmup.csrc": "csrc"},
+    # The C++/CUDA sources ship as data (fastmup/csrc when installed) and are
+    # compiled on first use by fastmup.ext, which also finds <repo>/csrc in a checkout.
+    package_data={"fastmup.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "host/*.h", "host/*.inc", "host/*.cpp"]},
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "pandas", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "pandas", "matplotlib", "tqdm", "rich", "scikit-learn"],
         "plot": ["matplotlib", "pandas", "tqdm"],
+        "bench": ["rich", "matplotlib", "tqdm", "pytest-benchmark"],
+        "ext": ["pybind11", "ninja"],
     },
     entry_points={"console_scripts": ["fastmup-bench=fastmup.bench:main"]},
 )

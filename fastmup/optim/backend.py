@@ -9,7 +9,9 @@
 
 ``auto`` picks ``triton`` for CUDA tensors when Triton imports, else
 ``eager`` with a one-time warning; for CPU tensors it picks ``cpu`` when the
-C++ extension is built and ``eager`` otherwise.
+C++ extension can be built (a compiler and pybind11 are present; the first
+step then compiles it once into a cache directory, see ``fastmup.ext``) and
+``eager`` otherwise.
 """
 from __future__ import annotations
 

@@ -73,6 +73,8 @@ class TensorBatch:
     _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
     _numels: Tensor | None = field(default=None, repr=False)
     _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    _staging: Tensor | None = field(default=None, repr=False)
+    _copied: object = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -102,8 +104,20 @@ class TensorBatch:
         if self._device_rows is None:
             self._device_rows = torch.empty(self.rows.shape, dtype=torch.float64, device=self.device)
         if self._uploaded is None or not np.array_equal(self._uploaded, self.rows, equal_nan=True):
-            host = torch.from_numpy(self.rows.copy())
-            self._device_rows.copy_(host, non_blocking=False)
+            if self.device.type == "cuda":
+                # Pinned staging + an asynchronous copy: no host sync per lr
+                # change.  The staging buffer is reused only once the copy
+                # that read it last has run.
+                if self._staging is None:
+                    self._staging = torch.empty(self.rows.shape, dtype=torch.float64, pin_memory=True)
+                    self._copied = torch.cuda.Event()
+                else:
+                    self._copied.synchronize()
+                self._staging.numpy()[...] = self.rows
+                self._device_rows.copy_(self._staging, non_blocking=True)
+                self._copied.record()
+            else:
+                self._device_rows.copy_(torch.from_numpy(self.rows.copy()))
             self._uploaded = self.rows.copy()
         if self.device_lr is not None:
             if self._lr_factors is None:

@@ -1,0 +1,63 @@
+// The `cpu` backend module: fastmup/ext loads it as _fastmup_cpu.
+#include "../bindings_common.h"
+#include "multi_tensor_host.h"
+
+namespace py = pybind11;
+using namespace fastmup;
+
+namespace {
+
+template <void (*Run)(const MultiTensorArgs&, int)>
+void launch(FASTMUP_ARGS_SIGNATURE, int nthreads) {
+  const MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
+  py::gil_scoped_release release;  // the update never touches Python objects
+  Run(a, nthreads);
+}
+
+// Element-wise storage conversions, exposed for tests of the bf16/fp16 rounding.
+void cast_from_float(int code, uint64_t src, uint64_t dst, int64_t n) {
+  const float* in = address<const float>(src);
+  py::gil_scoped_release release;
+  host::dispatch_dtype(code, "storage", [&](auto tag) {
+    using T = decltype(tag);
+    T* out = address<T>(dst);
+    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(in[i]);
+  });
+}
+
+void cast_to_float(int code, uint64_t src, uint64_t dst, int64_t n) {
+  float* out = address<float>(dst);
+  py::gil_scoped_release release;
+  host::dispatch_dtype(code, "storage", [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = address<const T>(src);
+    for (int64_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_fastmup_cpu, m) {
+  m.doc() = "fastmup multi-tensor optimizer updates on the host (the `cpu` backend)";
+  m.attr("BLOCK") = py::int_(host::kBlock);
+#if defined(_OPENMP)
+  m.attr("THREADING") = "openmp";
+#else
+  m.attr("THREADING") = "std::thread";
+#endif
+  m.def("adam", &launch<host::adam>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One Adam/AdamW step over a batch.");
+  m.def("sgd", &launch<host::sgd>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One SGD step over a batch.");
+  m.def("isa", &host::isa_name, "The instruction-set variant of the update loops in use ('avx2' or 'generic').");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        if (name == "auto") host::isa_override() = host::Isa::kAuto;
+        else if (name == "generic") host::isa_override() = host::Isa::kGeneric;
+        else throw std::invalid_argument("set_isa: expected 'auto' or 'generic', got '" + name + "'");
+      },
+      py::arg("name"), "Force the baseline loops ('generic') or pick the best the CPU has ('auto').");
+  m.def("cast_from_float", &cast_from_float, py::arg("code"), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "Round n fp32 values to the storage dtype `code` (the backend's own conversion).");
+  m.def("cast_to_float", &cast_to_float, py::arg("code"), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "Widen n values of storage dtype `code` to fp32.");
+}

@@ -1,0 +1,172 @@
+// The host (cpu backend) multi-tensor driver: the same per-element functors
+// as the CUDA kernels, run over the block map of a TensorBatch by a pool of
+// threads (OpenMP when the compiler has it, else std::thread), one pass over
+// memory per chunk with a contiguous, vectorisable inner loop.  The loops
+// (kernels.inc) are compiled for the baseline ISA and, on x86-64, for AVX2,
+// picked at run time: portable flags, no -march=native.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+// Not `omp simd`: GCC lowers it before inlining, turning the functor's
+// by-reference locals into "simd arrays" that then block vectorisation.
+// The build passes -fno-trapping-math -fno-math-errno, which lets the
+// compiler if-convert the per-tensor flag selects and vectorise sqrtf without
+// changing any result.
+#if defined(__clang__)
+#define FASTMUP_SIMD _Pragma("clang loop vectorize(enable)")
+#elif defined(__GNUC__)
+#define FASTMUP_SIMD _Pragma("GCC ivdep")
+#else
+#define FASTMUP_SIMD
+#endif
+
+namespace fastmup {
+namespace host {
+
+// Elements per block-map entry: large enough that the per-chunk work (two
+// pow() in double, a few loads of the tables) is noise, small enough that
+// dynamic scheduling balances threads over a model's tensors.
+constexpr int64_t kBlock = int64_t(1) << 15;
+
+// ---------------------------------------------------------------------------
+// The hot loops, in two instruction-set variants chosen at run time.
+// ---------------------------------------------------------------------------
+namespace generic {
+#include "kernels.inc"
+}  // namespace generic
+
+#if !defined(FASTMUP_NO_AVX2) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTMUP_HAVE_AVX2 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+namespace avx2 {
+#include "kernels.inc"
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#else
+#define FASTMUP_HAVE_AVX2 0
+#endif
+
+// Which variant runs: "avx2" when the CPU has it (and it was built), else
+// "generic"; FASTMUP_HOST_ISA=generic in the environment, or set_isa(),
+// forces the baseline.
+enum class Isa : int { kAuto = 0, kGeneric = 1, kAvx2 = 2 };
+Isa& isa_override();
+bool use_avx2();
+const char* isa_name();
+
+template <class T>
+inline T* tensor_ptr(const int64_t* table, int64_t t, int64_t start) {
+  if (table == nullptr || table[t] == 0) return nullptr;
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(table[t])) + start;
+}
+
+// One entry of the block map.
+template <class K, class Op, class P, class G, class S>
+void update_block(const MultiTensorArgs& a, int64_t b, float grad_scale) {
+  const int64_t t = a.tensor_of_block[b];
+  const int64_t start = a.start_of_block[b];
+  const int64_t n = std::min(a.block, a.numels[t] - start);
+  if (n <= 0) return;
+  const typename Op::Scalars s = Op::prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
+  P* p = tensor_ptr<P>(a.param_ptrs, t, start);
+  const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
+  S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
+  S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
+  S* s2 = tensor_ptr<S>(a.state_ptrs[2], t, start);
+  if (Op::mask(s) == Op::kMaskFull)
+    K::template update_range<Op, Op::kMaskFull>(s, p, g, s0, s1, s2, n);
+  else
+    K::template update_range<Op, Op::kMaskBase>(s, p, g, s0, s1, s2, n);
+}
+
+// Run f(b) for b in [0, n) on up to nthreads threads, dynamically scheduled.
+template <class F>
+void parallel_for(int64_t n, int nthreads, const F& f) {
+  nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
+  if (nthreads == 1) {
+    for (int64_t b = 0; b < n; ++b) f(b);
+    return;
+  }
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t b = 0; b < n; ++b) f(b);
+#else
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    for (int64_t b = next.fetch_add(1); b < n; b = next.fetch_add(1)) f(b);
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(nthreads - 1);
+  for (int i = 1; i < nthreads; ++i) threads.emplace_back(worker);
+  worker();
+  for (auto& th : threads) th.join();
+#endif
+}
+
+template <class Op, class P, class G, class S>
+void run_typed(const MultiTensorArgs& a, int nthreads) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: inf/NaN grads, skip the step
+  const float grad_scale = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+#if FASTMUP_HAVE_AVX2
+  if (use_avx2()) {
+    parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<avx2::Kernels, Op, P, G, S>(a, b, grad_scale); });
+    return;
+  }
+#endif
+  parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<generic::Kernels, Op, P, G, S>(a, b, grad_scale); });
+}
+
+// Calls f(T{}) with T the storage type of dtype code `code`.
+template <class F>
+void dispatch_dtype(int code, const char* what, const F& f) {
+  switch (code) {
+    case kFloat32: f(float{}); break;
+    case kBFloat16: f(Bf16{}); break;
+    case kFloat16: f(Fp16{}); break;
+    default: throw std::invalid_argument(std::string("fastmup: unsupported ") + what + " dtype code " + std::to_string(code));
+  }
+}
+
+template <class Op>
+void run(const MultiTensorArgs& a, int nthreads) {
+  if (a.ncols != Op::kNumCols)
+    throw std::invalid_argument("fastmup: the hyperparameter table has " + std::to_string(a.ncols) + " columns, expected " +
+                                std::to_string(static_cast<int>(Op::kNumCols)));
+  if (a.nblocks <= 0) return;
+  dispatch_dtype(a.param_dtype, "param", [&](auto p) {
+    dispatch_dtype(a.grad_dtype, "grad", [&](auto g) {
+      dispatch_dtype(a.state_dtype, "state", [&](auto s) {
+        run_typed<Op, decltype(p), decltype(g), decltype(s)>(a, nthreads);
+      });
+    });
+  });
+}
+
+void adam(const MultiTensorArgs& a, int nthreads);
+void sgd(const MultiTensorArgs& a, int nthreads);
+
+}  // namespace host
+}  // namespace fastmup

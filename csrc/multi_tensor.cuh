@@ -1,0 +1,235 @@
+// The CUDA multi-tensor driver: ONE kernel launch per TensorBatch, whatever
+// its number of tensors.
+//
+// * The batch's block map (TensorBatch.block_map(kBlock)) maps each entry b
+//   to (tensor t, first element start); a persistent grid, sized from the
+//   kernel's occupancy to fill every SM, walks the entries grid-stride.
+// * Per entry the block reads row t of the device hyperparameter table and
+//   the tensor's step, and computes the per-tensor scalars (double) once.
+// * Element offsets are int64.  When every buffer of the tensor is 16-byte
+//   aligned, each thread moves VEC consecutive elements with 16-byte
+//   loads/stores (VEC = 16 / smallest element size); the tail of a tensor,
+//   and tensors with a misaligned buffer, take the scalar path.
+// * found_inf and grad_scale are read on the device: no host sync, and the
+//   launch is capturable in a CUDA graph.
+// * Math is fp32 in the functors of adam_math.h / sgd_math.h, the same code
+//   the host backend runs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+
+namespace fastmup {
+namespace cuda {
+
+constexpr int kThreads = 256;
+// Elements per block-map entry: 32 per thread, i.e. 4-8 vector iterations.
+constexpr int64_t kBlock = 8192;
+
+template <class A, class B, class C>
+struct VecWidth {
+  static constexpr int kMinSize = sizeof(A) < sizeof(B) ? (sizeof(A) < sizeof(C) ? sizeof(A) : sizeof(C))
+                                                        : (sizeof(B) < sizeof(C) ? sizeof(B) : sizeof(C));
+  static constexpr int value = 16 / kMinSize;
+};
+
+// N consecutive elements of T through 16-byte transactions.
+template <class T, int N>
+struct alignas(16) Pack {
+  static_assert((N * sizeof(T)) % 16 == 0, "a pack must be a whole number of 16-byte words");
+  static constexpr int kWords = static_cast<int>(N * sizeof(T) / 16);
+  union {
+    uint4 words[kWords];
+    T elems[N];
+  };
+  __device__ FASTMUP_INLINE Pack() {}
+};
+
+template <int N, class T>
+__device__ FASTMUP_INLINE void load_pack(const T* src, float (&out)[N]) {
+  Pack<T, N> pk;
+  const uint4* w = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+  for (int k = 0; k < Pack<T, N>::kWords; ++k) pk.words[k] = w[k];
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = to_float(pk.elems[j]);
+}
+
+template <int N, class T>
+__device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int j = 0; j < N; ++j) pk.elems[j] = from_float<T>(in[j]);
+  uint4* w = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int k = 0; k < Pack<T, N>::kWords; ++k) w[k] = pk.words[k];
+}
+
+template <class T>
+__device__ FASTMUP_INLINE T* tensor_ptr(const int64_t* table, int64_t t, int64_t start) {
+  if (table == nullptr || table[t] == 0) return nullptr;
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(table[t])) + start;
+}
+
+__device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+
+// One block-map entry: n elements of one tensor, by the whole thread block.
+template <class Op, int MASK, class P, class G, class S>
+__device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S* s2,
+                                            int64_t n) {
+  constexpr int VEC = VecWidth<P, G, S>::value;
+  S* st_ptr[kMaxStates] = {s0, s1, s2};
+  uintptr_t misaligned = bits_of(p) | bits_of(g);
+#pragma unroll
+  for (int k = 0; k < kMaxStates; ++k)
+    if (MASK & (1 << k)) misaligned |= bits_of(st_ptr[k]);
+  int64_t done = 0;
+  if ((misaligned & 15u) == 0) {
+    const int64_t nvec = n / VEC;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const int64_t i = v * VEC;
+      float pf[VEC], gf[VEC], sf[kMaxStates][VEC];
+      load_pack<VEC>(p + i, pf);
+      load_pack<VEC>(g + i, gf);
+#pragma unroll
+      for (int k = 0; k < kMaxStates; ++k)
+        if (MASK & (1 << k)) load_pack<VEC>(st_ptr[k] + i, sf[k]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        float st[kMaxStates];
+#pragma unroll
+        for (int k = 0; k < kMaxStates; ++k) st[k] = (MASK & (1 << k)) ? sf[k][j] : 0.0f;
+        Op::template apply<MASK>(s, pf[j], gf[j], st);
+#pragma unroll
+        for (int k = 0; k < kMaxStates; ++k)
+          if (MASK & (1 << k)) sf[k][j] = st[k];
+      }
+      store_pack<VEC>(p + i, pf);
+#pragma unroll
+      for (int k = 0; k < kMaxStates; ++k)
+        if (MASK & (1 << k)) store_pack<VEC>(st_ptr[k] + i, sf[k]);
+    }
+    done = nvec * VEC;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    float pf = to_float(p[i]);
+    float st[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < kMaxStates; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
+    Op::template apply<MASK>(s, pf, to_float(g[i]), st);
+    p[i] = from_float<P>(pf);
+#pragma unroll
+    for (int k = 0; k < kMaxStates; ++k)
+      if (MASK & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
+  }
+}
+
+template <class Op, class P, class G, class S>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTensorArgs a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: inf/NaN grads, skip the step
+  const float grad_scale = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+  for (int64_t b = blockIdx.x; b < a.nblocks; b += gridDim.x) {
+    const int64_t t = a.tensor_of_block[b];
+    const int64_t start = a.start_of_block[b];
+    const int64_t n = min(a.block, a.numels[t] - start);
+    const typename Op::Scalars s = Op::prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
+    P* p = tensor_ptr<P>(a.param_ptrs, t, start);
+    const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
+    S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
+    S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
+    S* s2 = tensor_ptr<S>(a.state_ptrs[2], t, start);
+    if (Op::mask(s) == Op::kMaskFull)
+      update_entry<Op, Op::kMaskFull>(s, p, g, s0, s1, s2, n);
+    else
+      update_entry<Op, Op::kMaskBase>(s, p, g, s0, s1, s2, n);
+  }
+}
+
+inline void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a sticky-less error so later launches start clean
+    throw std::runtime_error(std::string("fastmup CUDA backend: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+// Makes `device` current for the scope (the caller's stream belongs to it).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = previous_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// Resident blocks of `kernel` on the whole device: the persistent grid size.
+template <class Kernel>
+int64_t resident_blocks(Kernel kernel, int device) {
+  int sms = 0, per_sm = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return std::max(1, sms * std::max(1, per_sm));
+}
+
+template <class Op, class P, class G, class S>
+void launch_typed(const MultiTensorArgs& a, int device, cudaStream_t stream) {
+  auto kernel = multi_tensor_kernel<Op, P, G, S>;
+  // Per kernel instantiation and device (occupancy differs between them);
+  // a benign race: concurrent writers store the same value.
+  constexpr int kMaxDevices = 64;
+  static int64_t cached[kMaxDevices] = {0};
+  int64_t resident = (device >= 0 && device < kMaxDevices) ? cached[device] : 0;
+  if (resident <= 0) {
+    resident = resident_blocks(kernel, device);
+    if (device >= 0 && device < kMaxDevices) cached[device] = resident;
+  }
+  const int64_t grid = std::min<int64_t>(a.nblocks, resident);
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+template <class F>
+void dispatch_dtype(int code, const char* what, const F& f) {
+  switch (code) {
+    case kFloat32: f(float{}); break;
+    case kBFloat16: f(Bf16{}); break;
+    case kFloat16: f(Fp16{}); break;
+    default: throw std::invalid_argument(std::string("fastmup: unsupported ") + what + " dtype code " + std::to_string(code));
+  }
+}
+
+// Entry point of one algorithm: checks, device guard, dtype dispatch.
+template <class Op>
+void launch(const MultiTensorArgs& a, int device, uintptr_t stream) {
+  if (a.ncols != Op::kNumCols)
+    throw std::invalid_argument("fastmup: the hyperparameter table has " + std::to_string(a.ncols) + " columns, expected " +
+                                std::to_string(static_cast<int>(Op::kNumCols)));
+  if (a.nblocks <= 0) return;
+  DeviceGuard guard(device);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_dtype(a.param_dtype, "param", [&](auto p) {
+    dispatch_dtype(a.grad_dtype, "grad", [&](auto g) {
+      dispatch_dtype(a.state_dtype, "state", [&](auto st) {
+        launch_typed<Op, decltype(p), decltype(g), decltype(st)>(a, device, s);
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastmup
