@@ -9,7 +9,7 @@
 
 namespace fastmup {
 
-struct AdamOp {
+struct AdamOp : OpDefaults {
   // Column order of TensorBatch.rows (fastmup.optim.adam.COLUMNS).
   enum Col { kLr = 0, kWeightDecay, kBeta1, kBeta2, kEps, kAmsgrad, kMaximize, kDecoupled, kNumCols };
   // State buffers, in the order the launcher passes them.
@@ -54,6 +54,10 @@ struct AdamOp {
     s.maximize = row[kMaximize] != 0.0;
     s.amsgrad = row[kAmsgrad] != 0.0;
     return s;
+  }
+
+  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, float grad_scale) {
+    return prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
   }
 
   FASTMUP_HD static int mask(const Scalars& s) { return s.amsgrad ? kMaskFull : kMaskBase; }

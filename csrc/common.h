@@ -175,6 +175,20 @@ struct MultiTensorArgs {
   int param_dtype = kFloat32;
   int grad_dtype = kFloat32;
   int state_dtype = kFloat32;
+  // Algorithms that advance a per-tensor scalar state in the launch (ESGD-M):
+  double* scalar_state[3] = {nullptr, nullptr, nullptr};  // [ntensors] each: old values in, new values out
+  float* steps_out = nullptr;                 // [ntensors] where the new step counts go (may alias steps)
+  int32_t* tickets = nullptr;                 // CUDA: [ntensors] per-tensor counters, zero between launches
+  int hvp_step = 0;                           // ESGD-M: this step has Hessian-vector products
+};
+
+// Defaults of the per-algorithm functor interface (Adam, SGD): the scalars
+// come from the row and the (already advanced) step; every state in the mask
+// is read and written; no scalar state is advanced by the launch.
+struct OpDefaults {
+  static constexpr int kReadOnlyMask = 0;
+  static constexpr bool kAdvancesScalars = false;
+  FASTMUP_HD static FASTMUP_INLINE void store_advanced(const MultiTensorArgs&, int64_t) {}
 };
 
 }  // namespace fastmup

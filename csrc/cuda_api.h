@@ -17,6 +17,8 @@ int64_t block_size();
 // nothing here synchronises with the host.
 void adam(const MultiTensorArgs& a, int device, uintptr_t stream);
 void sgd(const MultiTensorArgs& a, int device, uintptr_t stream);
+// ESGD-M: also reads/writes a.scalar_state, a.steps_out and a.tickets (see esgd_math.h).
+void esgd(const MultiTensorArgs& a, int device, uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace fastmup

@@ -16,6 +16,18 @@ void launch(FASTMUP_ARGS_SIGNATURE, int device, uint64_t stream) {
   Run(a, device, static_cast<uintptr_t>(stream));
 }
 
+void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_state, uint64_t tickets, int hvp_step, int device,
+                 uint64_t stream) {
+  MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
+  if (scalar_state.size() != 3 || !scalar_state[0] || !scalar_state[1] || !scalar_state[2] || tickets == 0) throw std::invalid_argument("fastmup esgd: a scalar state/ticket address is 0");
+  for (int k = 0; k < 3; ++k) a.scalar_state[k] = address<double>(scalar_state[k]);
+  a.steps_out = address<float>(steps);
+  a.tickets = address<int32_t>(tickets);
+  a.hvp_step = hvp_step;
+  py::gil_scoped_release release;
+  cuda::esgd(a, device, static_cast<uintptr_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_fastmup_cuda, m) {
@@ -25,4 +37,7 @@ PYBIND11_MODULE(_fastmup_cuda, m) {
         "One Adam/AdamW launch over a batch (asynchronous, on `stream`).");
   m.def("sgd", &launch<cuda::sgd>, FASTMUP_ARGS_NAMES, py::arg("device"), py::arg("stream"),
         "One SGD launch over a batch (asynchronous, on `stream`).");
+  m.def("esgd", &launch_esgd, FASTMUP_ARGS_NAMES, py::arg("scalar_state"), py::arg("tickets"), py::arg("hvp_step"),
+        py::arg("device"), py::arg("stream"),
+        "One ESGD-M launch over a batch; advances its scalar state and steps in the same launch (asynchronous).");
 }

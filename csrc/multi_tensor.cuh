@@ -84,6 +84,7 @@ template <class Op, int MASK, class P, class G, class S>
 __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S* s2,
                                             int64_t n) {
   constexpr int VEC = VecWidth<P, G, S>::value;
+  constexpr int kStored = MASK & ~Op::kReadOnlyMask;  // read-only inputs (ESGD's HVP) are not stored
   S* st_ptr[kMaxStates] = {s0, s1, s2};
   uintptr_t misaligned = bits_of(p) | bits_of(g);
 #pragma unroll
@@ -113,7 +114,7 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
       store_pack<VEC>(p + i, pf);
 #pragma unroll
       for (int k = 0; k < kMaxStates; ++k)
-        if (MASK & (1 << k)) store_pack<VEC>(st_ptr[k] + i, sf[k]);
+        if (kStored & (1 << k)) store_pack<VEC>(st_ptr[k] + i, sf[k]);
     }
     done = nvec * VEC;
   }
@@ -126,8 +127,34 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
     p[i] = from_float<P>(pf);
 #pragma unroll
     for (int k = 0; k < kMaxStates; ++k)
-      if (MASK & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
+      if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
   }
+}
+
+// The per-tensor scalar-state advance in the same launch (ESGD-M), the
+// last-block write-back of kernels/esgd.py: every entry of tensor t read the
+// OLD scalars in Op::prepare; after the whole block has (the __syncthreads),
+// thread 0 takes a ticket; the entry drawing the last ticket of the tensor
+// (entries: max(1, ceil(numel / block)), the launcher's block map gives even
+// an empty tensor one entry) is the last to have read, so it alone stores the
+// new values and resets the counter to 0 for the next launch.  The atomic is
+// preceded by a fence so that no store can be ordered before another entry's
+// loads.  found_inf set: the kernel returns before any ticket, nothing moves.
+template <class Op>
+__device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t t) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int64_t numel = a.numels[t];
+    const int64_t entries = numel > 0 ? (numel + a.block - 1) / a.block : 1;
+    __threadfence();
+    const int ticket = atomicAdd(a.tickets + t, 1);
+    if (ticket == entries - 1) {
+      __threadfence();
+      Op::store_advanced(a, t);
+      a.tickets[t] = 0;
+    }
+  }
+  __syncthreads();  // the block's next entry may be of the same tensor: keep its reads after nothing stale
 }
 
 template <class Op, class P, class G, class S>
@@ -138,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTenso
     const int64_t t = a.tensor_of_block[b];
     const int64_t start = a.start_of_block[b];
     const int64_t n = min(a.block, a.numels[t] - start);
-    const typename Op::Scalars s = Op::prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
+    const typename Op::Scalars s = Op::prepare(a, t, grad_scale);
     P* p = tensor_ptr<P>(a.param_ptrs, t, start);
     const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
     S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
@@ -148,6 +175,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTenso
       update_entry<Op, Op::kMaskFull>(s, p, g, s0, s1, s2, n);
     else
       update_entry<Op, Op::kMaskBase>(s, p, g, s0, s1, s2, n);
+    if (Op::kAdvancesScalars) advance_scalars<Op>(a, t);
   }
 }
 
@@ -220,6 +248,8 @@ void launch(const MultiTensorArgs& a, int device, uintptr_t stream) {
     throw std::invalid_argument("fastmup: the hyperparameter table has " + std::to_string(a.ncols) + " columns, expected " +
                                 std::to_string(static_cast<int>(Op::kNumCols)));
   if (a.nblocks <= 0) return;
+  if (Op::kAdvancesScalars && (a.scalar_state[0] == nullptr || a.scalar_state[1] == nullptr || a.scalar_state[2] == nullptr || a.steps_out == nullptr || a.tickets == nullptr))
+    throw std::invalid_argument("fastmup: this algorithm needs its scalar state, step and ticket tables");
   DeviceGuard guard(device);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype(a.param_dtype, "param", [&](auto p) {

@@ -9,7 +9,7 @@
 
 namespace fastmup {
 
-struct SgdOp {
+struct SgdOp : OpDefaults {
   // Column order of TensorBatch.rows (fastmup.optim.sgd.COLUMNS).
   enum Col { kLr = 0, kWeightDecay, kMomentum, kDampening, kNesterov, kMaximize, kNumCols };
   enum State { kMomentumBuffer = 0 };
@@ -44,6 +44,10 @@ struct SgdOp {
     s.maximize = row[kMaximize] != 0.0;
     s.first = step == 1.0f;
     return s;
+  }
+
+  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, float grad_scale) {
+    return prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
   }
 
   FASTMUP_HD static int mask(const Scalars& s) { return s.has_momentum ? kMaskFull : kMaskBase; }

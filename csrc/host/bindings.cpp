@@ -14,6 +14,19 @@ void launch(FASTMUP_ARGS_SIGNATURE, int nthreads) {
   Run(a, nthreads);
 }
 
+// ESGD-M: the common launch description plus its per-tensor scalar state
+// (double [3, ntensors]: bc1, bc2, cum; advanced in place), the step counts
+// (float [ntensors], advanced in place) and whether this step has HVPs.
+void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_state, int hvp_step, int nthreads) {
+  MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
+  if (scalar_state.size() != 3 || !scalar_state[0] || !scalar_state[1] || !scalar_state[2]) throw std::invalid_argument("fastmup esgd: the scalar state address is 0");
+  for (int k = 0; k < 3; ++k) a.scalar_state[k] = address<double>(scalar_state[k]);
+  a.steps_out = address<float>(steps);
+  a.hvp_step = hvp_step;
+  py::gil_scoped_release release;
+  host::esgd(a, nthreads);
+}
+
 // Element-wise storage conversions, exposed for tests of the bf16/fp16 rounding.
 void cast_from_float(int code, uint64_t src, uint64_t dst, int64_t n) {
   const float* in = address<const float>(src);
@@ -47,6 +60,8 @@ PYBIND11_MODULE(_fastmup_cpu, m) {
 #endif
   m.def("adam", &launch<host::adam>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One Adam/AdamW step over a batch.");
   m.def("sgd", &launch<host::sgd>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One SGD step over a batch.");
+  m.def("esgd", &launch_esgd, FASTMUP_ARGS_NAMES, py::arg("scalar_state"), py::arg("hvp_step"), py::arg("nthreads"),
+        "One ESGD-M step over a batch (advances its scalar state and steps).");
   m.def("isa", &host::isa_name, "The instruction-set variant of the update loops in use ('avx2' or 'generic').");
   m.def(
       "set_isa",

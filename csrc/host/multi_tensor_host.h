@@ -90,7 +90,7 @@ void update_block(const MultiTensorArgs& a, int64_t b, float grad_scale) {
   const int64_t start = a.start_of_block[b];
   const int64_t n = std::min(a.block, a.numels[t] - start);
   if (n <= 0) return;
-  const typename Op::Scalars s = Op::prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
+  const typename Op::Scalars s = Op::prepare(a, t, grad_scale);
   P* p = tensor_ptr<P>(a.param_ptrs, t, start);
   const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
   S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
@@ -133,10 +133,15 @@ void run_typed(const MultiTensorArgs& a, int nthreads) {
 #if FASTMUP_HAVE_AVX2
   if (use_avx2()) {
     parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<avx2::Kernels, Op, P, G, S>(a, b, grad_scale); });
-    return;
-  }
+  } else
 #endif
-  parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<generic::Kernels, Op, P, G, S>(a, b, grad_scale); });
+  {
+    parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<generic::Kernels, Op, P, G, S>(a, b, grad_scale); });
+  }
+  // The scalar-state advance (ESGD-M): every chunk has read the old values,
+  // so the new ones are stored once per tensor, empty tensors included.
+  if (Op::kAdvancesScalars)
+    for (int64_t t = 0; t < a.ntensors; ++t) Op::store_advanced(a, t);
 }
 
 // Calls f(T{}) with T the storage type of dtype code `code`.
@@ -155,7 +160,9 @@ void run(const MultiTensorArgs& a, int nthreads) {
   if (a.ncols != Op::kNumCols)
     throw std::invalid_argument("fastmup: the hyperparameter table has " + std::to_string(a.ncols) + " columns, expected " +
                                 std::to_string(static_cast<int>(Op::kNumCols)));
-  if (a.nblocks <= 0) return;
+  if (a.nblocks <= 0 && !Op::kAdvancesScalars) return;
+  if (Op::kAdvancesScalars && (a.scalar_state[0] == nullptr || a.scalar_state[1] == nullptr || a.scalar_state[2] == nullptr || a.steps_out == nullptr))
+    throw std::invalid_argument("fastmup: this algorithm needs its scalar state and step tables");
   dispatch_dtype(a.param_dtype, "param", [&](auto p) {
     dispatch_dtype(a.grad_dtype, "grad", [&](auto g) {
       dispatch_dtype(a.state_dtype, "state", [&](auto s) {
@@ -167,6 +174,7 @@ void run(const MultiTensorArgs& a, int nthreads) {
 
 void adam(const MultiTensorArgs& a, int nthreads);
 void sgd(const MultiTensorArgs& a, int nthreads);
+void esgd(const MultiTensorArgs& a, int nthreads);
 
 }  // namespace host
 }  // namespace fastmup

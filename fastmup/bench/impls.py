@@ -90,6 +90,8 @@ class Impl:
                     return f"backend {self.backend!r} needs {self.backend} tensors"
                 return _extension_reason(self.backend)
             return None
+        if self.kind == "per-tensor":
+            return None if opt.name == "esgd" else f"the per-tensor torch loop exists for ESGD-M only, not {opt.label}"
         mup = mup_module()
         if self.kind == "torch":
             if opt.torch_name is None or opt.mup_splitter is None:
@@ -107,6 +109,8 @@ class Impl:
 
     def make(self, params: Sequence[torch.Tensor], opt: OptimizerSpec) -> torch.optim.Optimizer:
         params = list(params)
+        if self.kind == "per-tensor":
+            return PerTensorESGD(params, **opt.hparams)
         if self.kind == "fastmup":
             optimizer = fastmup_class(opt)(params, backend=self.backend, **opt.hparams)
             used = getattr(optimizer, "backend", self.backend)
@@ -133,8 +137,85 @@ IMPLS: dict[str, Impl] = {
         Impl("torch-foreach", "torch", flags=(("foreach", True),)),
         Impl("torch-fused", "torch", flags=(("fused", True),)),
         Impl("mup", "mup"),
+        # the seed's ESGD-M step as plain per-tensor torch ops (the unfused
+        # baseline the fused backends are measured against)
+        Impl("esgd-per-tensor-torch", "per-tensor"),
     )
 }
+
+
+class PerTensorESGD(torch.optim.Optimizer):
+    """μESGD-M stepped by :func:`fastmup.optim.esgd.esgd_per_tensor_torch`:
+    a Python loop over tensors, torch ops in the storage dtype.
+
+    The per-tensor μP learning rates and weight decays come from a
+    :class:`~fastmup.optim.MuESGD` built on the same params (its table, read
+    once); tensors sharing (lr, wd) are stepped by one call.  HVP steps
+    (``should_create_graph()``, same schedule) draw Rademacher probes from
+    torch's RNG and take one ``autograd.grad`` over all params.
+    """
+
+    def __init__(self, params, **hparams) -> None:
+        from fastmup.optim import MuESGD
+        from fastmup.optim.esgd import _owners
+
+        params = list(params)
+        table = MuESGD(params, backend="eager", **hparams)
+        self._table = table
+        per_tensor: dict[int, tuple[float, float]] = {}
+        batches = table._plan()
+        table._refresh_rows(batches)
+        for batch in batches:
+            lr_col, wd_col = batch.col("lr"), batch.col("weight_decay")
+            for p, row in zip(_owners(batch), batch.rows):
+                per_tensor[id(p)] = (float(row[lr_col]), float(row[wd_col]))
+        group = table.param_groups[0]
+        self._kw = dict(betas=tuple(group["betas"]), v=group["v"], lr_warmup=group["lr_warmup"], eps=group["eps"],
+                        variant=group["variant"])
+        super().__init__(params, dict(lr=group["lr"]))
+        buckets: dict[tuple[float, float], list] = {}
+        for p in params:
+            buckets.setdefault(per_tensor[id(p)], []).append(p)
+        self._buckets = list(buckets.items())
+        for p in params:
+            self.state[p] = dict(
+                exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                exp_avg_d=torch.zeros_like(p, memory_format=torch.preserve_format),
+                scalars=dict(exp_avg_bias_corr=1.0, exp_avg_d_bias_corr=1.0, lr_warmup_cumprod=1.0),
+            )
+
+    def should_create_graph(self) -> bool:
+        return self._table.should_create_graph()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from fastmup.optim.esgd import esgd_per_tensor_torch
+
+        hvp_step = self._table.should_create_graph()
+        hvp_of = {}
+        if hvp_step:
+            params = [p for _, ps in self._buckets for p in ps if p.grad is not None]
+            probes = [torch.randint(0, 2, p.shape, device=p.device).to(p.dtype).mul_(2).sub_(1) for p in params]
+            with torch.enable_grad():
+                hvps = torch.autograd.grad([p.grad for p in params], params, grad_outputs=probes, allow_unused=True)
+            hvp_of = {id(p): torch.zeros_like(p) if h is None else h for p, h in zip(params, hvps)}
+        for (lr, wd), ps in self._buckets:
+            ps = [p for p in ps if p.grad is not None]
+            if not ps:
+                continue
+            st = [self.state[p] for p in ps]
+            esgd_per_tensor_torch(
+                ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_d"] for s in st],
+                [s["scalars"] for s in st], [hvp_of[id(p)] for p in ps] if hvp_step else None,
+                lr=lr, weight_decay=wd, **self._kw,
+            )
+        # the schedule's counters (the table optimizer never steps params)
+        t = self._table
+        if hvp_step:
+            t.steps_since_d = 0
+        t.steps += 1
+        t.steps_since_d += 1
+
 
 
 def get(name: str) -> Impl:

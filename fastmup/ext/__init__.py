@@ -1,6 +1,7 @@
 """The compiled backends of fastmup: ``cpu`` (C++ on the host) and ``cuda``.
 
-The update math lives once in ``csrc/adam_math.h`` / ``csrc/sgd_math.h``
+The update math lives once in ``csrc/adam_math.h`` / ``csrc/sgd_math.h`` /
+``csrc/esgd_math.h``
 (``__host__ __device__`` functors); ``csrc/multi_tensor.cuh`` runs it in one
 CUDA launch per batch and ``csrc/host/`` on a pool of CPU threads.  The
 modules are built on first use (:mod:`fastmup.ext.build`) and take raw
@@ -127,11 +128,13 @@ class _Algorithm:
 
 @functools.lru_cache(maxsize=None)
 def _algorithms() -> dict[str, _Algorithm]:
-    from fastmup.optim import adam, sgd
+    from fastmup.optim import adam, esgd, sgd
 
     return {
         "adam": _Algorithm(adam.COLUMNS, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), (("amsgrad", "max_exp_avg_sq"),)),
         "sgd": _Algorithm(sgd.COLUMNS, ("momentum_buffer",), (("momentum", "momentum_buffer"),)),
+        # the third functor slot of EsgdOp is the step's HVP (read only), passed per launch
+        "esgd": _Algorithm(esgd.COLUMNS, ("exp_avg", "exp_avg_d"), ()),
     }
 
 
@@ -175,7 +178,20 @@ class _Plan:
         self.run = getattr(module, algorithm)
         self.n = n
         self.block = int(module.BLOCK)
-        self.tensor_of_block, self.start_of_block, self.nblocks = batch.block_map(self.block)
+        if algorithm == "esgd":
+            # every tensor gets at least one entry: on CUDA the entries of a
+            # tensor advance its scalar state (the last ticket stores it)
+            self.tensor_of_block, self.start_of_block, self.nblocks = _block_map_at_least_one(batch, self.block)
+            for key, dtype in _ESGD_SCALARS:
+                col = batch.scalars.get(key)
+                if col is None or col.dtype != dtype or tuple(col.shape) != (n,) or not col.is_contiguous() or col.device != device:
+                    raise RuntimeError(
+                        f"fastmup backend {device.type!r} esgd: scalar state {key!r} must be a contiguous {dtype} "
+                        f"column of {n} entries on {device}"
+                    )
+            self.tickets = torch.zeros(n, dtype=torch.int32, device=device)
+        else:
+            self.tensor_of_block, self.start_of_block, self.nblocks = batch.block_map(self.block)
         self.numels = batch.numels()
         present = [name for name in spec.states if name in batch.state]
         names = ("param", "grad", *present)
@@ -214,6 +230,54 @@ class _Plan:
                 )
 
 
+_ESGD_SCALARS = None  # set lazily (needs torch): ((key, dtype), ...) of ESGD-M's per-tensor scalar state
+
+
+def _block_map_at_least_one(batch, block: int):
+    """Like ``TensorBatch.block_map`` but with one entry even for an empty tensor."""
+    import numpy as np
+    import torch
+
+    numel = np.asarray([p.numel() for p in batch.params], dtype=np.int64)
+    nblocks = np.maximum((numel + block - 1) // block, 1)
+    tensor_of_block = np.repeat(np.arange(len(numel), dtype=np.int32), nblocks)
+    first = np.cumsum(nblocks) - nblocks
+    start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * block
+    device = batch.device
+    return torch.from_numpy(tensor_of_block).to(device), torch.from_numpy(start).to(device), int(nblocks.sum())
+
+
+def _esgd_hvp_pointers(plan: "_Plan", batch, hvps):
+    """(address of an int64 [n] table of HVP addresses, keep-alive objects).
+
+    The functor reads the HVP in the state dtype: a param-dtype HVP is
+    converted when that is exact (same dtype, or a float32 state); a lossy
+    conversion (e.g. float32 params with bfloat16 state) is refused."""
+    import torch
+
+    sig = batch.signature
+    if len(hvps) != plan.n:
+        raise ValueError(f"fastmup esgd: {len(hvps)} HVPs for a batch of {plan.n} tensors")
+    out = []
+    for i, (h, p) in enumerate(zip(hvps, batch.params)):
+        if h is None:
+            h = torch.zeros(p.shape, dtype=sig.state_dtype, device=p.device)
+        if h.dtype != sig.state_dtype:
+            if sig.state_dtype != torch.float32 and h.dtype != sig.state_dtype:
+                raise NotImplementedError(
+                    f"fastmup esgd backend {batch.device.type!r}: the HVP of tensor #{i} is {h.dtype} and the state "
+                    f"{sig.state_dtype}: converting it would round; use state_dtype=float32 or backend='eager'"
+                )
+            h = h.to(sig.state_dtype)
+        if h.device != p.device or h.numel() != p.numel():
+            raise ValueError(f"fastmup esgd: the HVP of tensor #{i} must have the shape of its param, on {p.device}")
+        out.append(h.contiguous())
+    table = torch.tensor([h.data_ptr() for h in out], dtype=torch.int64)
+    if batch.device.type != "cpu":
+        table = table.to(batch.device, non_blocking=True)
+    return table.data_ptr(), (out, table)
+
+
 def _scalar_arg(t: Optional[Any], device, name: str):
     """(address, keep-alive tensor) of a one-element float32 tensor on ``device``."""
     import torch
@@ -230,16 +294,31 @@ def _scalar_arg(t: Optional[Any], device, name: str):
 
 
 def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) -> None:
-    """One step of ``algorithm`` ("adam" or "sgd") over every tensor of ``batch``.
+    """One step of ``algorithm`` ("adam", "sgd" or "esgd") over every tensor of ``batch``.
 
     Reads the hyperparameter table, step counts and addresses from the batch
-    (steps already advanced).  ``grad_scale`` divides the gradients;
-    ``found_inf`` nonzero skips the step (nothing is written).  On CUDA the
-    launch is asynchronous on the current stream and neither value is read on
-    the host.
+    (Adam, SGD: steps already advanced).  ``grad_scale`` divides the
+    gradients; ``found_inf`` nonzero skips the step (nothing is written).  On
+    CUDA the launch is asynchronous on the current stream and neither value is
+    read on the host.
+
+    "esgd" takes ``hvps=`` (one tensor or None per param on an HVP step, else
+    None) and advances the batch's scalar state (``step``,
+    ``exp_avg_bias_corr``, ``exp_avg_d_bias_corr``, ``lr_warmup_cumprod``)
+    itself, in the same call (see csrc/esgd_math.h).
     """
     import numpy as np
     import torch
+
+    global _ESGD_SCALARS
+    if _ESGD_SCALARS is None:
+        _ESGD_SCALARS = (
+            ("step", torch.float32),
+            ("exp_avg_bias_corr", torch.float64),
+            ("exp_avg_d_bias_corr", torch.float64),
+            ("lr_warmup_cumprod", torch.float64),
+        )
+    hvps = kwargs.pop("hvps", None) if algorithm == "esgd" else None
 
     device = batch.device
     if device.type not in ("cpu", "cuda"):
@@ -265,7 +344,7 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     plan.check_flags(host_rows)
     scale_ptr, scale_keep = _scalar_arg(grad_scale, device, "grad_scale")
     inf_ptr, inf_keep = _scalar_arg(found_inf, device, "found_inf")
-    steps = batch.steps
+    steps = batch.scalars["step"] if algorithm == "esgd" else batch.steps
     if steps.dtype != torch.float32 or steps.device != device or not steps.is_contiguous():
         raise RuntimeError(f"fastmup: batch.steps must be a contiguous float32 tensor on {device}")
     if device.type == "cpu":
@@ -292,10 +371,20 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         grad_dtype=plan.codes[1],
         state_dtype=plan.codes[2],
     )
+    hvp_keep = None
+    if algorithm == "esgd":
+        hvp_table = 0
+        if hvps is not None:
+            hvp_table, hvp_keep = _esgd_hvp_pointers(plan, batch, hvps)
+        args["state_ptrs"] = [*plan.state_ptrs, hvp_table]
+        args["scalar_state"] = [batch.scalars[k].data_ptr() for k, _ in _ESGD_SCALARS[1:]]
+        args["hvp_step"] = int(hvps is not None)
+        if device.type != "cpu":
+            args["tickets"] = plan.tickets.data_ptr()
     if device.type == "cpu":
         plan.run(**args, nthreads=torch.get_num_threads())
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(index).cuda_stream
         plan.run(**args, device=index, stream=stream)
-    del scale_keep, inf_keep, rows_keep
+    del scale_keep, inf_keep, rows_keep, hvp_keep

@@ -111,9 +111,14 @@ itself (the optimizer does not ``steps.add_(1)`` first): the fused kernel
 reads the old values and writes the new ones in the same launch (see
 ``fastmup.kernels.esgd``), so a step is one launch per dtype signature.
 
-Backends: ``eager`` (this module, any device) and ``triton``.  The CUDA C++
-functors of ``csrc/`` do not exist yet: ``backend="auto"`` resolves to
-``triton`` on CUDA and ``eager`` on CPU, and ``"cuda"``/``"cpu"`` are refused.
+Backends: ``eager`` (this module, any device), ``triton`` (CUDA), and the
+csrc functor ``EsgdOp`` (``csrc/esgd_math.h``) as ``cpu`` (host threads; the
+scalar state advances after the parallel pass) and ``cuda`` (one launch; the
+last block of each tensor writes its new scalar state back, as the Triton
+kernel).  ``backend="auto"`` resolves as for Adam: ``triton`` on CUDA,
+``cpu`` on CPU when the host extension can be built, else ``eager``.  The
+csrc backends draw the probes with the Triton kernel (CUDA) or the eager
+generator: the same signs either way.
 :func:`esgd_per_tensor_torch` is the seed's step as plain per-tensor torch
 ops in the storage dtype: the unfused baseline for benchmarks.
 """
@@ -238,7 +243,7 @@ class MuESGD(MuOptimizer):
         seed: seed of the probes' counter-based generator (any int; the
             global torch RNG is never used).
         decoupled_wd: do not rescale weight decay with width (mup's switch).
-        backend: ``"auto"``, ``"eager"`` or ``"triton"``.
+        backend: ``"auto"``, ``"eager"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
         state_dtype: dtype of ``exp_avg`` / ``exp_avg_d`` (default: the param's).
         param_lr_scales: extra per-tensor lr factors.
 
@@ -277,10 +282,6 @@ class MuESGD(MuOptimizer):
                 raise ValueError(f"Invalid {name}={value!r}: must be an int >= 1")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed={seed!r}: must be an int")
-        if backend in ("cuda", "cpu"):
-            raise NotImplementedError(
-                f"backend={backend!r}: ESGD-M has no csrc kernels yet; use backend='triton' (CUDA) or 'eager'"
-            )
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -298,10 +299,6 @@ class MuESGD(MuOptimizer):
         self.probe_seed = seed
         self.probe_counter = 0
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
-        if backend == "auto" and self.backend in ("cuda", "cpu"):
-            # backends.resolve picked the compiled extension, which has no ESGD-M yet.
-            devices = {p.device.type for g in self.param_groups for p in g["params"]}
-            self.backend = "triton" if devices == {"cuda"} and backends.triton_available() else "eager"
 
     # ------------------------------------------------------------------
     # subclass interface of MuOptimizer
@@ -492,6 +489,10 @@ def draw_probes(batch: TensorBatch, seed: int, counter: int, *, backend: str = "
     contiguous tensor per param, in the grads' dtype.  ``triton``: one launch.
     """
     prefix = rademacher.draw_prefix(seed, counter)
+    if backend in ("cpu", "cuda"):
+        # the csrc backends have no probe kernel: the Triton one on CUDA when
+        # it is there (one launch), else the eager generator (same signs)
+        backend = "triton" if backend == "cuda" and backends.triton_available() else "eager"
     if backend == "eager":
         return [
             rademacher.fill_rademacher_(torch.empty(g.shape, dtype=g.dtype, device=g.device), seed, counter, tid, prefix=prefix)
@@ -518,7 +519,10 @@ def esgd(
     """
     if hvps is not None and len(hvps) != len(batch):
         raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
-    if backend == "eager":
+    if backend == "eager" or (backend in ("cpu", "cuda") and hvps is not None and _hvp_would_round(batch)):
+        # The csrc functor reads the HVP in the state dtype; where converting
+        # it would round (e.g. float32 params with bfloat16 state) the HVP
+        # steps of that batch run the reference instead (same results).
         _single_tensor_esgd(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
     else:
         if hvps is not None:
@@ -529,6 +533,11 @@ def esgd(
                 for p, h in zip(batch.params, hvps)
             ]
         backends.launcher(backend, "esgd")(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _hvp_would_round(batch: TensorBatch) -> bool:
+    sig = batch.signature
+    return sig.state_dtype != sig.param_dtype and sig.state_dtype != torch.float32
 
 
 def _math_dtype(*dtypes: torch.dtype) -> torch.dtype:

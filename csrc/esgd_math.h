@@ -1,0 +1,137 @@
+// The ESGD-M update of one element and the per-tensor scalar-state advance,
+// shared by the CUDA kernels and the host (cpu) backend.  Mirrors
+// fastmup.optim.esgd (tensor_scalars + _single_tensor_esgd) op for op: the
+// per-tensor scalars in double exactly as tensor_scalars computes them in
+// Python, each update factor rounded once to fp32; per element fp32 math with
+// one rounding per torch op of the reference, the HVP-step d-update fused into
+// the same pass.
+//
+// State slots (MultiTensorArgs::state_ptrs, all in the state dtype):
+//   0: exp_avg (m), 1: exp_avg_d (d), 2: the HVP of this step (read only; only
+//   on HVP steps, the launcher converts it to the state dtype losslessly).
+// Scalar state (MultiTensorArgs::scalar_state: three double [ntensors] columns,
+// bc1 = beta1^t, bc2 = beta2^k, cum = lr_warmup cumprod) and steps (float):
+// every chunk of a tensor reads the OLD values (prepare); the new values are
+// stored once per tensor after every chunk of it has read them (advance):
+//   * host: after the parallel pass, one loop over the tensors;
+//   * CUDA: in the same launch, by the block that draws the last ticket of the
+//     tensor (per-tensor int32 counter, reset to 0 by that block), as in
+//     kernels/esgd.py.  No extra launch, no host sync.
+#pragma once
+
+#include "common.h"
+
+namespace fastmup {
+
+struct EsgdOp : OpDefaults {
+  // Column order of TensorBatch.rows (fastmup.optim.esgd.COLUMNS).
+  enum Col { kLr = 0, kWeightDecay, kBeta1, kBeta2, kV, kLrWarmup, kEps, kVariant, kNumCols };
+  enum State { kExpAvg = 0, kExpAvgD = 1, kHvp = 2 };
+  static constexpr int kNumStates = 3;
+  static constexpr int kMaskBase = 0b011;  // no HVP this step: d is read, not written
+  static constexpr int kMaskFull = 0b111;  // HVP step: the HVP is read, d updated
+  static constexpr int kReadOnlyMask = 0b100;  // the HVP slot is never stored
+  static constexpr bool kAdvancesScalars = true;
+
+  struct Scalars {
+    float grad_scale;
+    float lerp_m;  // 1 - beta1
+    float beta2;
+    float one_minus_beta2;
+    float bc2_sqrt;  // sqrt(1 - bc2) (ema), 1 (max)
+    float eps;
+    float lerp_q;  // 1 - v
+    float decay;   // 1 - wd * step_size
+    float coef;    // -step_size / (1 - bc1 * v)
+    bool is_max;
+    bool started;  // the tensor has seen an HVP (bc2 != 1): otherwise p is left alone
+    bool hvp;
+  };
+
+  // The new scalar state of one tensor (fastmup.optim.esgd.tensor_scalars).
+  struct Advanced {
+    double bc1, bc2, cum;
+    double step_size;
+    double v;
+    bool is_max;
+  };
+
+  FASTMUP_HD static FASTMUP_INLINE Advanced advance(const double* row, double bc1, double bc2, double cum, bool hvp_step) {
+    Advanced r;
+    r.is_max = row[kVariant] != 0.0;
+    const double beta1 = row[kBeta1];
+    r.v = r.is_max ? beta1 : row[kV];
+    r.bc1 = bc1 * beta1;
+    r.bc2 = hvp_step ? bc2 * row[kBeta2] : bc2;
+    r.cum = (hvp_step || !r.is_max) ? cum * row[kLrWarmup] : cum;
+    r.step_size = row[kLr] * (1.0 - r.cum);
+    return r;
+  }
+
+  // Per-tensor factors from one row and the tensor's OLD scalar state.
+  FASTMUP_HD static Scalars prepare(const double* row, double bc1, double bc2, double cum, bool hvp_step,
+                                    float grad_scale) {
+    const Advanced a = advance(row, bc1, bc2, cum, hvp_step);
+    Scalars s;
+    s.grad_scale = grad_scale;
+    s.is_max = a.is_max;
+    s.hvp = hvp_step;
+    s.started = a.bc2 != 1.0;
+    s.lerp_m = static_cast<float>(1.0 - row[kBeta1]);
+    s.beta2 = static_cast<float>(row[kBeta2]);
+    s.one_minus_beta2 = static_cast<float>(1.0 - row[kBeta2]);
+    s.bc2_sqrt = a.is_max ? 1.0f : static_cast<float>(sqrt(1.0 - a.bc2));
+    s.eps = static_cast<float>(row[kEps]);
+    s.lerp_q = static_cast<float>(1.0 - a.v);
+    s.decay = static_cast<float>(1.0 - row[kWeightDecay] * a.step_size);
+    s.coef = static_cast<float>(-(a.step_size / (1.0 - a.bc1 * a.v)));
+    return s;
+  }
+
+  // The launch description's view: scalar_state = {bc1, bc2, cum} columns.
+  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, float grad_scale) {
+    return prepare(a.rows + t * a.ncols, a.scalar_state[0][t], a.scalar_state[1][t], a.scalar_state[2][t],
+                   a.hvp_step != 0, grad_scale);
+  }
+
+  // Store tensor t's new scalar state (once per tensor, after every chunk of
+  // it has called prepare).
+  FASTMUP_HD static FASTMUP_INLINE void store_advanced(const MultiTensorArgs& a, int64_t t) {
+    double* const* ss = a.scalar_state;
+    const Advanced r = advance(a.rows + t * a.ncols, ss[0][t], ss[1][t], ss[2][t], a.hvp_step != 0);
+    ss[0][t] = r.bc1;
+    ss[1][t] = r.bc2;
+    ss[2][t] = r.cum;
+    a.steps_out[t] = a.steps[t] + 1.0f;
+  }
+
+  FASTMUP_HD static int mask(const Scalars& s) { return s.hvp ? kMaskFull : kMaskBase; }
+
+  // torch.lerp(a, b, w) for a scalar weight, as torch evaluates it in fp32.
+  FASTMUP_HD static FASTMUP_INLINE float lerp(float a, float b, float w) {
+    const float diff = b - a;
+    return (w < 0.5f) ? a + w * diff : b - diff * (1.0f - w);
+  }
+
+  template <int MASK>
+  FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
+    g = g / s.grad_scale;                       // grad / grad_scale
+    const float m = lerp(st[kExpAvg], g, s.lerp_m);  // exp_avg.lerp_(grad, 1 - beta1)
+    float d = st[kExpAvgD];
+    if (MASK & (1 << kHvp)) {
+      const float h = st[kHvp] / s.grad_scale;  // hvp / grad_scale
+      const float dd = d * s.beta2;             // exp_avg_d.mul_(beta2)
+      const float hh = h * h;
+      // max: torch.maximum(d*beta2, h*h); ema: .addcmul_(h, h, value=1 - beta2)
+      d = s.is_max ? max_propagate_nan(dd, hh) : dd + s.one_minus_beta2 * h * h;
+    }
+    const float denom = sqrtf(d) / s.bc2_sqrt + s.eps;  // (d.sqrt() / sqrt(1 - bc2)).add_(eps)
+    const float m_est = lerp(m, g, s.lerp_q);            // torch.lerp(exp_avg, grad, 1 - v)
+    const float updated = p * s.decay + s.coef * m_est / denom;  // p.mul_(decay).addcdiv_(m_est, denom, value=coef)
+    p = s.started ? updated : p;
+    st[kExpAvg] = m;
+    st[kExpAvgD] = d;
+  }
+};
+
+}  // namespace fastmup
