@@ -1,0 +1,111 @@
+"""FSDP2 (``fully_shard``, DTensor parameters) with the fastmup optimizers.
+
+Two CPU processes, gloo, ``init_device_mesh("cpu", (2,))``.  The optimizers
+update the local shards (``DTensor.to_local()``) with their fused kernels;
+the μP multipliers come from the global shapes: ``shard_with_mup`` reads the
+base shapes recorded by ``set_base_shapes`` before sharding and re-attaches
+them to the new DTensor parameters, whose ``shape`` is global.
+
+Each rank also trains an unsharded copy on the combined batch.  As for DDP
+(see test_ddp.py) the gradients differ by fp32 rounding only: FSDP2
+reduce-scatters the per-rank gradients (sum of two partial means, / 2)
+where one process reduces the whole batch at once, hence rtol=1e-5 /
+atol=1e-6 instead of bit equality.  ``out.weight`` (5 x 32) is sharded
+unevenly (3 + 2 rows), ``hidden`` and ``out`` are separate FSDP units, and
+the transformer's readout is tied to its embedding (MuSharedReadout).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fastmup
+from fastmup.distributed import reattach_infshapes, require_base_shapes, shard_with_mup
+from fastmup.shape import BaseShapesError
+from tests.distributed.test_ddp import OPTIMIZERS, backends, batches, make_opt, shard_of, spawn
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this torch build")
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """Inner FSDP units: some layers sharded on their own, the rest by the root."""
+    return [m for n, m in model.named_children() if n in ("hidden", "out", "fc", "fc2")]
+
+
+def _fsdp_worker(rank: int, names: list) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from tests.optim.conftest import build, clone, loss_of
+
+    mesh = init_device_mesh("cpu", (2,))
+    for kind in ("mlp", "transformer"):
+        for backend, opt_name in [(b, o) for b in names for o in OPTIMIZERS]:
+            model = build(kind, 32)
+            ref = clone(model)
+            x0, _ = batches(kind, 1, seed=7)[0]
+            with torch.no_grad():
+                before = model(x0)
+            shard_with_mup(model, mesh=mesh, submodules=units(model))
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+            # MuReadout works after sharding: same output, same width multiplier
+            with torch.no_grad():
+                torch.testing.assert_close(model(x0), before, rtol=1e-6, atol=1e-6)
+            # the FSDP2 root keeps its parameters unsharded after a forward
+            # until backward; reshard so parameters() are the DTensors again
+            model.reshard()
+            for m, r in zip(model.modules(), ref.modules()):
+                if isinstance(m, fastmup.MuReadout):
+                    assert m.width_mult() == r.width_mult() == 4.0
+            opt = make_opt(opt_name, model.parameters(), backend)
+            ref_opt = make_opt(opt_name, ref.parameters(), backend)
+            assert opt.backend == backend
+            # multipliers from the global shapes, not the shards
+            for p, q in zip(model.parameters(), ref.parameters()):
+                assert p.infshape.shape() == q.infshape.shape()
+                assert opt._mults[p] == ref_opt._mults[q]
+            for batch in batches(kind, 3):
+                opt.zero_grad()
+                loss_of(kind, model, shard_of(batch, rank)).backward()
+                opt.step()
+                ref_opt.zero_grad()
+                loss_of(kind, ref, batch).backward()
+                ref_opt.step()
+            # the kernels ran on the local shards
+            for b in opt._batches:
+                assert not any(isinstance(t, DTensor) for t in b.params + b.grads)
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(
+                    p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind}/{opt_name}/{backend} {name}: {m}"
+                )
+
+
+def test_fsdp2_matches_single_process():
+    spawn(_fsdp_worker, backends())
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+
+def test_missing_base_shapes_error():
+    with pytest.raises(BaseShapesError, match="before fully_shard"):
+        shard_with_mup(Plain())
+    with pytest.raises(BaseShapesError, match="base_shapes_state"):
+        reattach_infshapes(Plain())
+
+
+def test_reattach_from_explicit_base_shapes():
+    from tests.optim.conftest import build
+
+    model = build("mlp", 32)
+    saved = fastmup.base_shapes_state(model)
+    fresh = type(model)(32)
+    assert getattr(fresh.inp.weight, "infshape", None) is None
+    reattach_infshapes(fresh, saved)
+    assert require_base_shapes(fresh) == saved
+    assert fresh.out.width_mult() == model.out.width_mult()
