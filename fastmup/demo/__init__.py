@@ -1,0 +1,34 @@
+"""Runnable demonstrations of fastmup.
+
+``python -m fastmup.demo mutransfer [--quick] [--out DIR] ...``: μTransfer on
+a CPU in minutes (see :mod:`fastmup.demo.mutransfer`).
+
+Importing this package imports nothing heavy; the demos need scikit-learn,
+matplotlib, pandas and tqdm, imported when used.
+"""
+
+DEMOS = {"mutransfer": "fastmup.demo.mutransfer"}
+
+__all__ = ["DEMOS", "main"]
+
+
+def main(argv=None) -> int:
+    """Dispatch ``python -m fastmup.demo NAME [options]`` to the demo's ``main``."""
+    import importlib
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in DEMOS:
+        known = ", ".join(sorted(DEMOS))
+        msg = (
+            f"usage: python -m fastmup.demo {{{known}}} [options]\n"
+            "  (python -m fastmup.demo NAME --help for the options)"
+        )
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown demo {argv[0]!r}; known: {known}\n{msg}", file=sys.stderr)
+            return 2
+        print(msg)
+        return 0 if argv else 2
+    module = importlib.import_module(DEMOS[argv[0]])
+    module.main(argv[1:], prog=f"python -m fastmup.demo {argv[0]}")
+    return 0
