@@ -201,35 +201,8 @@ def test_only_empty_tensors_still_advance_the_scalar_state(cpu_ext):
 # ---------------------------------------------------------------------------
 # the separable quadratic: hvp² = a², a float64 closed form (60 steps)
 # ---------------------------------------------------------------------------
-A = np.array([0.5, 2.0, 3.0, 0.1, 1.0, 7.0, 0.02, 12.0])
-W0 = np.array([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 4.0, -0.75])
-QUAD = dict(lr=0.05, betas=(0.8, 0.95), lr_warmup=0.9, eps=1e-3, weight_decay=0.05)
-HVP_CALLS = [*range(20), 29, 39, 49, 59]
-
-
-def closed_form(steps, *, variant, lr, betas, lr_warmup, eps, weight_decay, v=None, d_warmup=20, update_d_every=10):
-    b1, b2 = betas
-    v = b1 if (v is None or variant == "max") else v
-    w, m, d = W0.copy(), np.zeros(len(W0)), np.zeros(len(W0))
-    bc1 = bc2 = cum = 1.0
-    calls = []
-    for t in range(steps):
-        hvp = t < d_warmup or (t - (d_warmup - 1)) % update_d_every == 0
-        calls += [t] if hvp else []
-        g = A * w
-        m = b1 * m + (1 - b1) * g
-        bc1 *= b1
-        if hvp:
-            d = b2 * d + (1 - b2) * A**2 if variant == "ema" else np.maximum(b2 * d, A**2)
-            bc2 *= b2
-        if variant == "ema" or hvp:
-            cum *= lr_warmup
-        if bc2 == 1.0:
-            continue
-        corr = math.sqrt(1 - bc2) if variant == "ema" else 1.0
-        step_size = lr * (1 - cum)
-        w = w * (1 - weight_decay * step_size) - step_size / (1 - bc1 * v) * (v * m + (1 - v) * g) / (np.sqrt(d) / corr + eps)
-    return w, calls
+# The same quadratic and float64 closed form as the eager tests.
+from tests.optim.test_esgd import A, HVP_CALLS, QUAD, W0, closed_form  # noqa: E402,F401
 
 
 @pytest.mark.parametrize(
