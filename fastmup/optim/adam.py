@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.optimizer import MuOptimizer, check_betas, check_lr, check_nonnegative
 from fastmup.optim.table import TensorBatch
 
 __all__ = ["MuAdam", "MuAdamW", "adam"]
@@ -77,24 +77,9 @@ class MuAdam(MuOptimizer):
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
 
     def _validate(self, group: Mapping[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("lr as a Tensor must have one element")
-            lr = float(lr)  # validation only; the step never syncs on it
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
-        if not 0.0 <= group["eps"]:
-            raise ValueError(f"Invalid eps={group['eps']}: must be >= 0")
-        betas = group["betas"]
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas={betas!r}: expected two values")
-        for i, b in enumerate(betas):
-            b = float(b)
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} must be in [0, 1)")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay={group['weight_decay']}: must be >= 0")
+        check_lr(group)
+        check_nonnegative(group, "eps", "weight_decay")
+        check_betas(group)
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return STATE if group["amsgrad"] else STATE[:2]

@@ -133,7 +133,7 @@ from torch import Tensor
 from fastmup.optim import backend as backends
 from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
-from fastmup.optim.optimizer import MuOptimizer, describe_param
+from fastmup.optim.optimizer import MuOptimizer, check_betas, check_lr, check_nonnegative, describe_param
 from fastmup.optim.table import TensorBatch
 
 __all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "COLUMNS", "VARIANTS"]
@@ -304,25 +304,15 @@ class MuESGD(MuOptimizer):
     # subclass interface of MuOptimizer
     # ------------------------------------------------------------------
     def _validate(self, group: Mapping[str, Any]) -> None:
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, Tensor) else lr
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
-        if not 0.0 <= group["eps"]:
-            raise ValueError(f"Invalid eps={group['eps']}: must be >= 0")
+        check_lr(group)
+        check_nonnegative(group, "eps", "weight_decay")
+        check_betas(group)
         betas = group["betas"]
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas={betas!r}: expected two values")
-        for i, b in enumerate(betas):
-            if not 0.0 <= float(b) < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} must be in [0, 1)")
         v = group["v"]
         if v is not None and not 0.0 <= float(v) <= 1.0:
             raise ValueError(f"Invalid v={v}: must be in [0, 1] (or None for v = beta1)")
         if not 0.0 <= group["lr_warmup"] < 1.0:
             raise ValueError(f"Invalid lr_warmup={group['lr_warmup']}: must be in [0, 1)")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay={group['weight_decay']}: must be >= 0")
         variant = group["variant"]
         if variant not in VARIANTS:
             raise ValueError(f"Invalid variant={variant!r}: must be one of {VARIANTS}")

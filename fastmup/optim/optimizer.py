@@ -53,6 +53,34 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
+def check_lr(group: Mapping[str, Any]) -> None:
+    """``group["lr"]`` is a float or a one-element Tensor, >= 0."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("lr as a Tensor must have one element")
+        lr = float(lr)  # validation only; the step never syncs on it
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
+
+
+def check_nonnegative(group: Mapping[str, Any], *keys: str) -> None:
+    for key in keys:
+        if not 0.0 <= group[key]:
+            raise ValueError(f"Invalid {key}={group[key]}: must be >= 0")
+
+
+def check_betas(group: Mapping[str, Any]) -> None:
+    """Two decay rates, each in [0, 1)."""
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas={betas!r}: expected two values")
+    for i, b in enumerate(betas):
+        b = float(b)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} must be in [0, 1)")
+
+
 def describe_param(p: Tensor, group: Mapping[str, Any], group_index: int, position: int) -> str:
     """A name for error messages: the parameter's name when the user gave
     ``named_parameters()``, else its place in the groups and its shape."""

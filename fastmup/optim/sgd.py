@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.optimizer import MuOptimizer, check_lr, check_nonnegative
 from fastmup.optim.table import TensorBatch
 
 __all__ = ["MuSGD", "sgd"]
@@ -69,14 +69,8 @@ class MuSGD(MuOptimizer):
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
 
     def _validate(self, group: Mapping[str, Any]) -> None:
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, Tensor) else lr
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
-        if not 0.0 <= group["momentum"]:
-            raise ValueError(f"Invalid momentum={group['momentum']}: must be >= 0")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay={group['weight_decay']}: must be >= 0")
+        check_lr(group)
+        check_nonnegative(group, "momentum", "weight_decay")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
 
