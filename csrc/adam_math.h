@@ -66,7 +66,7 @@ struct AdamOp : OpDefaults {
   // are read and written).
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    g = g / s.grad_scale;                          // grad / grad_scale
+    if (MASK & kGradScaled) g = g / s.grad_scale;  // grad / grad_scale
     g = s.maximize ? -g : g;
     p = p * s.decay;                                  // param.mul_(1 - lr*wd)
     g = s.coupled ? g + s.wd * p : g;                 // grad.add(param, alpha=wd)

@@ -187,6 +187,10 @@ struct MultiTensorArgs {
 // is read and written; no scalar state is advanced by the launch.
 struct OpDefaults {
   static constexpr int kReadOnlyMask = 0;
+  // Mask bit above the state bits: the gradient (and HVP) are divided by
+  // grad_scale.  Without it the division by 1 (an exact identity) is skipped:
+  // on a CPU a division is the costliest instruction of an update.
+  static constexpr int kGradScaled = 1 << 3;
   static constexpr bool kAdvancesScalars = false;
   FASTMUP_HD static FASTMUP_INLINE void store_advanced(const MultiTensorArgs&, int64_t) {}
 };

@@ -115,11 +115,11 @@ struct EsgdOp : OpDefaults {
 
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    g = g / s.grad_scale;                       // grad / grad_scale
+    if (MASK & kGradScaled) g = g / s.grad_scale;  // grad / grad_scale
     const float m = lerp(st[kExpAvg], g, s.lerp_m);  // exp_avg.lerp_(grad, 1 - beta1)
     float d = st[kExpAvgD];
     if (MASK & (1 << kHvp)) {
-      const float h = st[kHvp] / s.grad_scale;  // hvp / grad_scale
+      const float h = (MASK & kGradScaled) ? st[kHvp] / s.grad_scale : st[kHvp];  // hvp / grad_scale
       const float dd = d * s.beta2;             // exp_avg_d.mul_(beta2)
       const float hh = h * h;
       // max: torch.maximum(d*beta2, h*h); ema: .addcmul_(h, h, value=1 - beta2)

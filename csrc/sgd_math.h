@@ -54,7 +54,7 @@ struct SgdOp : OpDefaults {
 
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    g = g / s.grad_scale;                         // grad / grad_scale
+    if (MASK & kGradScaled) g = g / s.grad_scale;  // grad / grad_scale
     g = s.maximize ? -g : g;
     g = s.has_wd ? g + s.wd * p : g;                 // grad.add(param, alpha=wd)
     if (MASK & (1 << kMomentumBuffer)) {

@@ -178,6 +178,8 @@ class _Plan:
         self.run = getattr(module, algorithm)
         self.n = n
         self.block = int(module.BLOCK)
+        if device.type == "cpu":
+            self.block = host_block(self.block, sum(p.numel() for p in batch.params), torch.get_num_threads())
         if algorithm == "esgd":
             # every tensor gets at least one entry: on CUDA the entries of a
             # tensor advance its scalar state (the last ticket stores it)
@@ -228,6 +230,16 @@ class _Plan:
                 raise RuntimeError(
                     f"fastmup: tensor #{i} of the batch has {column}={rows[i, col]} but no {state!r} buffer"
                 )
+
+
+def host_block(largest: int, total: int, threads: int) -> int:
+    """Elements per block-map entry of the host backend: the extension's
+    largest (long runs keep the hardware prefetchers streaming), halved while
+    that would leave fewer than 8 entries per thread to balance."""
+    block = largest
+    while block > 4096 and total < 8 * max(threads, 1) * block:
+        block //= 2
+    return block
 
 
 _ESGD_SCALARS = None  # set lazily (needs torch): ((key, dtype), ...) of ESGD-M's per-tensor scalar state
