@@ -124,6 +124,7 @@ ops in the storage dtype: the unfused baseline for benchmarks.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -359,16 +360,17 @@ class MuESGD(MuOptimizer):
                 g = p.grad
                 if g is None:
                     continue
-                where = describe_param(p, group, gi, position)
+                # the message's name is built only on failure: this loop runs every step
+                where = functools.partial(describe_param, p, group, gi, position)
                 if g.layout != torch.strided:
-                    raise RuntimeError(f"{where} has a sparse gradient ({g.layout}); ESGD-M supports dense gradients only")
+                    raise RuntimeError(f"{where()} has a sparse gradient ({g.layout}); ESGD-M supports dense gradients only")
                 if _is_dtensor(p):
                     raise NotImplementedError(
-                        f"{where} is a DTensor: ESGD-M does not support sharded (FSDP2 / DTensor) parameters yet"
+                        f"{where()} is a DTensor: ESGD-M does not support sharded (FSDP2 / DTensor) parameters yet"
                     )
                 if hvp_step and g.grad_fn is None:
                     raise RuntimeError(
-                        f"{where}: its gradient has no autograd graph, but this step computes a Hessian-vector "
+                        f"{where()}: its gradient has no autograd graph, but this step computes a Hessian-vector "
                         "product. Call loss.backward(create_graph=opt.should_create_graph()) (create_graph=True "
                         "on this step). Gradient accumulation is not supported on such steps: every backward "
                         "that contributes to the gradient needs create_graph=True. (A parameter the loss depends "

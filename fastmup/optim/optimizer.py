@@ -10,6 +10,7 @@ factors are per-tensor multipliers computed once from ``p.infshape``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -31,13 +32,16 @@ except ImportError:  # torch without distributed support
 
 __all__ = ["MuOptimizer"]
 
+_GRAD = operator.attrgetter("grad")
+
 
 @dataclass(eq=False)
 class _PlanKey:
     group_keys: list
     params: list
     grads: list
-    slots: list
+    slot_dicts: list  # state[p] for every (p, key) slot of the plan
+    slot_keys: list
     state_tensors: list
     tensors: list
     ptrs: list
@@ -202,13 +206,18 @@ class MuOptimizer(Optimizer):
         grads = [p.grad for p in params]
         slots = [(self.state[p], k) for b in self._batches for p in b.owners for k in self.state[p]]
         state_tensors = [st[k] for st, k in slots]
-        tensors = params + [g for g in grads if g is not None] + [t for t in state_tensors if isinstance(t, Tensor)]
+        # Addresses of params, grads and per-element state.  The scalar state
+        # (``step``...) are views into the batch's own columns: their identity
+        # (compared by _plan_is_current) says all, and skipping them halves the per-step cost.
+        per_element = [st[k] for st, k in slots if k not in self.scalar_state and isinstance(st[k], Tensor)]
+        tensors = params + [g for g in grads if g is not None] + per_element
         tensors = [local(t) for t in tensors]
         return _PlanKey(
             group_keys=[self._state_keys(g) for g in self.param_groups],
             params=params,
             grads=grads,
-            slots=slots,
+            slot_dicts=[st for st, _ in slots],
+            slot_keys=[k for _, k in slots],
             state_tensors=state_tensors,
             tensors=tensors,
             ptrs=[t.data_ptr() for t in tensors],
@@ -220,11 +229,12 @@ class MuOptimizer(Optimizer):
         a new ``p.data`` or a replaced state buffer all invalidate it)."""
         if [self._state_keys(g) for g in self.param_groups] != key.group_keys:
             return False
-        if not all(map(operator.is_, [p.grad for p in key.params], key.grads)):
+        # map() over C-level callables: this runs every step, over every tensor
+        if not all(map(operator.is_, map(_GRAD, key.params), key.grads)):
             return False
-        if not all(map(operator.is_, [st.get(k) for st, k in key.slots], key.state_tensors)):
+        if not all(map(operator.is_, map(dict.get, key.slot_dicts, key.slot_keys), key.state_tensors)):
             return False
-        return [t.data_ptr() for t in key.tensors] == key.ptrs
+        return list(map(Tensor.data_ptr, key.tensors)) == key.ptrs
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
         return self.state_dtype or p.dtype
@@ -237,21 +247,22 @@ class MuOptimizer(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                where = describe_param(p, group, gi, position)
+                # the message's name is built only on failure: this loop runs every step
+                where = functools.partial(describe_param, p, group, gi, position)
                 if g.layout != torch.strided:
                     raise RuntimeError(
-                        f"{where} has a sparse gradient ({g.layout}); fastmup optimizers support dense gradients only"
+                        f"{where()} has a sparse gradient ({g.layout}); fastmup optimizers support dense gradients only"
                     )
                 if g.shape != p.shape:
-                    raise RuntimeError(f"{where} has a gradient of shape {tuple(g.shape)}")
+                    raise RuntimeError(f"{where()} has a gradient of shape {tuple(g.shape)}")
                 if not p.is_floating_point() or not g.is_floating_point():
-                    raise TypeError(f"{where}: fastmup optimizers need floating-point params and grads, got {p.dtype}/{g.dtype}")
+                    raise TypeError(f"{where()}: fastmup optimizers need floating-point params and grads, got {p.dtype}/{g.dtype}")
                 if g.device != p.device:
-                    raise RuntimeError(f"{where} is on {p.device} but its gradient is on {g.device}")
+                    raise RuntimeError(f"{where()} is on {p.device} but its gradient is on {g.device}")
                 if fused and not (local(p).is_contiguous() and local(g).is_contiguous()):
                     which = "parameter" if not local(p).is_contiguous() else "gradient"
                     raise RuntimeError(
-                        f"{where}: the {which} is not contiguous; backend {self.backend!r} needs contiguous "
+                        f"{where()}: the {which} is not contiguous; backend {self.backend!r} needs contiguous "
                         "tensors (make it contiguous or use backend='eager')"
                     )
 

@@ -200,6 +200,33 @@ def test_plan_is_reused_and_replanned_on_new_tensors():
     assert opt._batches is not first
 
 
+@pytest.mark.parametrize("change", ["param data", "grad storage", "state buffer", "state storage"])
+def test_replanned_when_a_tensor_moves(change):
+    """Whatever moves a tensor the plan addresses invalidates it, and the next
+    step updates the tensors now in place (never a stale address)."""
+    model = build("mlp", 16)
+    opt = MuAdam(model.parameters(), lr=1e-2)
+    train("mlp", model, opt, steps=1)
+    loss_of("mlp", model, MODELS["mlp"][1]()).backward()
+    first = opt._batches
+    w = model.hidden.weight
+    if change == "param data":
+        w.data = w.data.clone()
+    elif change == "grad storage":
+        w.grad.data = w.grad.data.clone()
+    elif change == "state buffer":
+        opt.state[w]["exp_avg"] = opt.state[w]["exp_avg"].clone()
+    else:
+        opt.state[w]["exp_avg_sq"].data = opt.state[w]["exp_avg_sq"].data.clone()
+    before = w.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[w].items()}
+    opt.step()
+    assert opt._batches is not first
+    assert not torch.equal(w, before)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert not torch.equal(opt.state[w][key], state_before[key]), key
+
+
 def test_params_without_grad_are_skipped():
     model = build("mlp", 16)
     opt = MuAdam(model.parameters(), lr=1e-2)
