@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aim to finish the timing within this many seconds by shrinking per-implementation budgets "
                         "(default: none; --quick 150, --smoke 20)")
     p.add_argument("--max-copies", type=int, help="most input sets rotated through while timing (default 16; --smoke 2; at least 2)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time implementations one after the other (default: interleaved, round by round, when memory allows)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter / gradient / state dtype")
     p.add_argument("--threads", default="auto",
@@ -159,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         min_steps=min_steps,
         time_limit_s=args.time_limit if args.time_limit is not None else time_limit,
         cache_bytes=environment.cache_bytes(device),
+        interleave=not args.sequential,
     )
     started = time.perf_counter()
     meta: dict = {
@@ -186,6 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "min_steps": cfg.min_steps,
         "time_limit_s": cfg.time_limit_s if math.isfinite(cfg.time_limit_s) else None,
         "threads": torch.get_num_threads(),
+        "interleave": cfg.interleave,
     }
     report.print_header(meta)
     sys.stdout.flush()
@@ -210,6 +214,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes += [o.note for o in optimizers if o.note and o.name in ran_optimizers]
     if any(i.name == "mup" for i in impls):
         notes.append("mup = mup's optimizers as installed (torch's default implementation: for-loop on CPU, foreach on CUDA)")
+    if any(r.get("timing") == "interleaved" for r in results.rows):
+        notes.append(
+            "interleaved timing: a case's implementations step in turn, round by round (order reversed every other "
+            "round); × torch-fused is the median over rounds of torch-fused's time / this implementation's time"
+        )
     notes.append(
         "GB/s = bytes the step must move (read p, g, state; write p, state) / median step time; "
         f"timing rotates through several input sets (n_copies in the JSON); times on {'CUDA events' if gpu else 'time.perf_counter'}"

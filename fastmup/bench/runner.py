@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -23,7 +24,7 @@ from fastmup.bench import models as model_sets
 from fastmup.bench.impls import BASELINE, REFERENCE, Impl
 from fastmup.bench.models import ParamSet, fill_grads, materialize
 from fastmup.bench.optimizers import OptimizerSpec, fastmup_class
-from fastmup.bench.timing import time_steps
+from fastmup.bench.timing import Stats, time_interleaved, time_steps
 
 __all__ = ["Config", "Case", "Instance", "run", "max_rel_err", "step_bytes", "step_once"]
 
@@ -44,6 +45,7 @@ class Config:
     max_copies: int = 16  # input sets rotated through while timing (at least 2)
     cache_bytes: int = 32 << 20  # last-level cache size; rotated sets total ≥ 4× this
     seed: int = 0
+    interleave: bool = True  # time a case's implementations round by round (see _time_case)
 
     def rotation_bytes(self) -> int:
         """How much memory the rotated input sets should span: 4× the
@@ -318,60 +320,114 @@ def run(
                     done(f"{model} {opt.name} {impl.name}")
                 case.close()
                 continue
-            case_rows = []
-            for impl in impls:
-                done(f"{model} {opt.name} {impl.name}")
-                reason = impl.unavailable(opt, cfg.device)
-                if reason is not None:
-                    out.skip(model, opt.name, impl.name, reason)
-                    continue
-                instance = None
-                t0 = time.perf_counter()
-                try:
-                    instance = case.instantiate(impl, n_copies)
-                    err = instance.check()
-                    t1 = time.perf_counter()
-                    stats = time_steps(
-                        instance.steps(), cfg.device, warmup=cfg.warmup, repeats=cfg.steps,
-                        budget_s=budget(), min_repeats=min(cfg.min_steps, cfg.steps),
-                    )
-                except NotImplementedError as e:
-                    out.skip(model, opt.name, impl.name, f"not implemented: {e}")
-                    continue
-                except Exception as e:  # noqa: BLE001 - reported, the run goes on
-                    out.skip(model, opt.name, impl.name, f"failed: {type(e).__name__}: {e}")
-                    continue
-                finally:
-                    if instance is not None:
-                        instance.close()
-                t2 = time.perf_counter()
-                gbps = case.bytes_per_step / (stats.median * 1e-3) / 1e9
-                case_rows.append(
-                    {
-                        "model": model,
-                        "optimizer": opt.name,
-                        "impl": impl.name,
-                        "n_params": pset.n_params,
-                        "n_tensors": pset.n_tensors,
-                        "ms_median": stats.median,
-                        "ms_min": stats.min,
-                        "ms_max": stats.max,
-                        "GBps": gbps,
-                        "pct_of_copy_bw": 100.0 * gbps / copy_bw_GBps if copy_bw_GBps else None,
-                        "speedup_vs_torch_fused": None,
-                        "max_rel_err_vs_eager": err,
-                        "steps_timed": stats.n,
-                        "n_copies": n_copies,
-                        "bytes_per_step": case.bytes_per_step,
-                        "dtype": str(cfg.dtype).replace("torch.", ""),
-                        "setup_check_s": t1 - t0,  # building the input sets + the checked steps
-                        "timing_s": t2 - t1,  # warm-up + timed steps
-                    }
-                )
-            baseline = next((r for r in case_rows if r["impl"] == BASELINE), None)
-            for r in case_rows:
-                if baseline is not None:
-                    r["speedup_vs_torch_fused"] = baseline["ms_median"] / r["ms_median"]
+            case_rows = _time_case(case, impls, n_copies, budget, done, out, copy_bw_GBps, free_bytes)
             out.rows += case_rows
             case.close()
     return out
+
+
+def _row(case: Case, impl: Impl, stats: Stats, err: float, n_copies: int, copy_bw_GBps: float,
+         setup_s: float, timing_s: float, timing: str) -> dict:
+    pset, cfg = case.pset, case.cfg
+    gbps = case.bytes_per_step / (stats.median * 1e-3) / 1e9
+    return {
+        "model": pset.name,
+        "optimizer": case.opt.name,
+        "impl": impl.name,
+        "n_params": pset.n_params,
+        "n_tensors": pset.n_tensors,
+        "ms_median": stats.median,
+        "ms_min": stats.min,
+        "ms_max": stats.max,
+        "GBps": gbps,
+        "pct_of_copy_bw": 100.0 * gbps / copy_bw_GBps if copy_bw_GBps else None,
+        "speedup_vs_torch_fused": None,
+        "max_rel_err_vs_eager": err,
+        "steps_timed": stats.n,
+        "ms_samples": list(stats.samples),  # in timing order (interleaved: one per round)
+        "n_copies": n_copies,
+        "bytes_per_step": case.bytes_per_step,
+        "dtype": str(cfg.dtype).replace("torch.", ""),
+        "timing": timing,
+        "setup_check_s": setup_s,  # building the input sets + the checked steps
+        "timing_s": timing_s,  # warm-up + timed steps
+    }
+
+
+def _time_case(case: Case, impls: Sequence[Impl], n_copies: int, budget: Callable[[], float],
+               done: Callable[[str], None], out: "Results", copy_bw_GBps: float,
+               free_bytes: Callable[[], int]) -> list[dict]:
+    """Check and time every implementation of one case.
+
+    With ``cfg.interleave`` (and memory for every implementation's input
+    sets at once) the implementations are timed together, round by round
+    (:func:`time_interleaved`), and each row's ``speedup_vs_torch_fused`` is
+    the median over rounds of the per-round ratio; otherwise one after the
+    other, and the ratio is of the medians."""
+    cfg = case.cfg
+    label = f"{case.pset.name} {case.opt.name}"
+    ready: list[tuple[Impl, Instance, float, float]] = []  # impl, instance, error, setup seconds
+    rows: list[dict] = []
+    sequential = not cfg.interleave
+    if not sequential:
+        usable = [i for i in impls if i.unavailable(case.opt, cfg.device) is None]
+        need = len(usable) * n_copies * case.copy_bytes()
+        sequential = need > (free_bytes() - case.peak_bytes(0)) * MEMORY_HEADROOM
+    try:
+        for impl in impls:
+            done(f"{label} {impl.name}")
+            reason = impl.unavailable(case.opt, cfg.device)
+            if reason is not None:
+                out.skip(case.pset.name, case.opt.name, impl.name, reason)
+                continue
+            instance = None
+            t0 = time.perf_counter()
+            try:
+                instance = case.instantiate(impl, n_copies)
+                err = instance.check()
+                t1 = time.perf_counter()
+                if sequential:
+                    stats = time_steps(instance.steps(), cfg.device, warmup=cfg.warmup, repeats=cfg.steps,
+                                       budget_s=budget(), min_repeats=min(cfg.min_steps, cfg.steps))
+                    rows.append(_row(case, impl, stats, err, n_copies, copy_bw_GBps, t1 - t0,
+                                     time.perf_counter() - t1, "sequential"))
+                else:
+                    ready.append((impl, instance, err, t1 - t0))
+                    instance = None  # kept for the interleaved timing
+            except NotImplementedError as e:
+                out.skip(case.pset.name, case.opt.name, impl.name, f"not implemented: {e}")
+            except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                out.skip(case.pset.name, case.opt.name, impl.name, f"failed: {type(e).__name__}: {e}")
+            finally:
+                if instance is not None:
+                    instance.close()
+        if sequential:
+            baseline = next((r for r in rows if r["impl"] == BASELINE), None)
+            for r in rows:
+                if baseline is not None:
+                    r["speedup_vs_torch_fused"] = baseline["ms_median"] / r["ms_median"]
+            return rows
+        if not ready:
+            return rows
+        t1 = time.perf_counter()
+        try:
+            times = time_interleaved(
+                [inst.steps() for _, inst, _, _ in ready], cfg.device, warmup=cfg.warmup, repeats=cfg.steps,
+                budget_s=budget() * len(ready), min_repeats=min(cfg.min_steps, cfg.steps),
+            )
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            for impl, _, _, _ in ready:
+                out.skip(case.pset.name, case.opt.name, impl.name, f"failed: {type(e).__name__}: {e}")
+            return rows
+        timing_s = time.perf_counter() - t1
+        base = next((ms for (impl, _, _, _), ms in zip(ready, times) if impl.name == BASELINE), None)
+        for (impl, _, err, setup_s), ms in zip(ready, times):
+            row = _row(case, impl, Stats.of(ms), err, n_copies, copy_bw_GBps, setup_s, timing_s / len(ready), "interleaved")
+            if base is not None:
+                row["speedup_vs_torch_fused"] = statistics.median(b / x for b, x in zip(base, ms))
+            rows.append(row)
+        return rows
+    finally:
+        for _, instance, _, _ in ready:
+            instance.close()
+

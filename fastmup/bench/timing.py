@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["Stats", "synchronize", "time_steps", "copy_bandwidth", "inplace_bandwidth"]
+__all__ = ["Stats", "synchronize", "time_steps", "time_interleaved", "copy_bandwidth", "inplace_bandwidth"]
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,11 @@ class Stats:
     min: float
     max: float
     n: int
+    samples: tuple[float, ...] = ()  # every timed step, in order
 
     @classmethod
     def of(cls, ms: Sequence[float]) -> "Stats":
-        return cls(statistics.median(ms), min(ms), max(ms), len(ms))
+        return cls(statistics.median(ms), min(ms), max(ms), len(ms), tuple(ms))
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,6 +80,65 @@ def time_steps(
             if len(ms) >= min_repeats and time.perf_counter() - began > budget_s:
                 break
     return Stats.of(ms)
+
+
+def time_interleaved(
+    steps: Sequence[Sequence[Callable[[], object]]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    budget_s: float = float("inf"),
+    min_repeats: int = 5,
+) -> list[list[float]]:
+    """Time several implementations in rounds: each round steps every
+    implementation once, each on its next input set, forwards on even rounds
+    and backwards on odd ones.
+
+    ``steps[i]`` holds implementation ``i``'s callables (one per input set, as
+    in :func:`time_steps`).  Returns each implementation's step times in ms,
+    round by round, so that ``ms[a][r] / ms[b][r]`` compares two
+    implementations under the same conditions: on a shared machine the memory
+    bandwidth left by other tenants drifts over seconds, which a sequential
+    comparison would credit to whichever implementation ran at the better
+    moment.  ``budget_s`` bounds the whole interleaved timing.
+    """
+    n = len(steps)
+    calls = [0] * n
+
+    def step(i: int) -> None:
+        steps[i][calls[i] % len(steps[i])]()
+        calls[i] += 1
+
+    for i in range(n):
+        for _ in range(max(warmup, len(steps[i]))):
+            step(i)
+    synchronize(device)
+    ms: list[list[float]] = [[] for _ in range(n)]
+    began = time.perf_counter()
+    rounds = 0
+    while rounds < repeats:
+        order = range(n) if rounds % 2 == 0 else range(n - 1, -1, -1)
+        if device.type == "cuda":
+            events = {}
+            for i in order:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(i)
+                end.record()
+                events[i] = (start, end)
+            torch.cuda.synchronize(device)
+            for i in range(n):
+                ms[i].append(events[i][0].elapsed_time(events[i][1]))
+        else:
+            for i in order:
+                t0 = time.perf_counter()
+                step(i)
+                ms[i].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+        if rounds >= min_repeats and time.perf_counter() - began > budget_s:
+            break
+    return ms
 
 
 def _stream_stats(device: torch.device, n: int, repeats: int, op: str) -> Stats:

@@ -4,16 +4,18 @@ reference, the PNG; plus the byte counts and the parameter sets' shapes."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
 
 from fastmup.bench import impls, main, models, optimizers
 from fastmup.bench.runner import step_bytes, step_once
+from fastmup.bench.timing import time_interleaved
 
 ROW_KEYS = {
     "model", "optimizer", "impl", "n_params", "n_tensors", "ms_median", "ms_min", "ms_max", "GBps",
-    "pct_of_copy_bw", "speedup_vs_torch_fused", "max_rel_err_vs_eager",
+    "pct_of_copy_bw", "speedup_vs_torch_fused", "max_rel_err_vs_eager", "timing", "ms_samples", "steps_timed",
 }
 VERSION_KEYS = {"python", "torch", "triton", "fastmup", "mup", "cuda"}
 
@@ -83,8 +85,43 @@ def test_speedup_is_relative_to_torch_fused(smoke_run):
         base = next((r for r in doc["rows"] if (r["model"], r["optimizer"], r["impl"]) == key), None)
         if base is None:  # no torch equivalent (ESGD-M)
             assert row["speedup_vs_torch_fused"] is None
+        elif row["timing"] == "interleaved":  # the median over rounds of the per-round ratio
+            ratios = [b / x for b, x in zip(base["ms_samples"], row["ms_samples"])]
+            assert len(ratios) == row["steps_timed"] == base["steps_timed"]
+            assert row["speedup_vs_torch_fused"] == pytest.approx(statistics.median(ratios))
         else:
             assert row["speedup_vs_torch_fused"] == pytest.approx(base["ms_median"] / row["ms_median"])
+
+
+def test_interleaved_by_default_and_sequential_on_request(smoke_run, tmp_path):
+    _, doc, _ = smoke_run
+    assert doc["config"]["interleave"] is True
+    assert {r["timing"] for r in doc["rows"]} == {"interleaved"}
+    path = tmp_path / "seq.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--smoke", "--device", "cpu", "--threads", "1", "--no-progress", "--sequential",
+                   "--models", "small-64", "--optimizers", "sgd", "--impls", "fastmup-eager,torch-fused",
+                   "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    seq = json.loads(path.read_text())
+    assert rc == 0 and seq["config"]["interleave"] is False
+    assert [r["timing"] for r in seq["rows"]] == ["sequential", "sequential"]
+    for row in seq["rows"]:
+        assert len(row["ms_samples"]) == row["steps_timed"]
+        assert statistics.median(row["ms_samples"]) == pytest.approx(row["ms_median"])
+
+
+def test_time_interleaved_alternates_the_order_and_times_every_round():
+    calls = []
+    steps = [[lambda k=k, j=j: calls.append((k, j)) for j in range(2)] for k in range(3)]  # 3 impls x 2 input sets
+    ms = time_interleaved(steps, torch.device("cpu"), warmup=1, repeats=4)
+    assert [len(m) for m in ms] == [4, 4, 4]
+    warm, timed = calls[:6], calls[6:]
+    assert warm == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]  # every input set stepped before timing
+    assert [k for k, _ in timed] == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0]
+    assert [j for k, j in timed if k == 1] == [0, 1, 0, 1]  # each impl rotates through its own input sets
 
 
 def test_plot_is_a_png(smoke_run):
