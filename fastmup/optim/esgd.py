@@ -396,28 +396,31 @@ class MuESGD(MuOptimizer):
         hvp_step = self.should_create_graph()
         params = self._check_grads(hvp_step)
         batches = self._plan() if params else []
-        if batches:
-            self._refresh_rows(batches)
-        hvps_of: Optional[dict] = None
-        if hvp_step and batches:
-            probes_of = {}
-            for batch in batches:
-                probes = draw_probes(batch, self.probe_seed, self.probe_counter, backend=self.backend)
-                probes_of.update(zip(map(id, _owners(batch)), probes))
-            with torch.enable_grad():
-                hvps = torch.autograd.grad(
-                    [p.grad for p in params], params, grad_outputs=[probes_of[id(p)] for p in params], allow_unused=True
-                )
-            hvps_of = {id(p): h for p, h in zip(params, hvps)}
-            del probes_of, hvps
-        skip = False
-        if found_inf is not None and self.backend == "eager":
-            skip = bool(found_inf.item())  # the reference may sync; fused paths skip on device
-            found_inf = None
-        if not skip:
-            for batch in batches:
-                hvps = None if hvps_of is None else [hvps_of[id(p)] for p in _owners(batch)]
-                esgd(batch, backend=self.backend, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
+        try:
+            if batches:
+                self._refresh_rows(batches)
+            hvps_of: Optional[dict] = None
+            if hvp_step and batches:
+                probes_of = {}
+                for batch in batches:
+                    probes = draw_probes(batch, self.probe_seed, self.probe_counter, backend=self.backend)
+                    probes_of.update(zip(map(id, _owners(batch)), probes))
+                with torch.enable_grad():
+                    hvps = torch.autograd.grad(
+                        [p.grad for p in params], params, grad_outputs=[probes_of[id(p)] for p in params], allow_unused=True
+                    )
+                hvps_of = {id(p): h for p, h in zip(params, hvps)}
+                del probes_of, hvps
+            skip = False
+            if found_inf is not None and self.backend == "eager":
+                skip = bool(found_inf.item())  # the reference may sync; fused paths skip on device
+                found_inf = None
+            if not skip:
+                for batch in batches:
+                    hvps = None if hvps_of is None else [hvps_of[id(p)] for p in _owners(batch)]
+                    esgd(batch, backend=self.backend, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
+        finally:
+            self._release_grads()  # HVP-step grads carry autograd graphs: never keep them
         if hvp_step:
             self.steps_since_d = 0
             self.probe_counter += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -33,18 +34,37 @@ except ImportError:  # torch without distributed support
 __all__ = ["MuOptimizer"]
 
 _GRAD = operator.attrgetter("grad")
+# Fused kernels specialise on 16-byte aligned addresses (vector loads); a new
+# gradient that is not aligned where the last one was needs a new plan.
+_ALIGNMENT = 16
 
 
 @dataclass(eq=False)
 class _PlanKey:
+    """What a plan depends on, recorded when it was built.
+
+    Gradients are held weakly: ``zero_grad(set_to_none=True)`` must free
+    them, as it does with torch's optimizers."""
+
     group_keys: list
     params: list
-    grads: list
+    grad_refs: list  # weakref.ref to each param's grad at the last step (_NO_GRAD for none)
+    grad_meta: list  # (dtype, shape, device) of each grad's local tensor, or None
+    grad_ptrs: list  # their addresses (0: no grad)
     slot_dicts: list  # state[p] for every (p, key) slot of the plan
     slot_keys: list
     state_tensors: list
-    tensors: list
+    tensors: list  # params and per-element state, as the kernels see them
     ptrs: list
+
+
+def _NO_GRAD() -> None:
+    """Stands for the weak reference of an absent gradient."""
+    return None
+
+
+def _grad_ref(g: Optional[Tensor]):
+    return _NO_GRAD if g is None else weakref.ref(g)
 
 
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -203,19 +223,20 @@ class MuOptimizer(Optimizer):
     def _snapshot(self) -> _PlanKey:
         """Record what the plan just built depends on."""
         params = [p for g in self.param_groups for p in g["params"]]
-        grads = [p.grad for p in params]
+        grads = [local(p.grad) for p in params]
         slots = [(self.state[p], k) for b in self._batches for p in b.owners for k in self.state[p]]
         state_tensors = [st[k] for st, k in slots]
-        # Addresses of params, grads and per-element state.  The scalar state
+        # Addresses of params and per-element state.  The scalar state
         # (``step``...) are views into the batch's own columns: their identity
-        # (compared by _plan_is_current) says all, and skipping them halves the per-step cost.
+        # (compared by _structure_is_current) says all.
         per_element = [st[k] for st, k in slots if k not in self.scalar_state and isinstance(st[k], Tensor)]
-        tensors = params + [g for g in grads if g is not None] + per_element
-        tensors = [local(t) for t in tensors]
+        tensors = [local(t) for t in params + per_element]
         return _PlanKey(
             group_keys=[self._state_keys(g) for g in self.param_groups],
             params=params,
-            grads=grads,
+            grad_refs=[_grad_ref(p.grad) for p in params],
+            grad_meta=[None if g is None else (g.dtype, g.shape, g.device) for g in grads],
+            grad_ptrs=[0 if g is None else g.data_ptr() for g in grads],
             slot_dicts=[st for st, _ in slots],
             slot_keys=[k for _, k in slots],
             state_tensors=state_tensors,
@@ -223,18 +244,58 @@ class MuOptimizer(Optimizer):
             ptrs=[t.data_ptr() for t in tensors],
         )
 
-    def _plan_is_current(self, key: _PlanKey) -> bool:
-        """Cheap per-step check: the same grad objects, state objects and
-        addresses as when the plan was built (``zero_grad(set_to_none=True)``,
-        a new ``p.data`` or a replaced state buffer all invalidate it)."""
+    def _structure_is_current(self, key: _PlanKey) -> bool:
+        """Cheap per-step check: the same groups, state objects and param /
+        state addresses as when the plan was built (a new ``p.data`` or a
+        replaced state buffer invalidate it)."""
         if [self._state_keys(g) for g in self.param_groups] != key.group_keys:
             return False
         # map() over C-level callables: this runs every step, over every tensor
-        if not all(map(operator.is_, map(_GRAD, key.params), key.grads)):
-            return False
         if not all(map(operator.is_, map(dict.get, key.slot_dicts, key.slot_keys), key.state_tensors)):
             return False
         return list(map(Tensor.data_ptr, key.tensors)) == key.ptrs
+
+    def _bind_grads(self, key: _PlanKey) -> bool:
+        """Point the plan at this step's gradients.
+
+        The usual loop (``zero_grad(set_to_none=True)``, backward) makes new
+        gradient tensors every step.  When they have the dtype, shape and
+        device of the last ones (and are contiguous, and aligned wherever the
+        last ones were), only the grad row of the batches' pointer tables is
+        rewritten; otherwise (a param gained or lost its gradient, say) the
+        caller rebuilds the plan.
+        """
+        grads = list(map(_GRAD, key.params))
+        locals_ = [None if g is None else local(g) for g in grads]
+        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])):
+            # the same tensors: only their storage may have been swapped
+            if [0 if g is None else g.data_ptr() for g in locals_] == key.grad_ptrs:
+                for batch in self._batches:
+                    batch.grads = [local(p.grad) for p in batch.owners]
+                return True
+        ptrs = []
+        for g, meta, old in zip(locals_, key.grad_meta, key.grad_ptrs):
+            if g is None or meta is None:
+                if g is not meta:  # a gradient appeared or went away
+                    return False
+                ptrs.append(0)
+                continue
+            if g.layout != torch.strided or (g.dtype, g.shape, g.device) != meta or not g.is_contiguous():
+                return False
+            ptr = g.data_ptr()
+            if ptr % _ALIGNMENT and not old % _ALIGNMENT:
+                return False
+            ptrs.append(ptr)
+        key.grad_refs = [_grad_ref(g) for g in grads]
+        key.grad_ptrs = ptrs
+        for batch in self._batches:
+            batch.rebind_grads([local(p.grad) for p in batch.owners])
+        return True
+
+    def _release_grads(self) -> None:
+        """Drop the batches' references to the gradients after a step."""
+        for batch in self._batches:
+            batch.grads = []
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
         return self.state_dtype or p.dtype
@@ -320,7 +381,10 @@ class MuOptimizer(Optimizer):
         return batches
 
     def _plan(self) -> list[TensorBatch]:
-        if self._plan_key is None or not self._plan_is_current(self._plan_key):
+        """The batches of this step, their ``grads`` bound to the current
+        gradients (:meth:`_release_grads` drops them after the step)."""
+        key = self._plan_key
+        if key is None or not self._structure_is_current(key) or not self._bind_grads(key):
             self._plan_key = None
             self._batches = self._build_plan()
             self._plan_key = self._snapshot()
@@ -364,17 +428,20 @@ class MuOptimizer(Optimizer):
         batches = self._plan()
         if not batches:
             return loss
-        self._refresh_rows(batches)
-        if found_inf is not None and self.backend == "eager":
-            # The reference path is allowed a host sync; fused paths skip on device.
-            if bool(found_inf.item()):
-                return loss
-            found_inf = None
-        for batch in batches:
-            batch.steps.add_(1)
-            self._update(batch, grad_scale, found_inf)
-            if found_inf is not None:
-                batch.steps.sub_(found_inf.to(batch.steps.device, torch.float32))
+        try:
+            self._refresh_rows(batches)
+            if found_inf is not None and self.backend == "eager":
+                # The reference path is allowed a host sync; fused paths skip on device.
+                if bool(found_inf.item()):
+                    return loss
+                found_inf = None
+            for batch in batches:
+                batch.steps.add_(1)
+                self._update(batch, grad_scale, found_inf)
+                if found_inf is not None:
+                    batch.steps.sub_(found_inf.to(batch.steps.device, torch.float32))
+        finally:
+            self._release_grads()
         return loss
 
     # ------------------------------------------------------------------

@@ -73,8 +73,7 @@ class TensorBatch:
     _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
     _numels: Tensor | None = field(default=None, repr=False)
     _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
-    _staging: Tensor | None = field(default=None, repr=False)
-    _copied: object = field(default=None, repr=False)
+    _staging: dict[object, tuple[Tensor, object]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -104,20 +103,7 @@ class TensorBatch:
         if self._device_rows is None:
             self._device_rows = torch.empty(self.rows.shape, dtype=torch.float64, device=self.device)
         if self._uploaded is None or not np.array_equal(self._uploaded, self.rows, equal_nan=True):
-            if self.device.type == "cuda":
-                # Pinned staging + an asynchronous copy: no host sync per lr
-                # change.  The staging buffer is reused only once the copy
-                # that read it last has run.
-                if self._staging is None:
-                    self._staging = torch.empty(self.rows.shape, dtype=torch.float64, pin_memory=True)
-                    self._copied = torch.cuda.Event()
-                else:
-                    self._copied.synchronize()
-                self._staging.numpy()[...] = self.rows
-                self._device_rows.copy_(self._staging, non_blocking=True)
-                self._copied.record()
-            else:
-                self._device_rows.copy_(torch.from_numpy(self.rows.copy()))
+            self._upload("rows", self._device_rows, self.rows)
             self._uploaded = self.rows.copy()
         if self.device_lr is not None:
             if self._lr_factors is None:
@@ -148,6 +134,40 @@ class TensorBatch:
             table = host.to(self.device)
             self._pointers[key] = table
         return table
+
+    def rebind_grads(self, grads: Sequence[Tensor]) -> None:
+        """Use ``grads`` from now on: new gradient tensors with the dtype,
+        shape and device of the last ones (the caller checks).
+
+        The grad row of every cached pointer table is rewritten in place, so
+        the backends' cached launch plans, which hold these tables, follow
+        without being rebuilt."""
+        self.grads = list(grads)
+        if not self._pointers:
+            return
+        addresses = np.fromiter((g.data_ptr() for g in self.grads), dtype=np.int64, count=len(self.grads))
+        for key, table in self._pointers.items():
+            if "grad" in key:
+                self._upload(("pointers", key), table[key.index("grad")], addresses)
+
+    def _upload(self, slot: object, dst: Tensor, src: np.ndarray) -> None:
+        """Copy host ``src`` into ``dst`` (same shape) without a host sync.
+
+        On CUDA: through a pinned staging buffer and an asynchronous copy,
+        ordered on the current stream after the launches that read ``dst``
+        before.  Each ``slot`` has its own staging buffer, reused only once
+        the copy that last read it has run."""
+        if dst.device.type != "cuda":
+            dst.copy_(torch.from_numpy(src))
+            return
+        staged = self._staging.get(slot)
+        if staged is None:
+            staged = self._staging[slot] = (torch.empty(src.shape, dtype=dst.dtype, pin_memory=True), torch.cuda.Event())
+        buffer, copied = staged
+        copied.synchronize()  # an unrecorded event returns at once
+        buffer.numpy()[...] = src
+        dst.copy_(buffer, non_blocking=True)
+        copied.record()
 
     def numels(self) -> Tensor:
         """int64 ``[n]`` element counts on the device."""

@@ -74,8 +74,9 @@ def _fsdp_worker(rank: int, names: list) -> None:
                 loss_of(kind, ref, batch).backward()
                 ref_opt.step()
             # the kernels ran on the local shards
-            for b in opt._batches:
-                assert not any(isinstance(t, DTensor) for t in b.params + b.grads)
+            for b in opt._plan():
+                assert b.grads and not any(isinstance(t, DTensor) for t in b.params + b.grads)
+            opt._release_grads()
             for (name, p), q in zip(model.named_parameters(), ref.parameters()):
                 torch.testing.assert_close(
                     p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind}/{opt_name}/{backend} {name}: {m}"

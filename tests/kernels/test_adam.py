@@ -404,8 +404,23 @@ def test_replay_rebuilds_nothing_and_replans_when_needed():
     assert all(b.device_rows() is r for b, r in zip(batches, rows))
     assert any(not torch.equal(r, o) for r, o in zip(rows, old))
     compare_optimizers(opt, ref_opt, list(model.parameters()), list(ref.parameters()), KEYS)
-    # zero_grad(set_to_none=True) + backward: new grad tensors, a new plan.
-    step(3, zero=True)
+    # zero_grad(set_to_none=True) + backward: new grad tensors.  The plans
+    # stay; the grad row of their pointer tables follows the new addresses.
+    for t in (3, 4):
+        step(t, zero=True)
+        assert all(a is b for a, b in zip(opt._batches, batches))
+        assert all(_common._PLANS[b]["adam"] is p for b, p in zip(batches, plans))
+        for b, p in zip(batches, plans):
+            assert p.pointers[1].tolist() == [q.grad.data_ptr() for q in b.owners]
+        compare_optimizers(opt, ref_opt, list(model.parameters()), list(ref.parameters()), KEYS)
+    # a param without a gradient this step: a new plan
+    for o in (opt, ref_opt):
+        o.zero_grad(set_to_none=True)
+    for m in (model, ref):
+        _backward(m, 5)
+        next(m.parameters()).grad = None
+    opt.step()
+    ref_opt.step()
     assert all(a is not b for a, b in zip(opt._batches, batches))
     compare_optimizers(opt, ref_opt, list(model.parameters()), list(ref.parameters()), KEYS)
 

@@ -1,6 +1,8 @@
 """The shared planning layer: errors, state_dict round trips, AMP, plan cache."""
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import fastmup
 from fastmup.infshape import InfDim, InfShape
 from fastmup.optim import MuAdam, MuAdamW, MuSGD
 
-from .conftest import MODELS, assert_same, build, clone, loss_of, max_diff, train
+from .conftest import MODELS, assert_same, available_backends, build, clone, loss_of, max_diff, train
 
 OPTIMIZERS = [
     (MuAdam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
@@ -186,26 +188,72 @@ def test_load_state_dict_mismatch_is_clear():
 # ----------------------------------------------------------------------------
 # plan cache, skipping, AMP, hooks
 # ----------------------------------------------------------------------------
-def test_plan_is_reused_and_replanned_on_new_tensors():
+def _grad_rows(batch):
+    """The grad rows of the pointer tables the backend asked the batch for."""
+    return [table[key.index("grad")].tolist() for key, table in batch._pointers.items() if "grad" in key]
+
+
+needs_cpu_backend = pytest.mark.skipif("cpu" not in available_backends(), reason="the cpu backend cannot be built here")
+
+
+@needs_cpu_backend
+def test_plan_is_reused_and_follows_new_gradients():
     model = build("mlp", 16)
-    opt = MuAdam(model.parameters(), lr=1e-3)
+    opt = MuAdam(model.parameters(), lr=1e-3, backend="cpu")
     train("mlp", model, opt, steps=1)
     first = opt._batches
     loss_of("mlp", model, MODELS["mlp"][1]()).backward()  # accumulates into the same .grad
     opt.step()
     assert opt._batches is first
-    opt.zero_grad(set_to_none=True)  # fresh gradient tensors: a new plan
+    # the usual loop: fresh gradient tensors every step.  The plan stays, its
+    # pointer tables follow the new addresses, and the step uses them.
+    twin = clone(model)
+    ref = MuAdam(twin.parameters(), lr=1e-3, backend="eager")
+    ref.load_state_dict(opt.state_dict())
+    for _ in range(2):
+        batch = MODELS["mlp"][1]()
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad(set_to_none=True)
+            loss_of("mlp", m, batch).backward()
+        opt.step()
+        ref.step()
+        assert opt._batches is first
+        for b in first:
+            rows = _grad_rows(b)
+            assert rows and all(row == [p.grad.data_ptr() for p in b.owners] for row in rows)
+    torch.testing.assert_close(list(model.parameters()), list(twin.parameters()), rtol=1e-6, atol=1e-7)
+    # a param that loses its gradient changes the plan's structure
+    opt.zero_grad(set_to_none=True)
     loss_of("mlp", model, MODELS["mlp"][1]()).backward()
+    model.inp.weight.grad = None
     opt.step()
     assert opt._batches is not first
 
 
-@pytest.mark.parametrize("change", ["param data", "grad storage", "state buffer", "state storage"])
-def test_replanned_when_a_tensor_moves(change):
-    """Whatever moves a tensor the plan addresses invalidates it, and the next
-    step updates the tensors now in place (never a stale address)."""
+def test_zero_grad_frees_the_gradients():
+    """The optimizer keeps no reference to a step's gradients: set_to_none
+    frees them, as with torch's optimizers (no extra gradient memory during
+    the next backward)."""
     model = build("mlp", 16)
-    opt = MuAdam(model.parameters(), lr=1e-2)
+    opt = MuAdam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss_of("mlp", model, MODELS["mlp"][1]()).backward()
+        opt.step()
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("change", ["param data", "grad storage", "state buffer", "state storage"])
+@needs_cpu_backend
+def test_replanned_when_a_tensor_moves(change):
+    """Whatever moves a tensor the plan addresses invalidates it (or, for a
+    gradient, rebinds it), and the next step updates the tensors now in place
+    (never a stale address)."""
+    model = build("mlp", 16)
+    opt = MuAdam(model.parameters(), lr=1e-2, backend="cpu")
     train("mlp", model, opt, steps=1)
     loss_of("mlp", model, MODELS["mlp"][1]()).backward()
     first = opt._batches
@@ -221,7 +269,11 @@ def test_replanned_when_a_tensor_moves(change):
     before = w.detach().clone()
     state_before = {k: v.clone() for k, v in opt.state[w].items()}
     opt.step()
-    assert opt._batches is not first
+    if change == "grad storage":  # the plan stays and follows the new address
+        assert opt._batches is first
+        assert any(w.grad.data_ptr() in row for b in first for row in _grad_rows(b))
+    else:
+        assert opt._batches is not first
     assert not torch.equal(w, before)
     for key in ("exp_avg", "exp_avg_sq"):
         assert not torch.equal(opt.state[w][key], state_before[key]), key
