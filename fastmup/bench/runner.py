@@ -26,7 +26,7 @@ from fastmup.bench.models import ParamSet, fill_grads, materialize
 from fastmup.bench.optimizers import OptimizerSpec, fastmup_class
 from fastmup.bench.timing import Stats, time_interleaved, time_steps
 
-__all__ = ["Config", "Case", "Instance", "run", "max_rel_err", "step_bytes", "step_once"]
+__all__ = ["Config", "Case", "Instance", "Step", "run", "max_rel_err", "step_bytes", "step_once"]
 
 GRAD_SEEDS = (1001, 1002)  # the two gradient sets
 MEMORY_HEADROOM = 0.85  # fraction of free memory a case may plan to use
@@ -208,6 +208,47 @@ class Case:
         _release(self.cfg.device, self.copy_bytes())
 
 
+class Step:
+    """One input set's optimizer step, as a training loop sees it.
+
+    ``prepare()`` (untimed) gives the params the next of the instance's
+    gradient sets: every step sees new gradient tensors, as after
+    ``zero_grad(set_to_none=True)`` and a backward, without allocating any.
+    (The sets have the same shapes; with two or more input sets, consecutive
+    steps of one set never see the same gradient tensors.)"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list, seed: int,
+                 grad_sets: list[list[torch.Tensor]], offset: int, wait: bool) -> None:
+        self.optimizer, self.params, self.seed = optimizer, params, seed
+        self.grad_sets, self.offset, self.wait = grad_sets, offset, wait
+        self.calls = 0
+
+    def prepare(self) -> None:
+        grads = self.grad_sets[(self.offset + self.calls) % len(self.grad_sets)]
+        for p, g in zip(self.params, grads):
+            p.grad = g
+
+    def __call__(self) -> None:
+        step_once(self.optimizer, self.params, self.seed)
+        self.calls += 1
+        if self.wait:
+            torch.cuda.synchronize(self.params[0].device)
+
+
+class _Rotation:
+    """Steps the next input set on each call (for pytest-benchmark)."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps, self.calls = steps, 0
+
+    def prepare(self) -> None:
+        self.steps[self.calls % len(self.steps)].prepare()
+
+    def __call__(self) -> None:
+        self.steps[self.calls % len(self.steps)]()
+        self.calls += 1
+
+
 class Instance:
     """``n_copies`` independent parameter sets, each with its own gradients
     and optimizer of one implementation."""
@@ -228,31 +269,18 @@ class Instance:
         fill_grads(self.copies[0], GRAD_SEEDS[0])
         return err
 
-    def steps(self, sync: bool = False) -> list[Callable[[], None]]:
+    def steps(self, sync: bool = False) -> list["Step"]:
         """One step callable per input set (``sync``: wait for the device, for wall-clock timers)."""
-        device = self.case.cfg.device
-        wait = sync and device.type == "cuda"
+        wait = sync and self.case.cfg.device.type == "cuda"
+        grad_sets = [[p.grad for p in params] for params in self.copies]
+        return [
+            Step(o, ps, GRAD_SEEDS[k % 2], grad_sets, k, wait)
+            for k, (o, ps) in enumerate(zip(self.optimizers, self.copies))
+        ]
 
-        def make(optimizer: torch.optim.Optimizer, params: list, seed: int) -> Callable[[], None]:
-            def step() -> None:
-                step_once(optimizer, params, seed)
-                if wait:
-                    torch.cuda.synchronize(device)
-
-            return step
-
-        return [make(o, ps, GRAD_SEEDS[k % 2]) for k, (o, ps) in enumerate(zip(self.optimizers, self.copies))]
-
-    def rotating_step(self, sync: bool = True) -> Callable[[], None]:
+    def rotating_step(self, sync: bool = True) -> "Step":
         """One callable that steps the next input set on each call."""
-        steps = self.steps(sync=sync)
-        counter = [0]
-
-        def step() -> None:
-            steps[counter[0] % len(steps)]()
-            counter[0] += 1
-
-        return step
+        return _Rotation(self.steps(sync=sync))
 
     def close(self) -> None:
         nbytes = len(self.copies) * self.case.copy_bytes()

@@ -45,12 +45,14 @@ def time_steps(
     input set, so consecutive calls touch different memory).
 
     The first ``max(warmup, len(steps))`` calls are not timed, so every input
-    set has been stepped (state allocated, plan built) before timing.  Timing
+    set has been stepped (state allocated, plan built) before timing.  A
+    step's ``prepare()``, if it has one, runs untimed before it.  Timing
     stops early once ``budget_s`` has passed and ``min_repeats`` were taken.
     """
     k = len(steps)
     call = 0
     for _ in range(max(warmup, k)):
+        _prepare(steps[call % k])
         steps[call % k]()
         call += 1
     synchronize(device)
@@ -63,6 +65,7 @@ def time_steps(
             chunk = min(repeats - len(ms), 10)
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(chunk)]
             for start, end in events:
+                _prepare(steps[call % k])
                 start.record()
                 steps[call % k]()
                 end.record()
@@ -73,6 +76,7 @@ def time_steps(
                 break
     else:
         while len(ms) < repeats:
+            _prepare(steps[call % k])
             t0 = time.perf_counter()
             steps[call % k]()
             ms.append((time.perf_counter() - t0) * 1e3)
@@ -106,12 +110,16 @@ def time_interleaved(
     n = len(steps)
     calls = [0] * n
 
+    def prepare(i: int) -> None:
+        _prepare(steps[i][calls[i] % len(steps[i])])
+
     def step(i: int) -> None:
         steps[i][calls[i] % len(steps[i])]()
         calls[i] += 1
 
     for i in range(n):
         for _ in range(max(warmup, len(steps[i]))):
+            prepare(i)
             step(i)
     synchronize(device)
     ms: list[list[float]] = [[] for _ in range(n)]
@@ -122,6 +130,7 @@ def time_interleaved(
         if device.type == "cuda":
             events = {}
             for i in order:
+                prepare(i)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 step(i)
@@ -132,6 +141,7 @@ def time_interleaved(
                 ms[i].append(events[i][0].elapsed_time(events[i][1]))
         else:
             for i in order:
+                prepare(i)
                 t0 = time.perf_counter()
                 step(i)
                 ms[i].append((time.perf_counter() - t0) * 1e3)
@@ -139,6 +149,13 @@ def time_interleaved(
         if rounds >= min_repeats and time.perf_counter() - began > budget_s:
             break
     return ms
+
+
+def _prepare(step: Callable[[], object]) -> None:
+    """A step's untimed set-up (``step.prepare()``), when it has one."""
+    prepare = getattr(step, "prepare", None)
+    if prepare is not None:
+        prepare()
 
 
 def _stream_stats(device: torch.device, n: int, repeats: int, op: str) -> Stats:

@@ -176,3 +176,25 @@ def test_mup_splitting_sees_several_multipliers():
     assert len({g["lr"] for g in groups}) >= 3  # two matrix multipliers + vectors
     groups = mup.MuSGD(params, impl=lambda g, **kw: torch.optim.SGD(g, **kw), lr=1e-2).param_groups
     assert len({g["lr"] for g in groups}) >= 4
+
+
+def test_every_step_sees_new_gradient_tensors():
+    """As in a training loop (zero_grad(set_to_none=True), backward), each
+    timed step of an input set gets gradient tensors other than its last."""
+    from fastmup.bench.runner import Case, Config
+
+    case = Case(models.get("small-64"), optimizers.get("adam"), Config(device=torch.device("cpu")))
+    case.prepare_reference()
+    instance = case.instantiate(impls.get("fastmup-eager"), 2)
+    try:
+        steps = instance.steps()
+        seen = []
+        for _ in range(3):
+            steps[0].prepare()
+            seen.append(instance.copies[0][0].grad)
+            steps[0]()
+        assert seen[0] is not seen[1] and seen[1] is not seen[2]
+        assert all(g.shape == instance.copies[0][0].shape for g in seen)
+    finally:
+        instance.close()
+        case.close()
