@@ -214,10 +214,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes += [o.note for o in optimizers if o.note and o.name in ran_optimizers]
     if any(i.name == "mup" for i in impls):
         notes.append("mup = mup's optimizers as installed (torch's default implementation: for-loop on CPU, foreach on CUDA)")
+    baselines = {o.label: o.baseline for o in optimizers if o.name in {r["optimizer"] for r in results.rows}}
+    notes.append("× baseline: relative to " + ", ".join(
+        f"{b} ({', '.join(label for label, x in baselines.items() if x == b)})" for b in dict.fromkeys(baselines.values())))
     if any(r.get("timing") == "interleaved" for r in results.rows):
         notes.append(
             "interleaved timing: a case's implementations step in turn, round by round (order reversed every other "
-            "round); × torch-fused is the median over rounds of torch-fused's time / this implementation's time"
+            "round); × baseline is the median over rounds of the baseline's time / this implementation's time"
         )
     notes.append(
         "GB/s = bytes the step must move (read p, g, state; write p, state) / median step time; "

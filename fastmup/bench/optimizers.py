@@ -27,6 +27,7 @@ class OptimizerSpec:
     state_buffers: int = 2  # per-tensor state buffers, for the memory estimate only
     read_only_state: tuple[str, ...] = ()  # state buffers a timed step reads but does not write
     note: str = ""  # shown under the table when this optimizer ran
+    baseline: str = "torch-fused"  # the implementation speed-ups are relative to
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -42,7 +43,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         # then plain steps: the timed step reads p, g, m, d and writes p, m.
         OptimizerSpec("esgd", "μESGD-M", "MuESGD", None, None, None,
                       dict(lr=0.1, betas=(0.9, 0.999), weight_decay=1e-4, d_warmup=1, update_d_every=10**9),
-                      read_only_state=("exp_avg_d",),
+                      read_only_state=("exp_avg_d",), baseline="esgd-per-tensor-torch",
                       note="μESGD-M: timed steps are the plain (non-HVP) steps; the one HVP step per input set "
                            "(grads p·a with a random diagonal 'Hessian' a) is untimed"),
     )

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, TextIO
 __all__ = ["HEADERS", "table_rows", "print_header", "print_table", "print_notes", "write_json", "write_plot"]
 
 HEADERS = ("model", "optimizer", "impl", "tensors", "params", "ms median", "ms min–max",
-           "GB/s", "% copy BW", "× torch-fused", "max rel err")
+           "GB/s", "% copy BW", "× baseline", "max rel err")
 
 
 def _params(n: int) -> str:
@@ -40,7 +40,7 @@ def table_rows(rows: Sequence[dict], labels: Optional[dict[str, str]] = None) ->
     labels = labels or {}
     out = []
     for r in rows:
-        speedup = r.get("speedup_vs_torch_fused")
+        speedup = r.get("speedup_vs_baseline", r.get("speedup_vs_torch_fused"))
         pct = r.get("pct_of_copy_bw")
         out.append([
             r["model"],
@@ -98,7 +98,7 @@ def print_table(rows: Sequence[dict], labels: Optional[dict[str, str]] = None, f
         width = 200 if not (hasattr(file, "isatty") and file.isatty()) else None
         console = Console(file=file, width=width, highlight=False, soft_wrap=False)
         table = Table(title=title, title_justify="left")
-        right = {"tensors", "params", "ms median", "ms min–max", "GB/s", "% copy BW", "× torch-fused", "max rel err"}
+        right = {"tensors", "params", "ms median", "ms min–max", "GB/s", "% copy BW", "× baseline", "max rel err"}
         for h in HEADERS:
             table.add_column(h, justify="right" if h in right else "left", no_wrap=True)
         previous = None
