@@ -56,6 +56,7 @@ class _PlanKey:
     state_tensors: list
     tensors: list  # params and per-element state, as the kernels see them
     ptrs: list
+    sharded: bool  # some param is a DTensor: kernels see local shards
 
 
 def _NO_GRAD() -> None:
@@ -242,6 +243,7 @@ class MuOptimizer(Optimizer):
             state_tensors=state_tensors,
             tensors=tensors,
             ptrs=[t.data_ptr() for t in tensors],
+            sharded=any(local(p) is not p for p in params),
         )
 
     def _structure_is_current(self, key: _PlanKey) -> bool:
@@ -266,12 +268,12 @@ class MuOptimizer(Optimizer):
         caller rebuilds the plan.
         """
         grads = list(map(_GRAD, key.params))
-        locals_ = [None if g is None else local(g) for g in grads]
+        locals_ = [None if g is None else local(g) for g in grads] if key.sharded else grads
         if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])):
             # the same tensors: only their storage may have been swapped
             if [0 if g is None else g.data_ptr() for g in locals_] == key.grad_ptrs:
                 for batch in self._batches:
-                    batch.grads = [local(p.grad) for p in batch.owners]
+                    batch.grads = self._batch_grads(batch, key)
                 return True
         ptrs = []
         for g, meta, old in zip(locals_, key.grad_meta, key.grad_ptrs):
@@ -288,9 +290,16 @@ class MuOptimizer(Optimizer):
             ptrs.append(ptr)
         key.grad_refs = [_grad_ref(g) for g in grads]
         key.grad_ptrs = ptrs
-        for batch in self._batches:
-            batch.rebind_grads([local(p.grad) for p in batch.owners])
+        flat_ptrs = np.asarray(ptrs, dtype=np.int64)
+        for batch in self._batches:  # batch.index: each tensor's place in the flat list
+            batch.rebind_grads(self._batch_grads(batch, key), flat_ptrs[batch.index])
         return True
+
+    @staticmethod
+    def _batch_grads(batch: TensorBatch, key: _PlanKey) -> list[Tensor]:
+        if key.sharded:
+            return [local(p.grad) for p in batch.owners]
+        return list(map(_GRAD, batch.owners))
 
     def _release_grads(self) -> None:
         """Drop the batches' references to the gradients after a step."""

@@ -135,9 +135,10 @@ class TensorBatch:
             self._pointers[key] = table
         return table
 
-    def rebind_grads(self, grads: Sequence[Tensor]) -> None:
+    def rebind_grads(self, grads: Sequence[Tensor], addresses: np.ndarray | None = None) -> None:
         """Use ``grads`` from now on: new gradient tensors with the dtype,
-        shape and device of the last ones (the caller checks).
+        shape and device of the last ones (the caller checks), whose
+        ``data_ptr()`` s are ``addresses`` when given.
 
         The grad row of every cached pointer table is rewritten in place, so
         the backends' cached launch plans, which hold these tables, follow
@@ -145,7 +146,8 @@ class TensorBatch:
         self.grads = list(grads)
         if not self._pointers:
             return
-        addresses = np.fromiter((g.data_ptr() for g in self.grads), dtype=np.int64, count=len(self.grads))
+        if addresses is None:
+            addresses = np.fromiter((g.data_ptr() for g in self.grads), dtype=np.int64, count=len(self.grads))
         for key, table in self._pointers.items():
             if "grad" in key:
                 self._upload(("pointers", key), table[key.index("grad")], addresses)
