@@ -7,6 +7,8 @@
 // back once on store, round-to-nearest-even like torch's `.to(dtype)`.
 #pragma once
 
+#include <type_traits>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -194,5 +196,11 @@ struct OpDefaults {
   static constexpr bool kAdvancesScalars = false;
   FASTMUP_HD static FASTMUP_INLINE void store_advanced(const MultiTensorArgs&, int64_t) {}
 };
+
+// The storage type of state slot 2 of Op: a read-only slot holds an input in
+// the gradient's dtype (ESGD-M's HVP), read as such so that it is never
+// rounded to a narrower state dtype; otherwise it is state like the others.
+template <class Op, class G, class S>
+using Slot2 = typename std::conditional<(Op::kReadOnlyMask & 4) != 0, G, S>::type;
 
 }  // namespace fastmup

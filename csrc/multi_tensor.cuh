@@ -80,16 +80,19 @@ __device__ FASTMUP_INLINE T* tensor_ptr(const int64_t* table, int64_t t, int64_t
 __device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 
 // One block-map entry: n elements of one tensor, by the whole thread block.
-template <class Op, int MASK, class P, class G, class S>
-__device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S* s2,
+// Slots 0 and 1 are state (S); slot 2 is S or, when read only, an input in
+// the gradient's dtype (S2 = Slot2<Op, G, S>, csrc/common.h).
+template <class Op, int MASK, class P, class G, class S, class S2>
+__device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
                                             int64_t n) {
-  constexpr int VEC = VecWidth<P, G, S>::value;
+  constexpr int VEC = VecWidth<P, G, S>::value;  // S2 is G or S: covered
   constexpr int kStored = MASK & ~Op::kReadOnlyMask;  // read-only inputs (ESGD's HVP) are not stored
-  S* st_ptr[kMaxStates] = {s0, s1, s2};
+  S* st_ptr[2] = {s0, s1};
   uintptr_t misaligned = bits_of(p) | bits_of(g);
 #pragma unroll
-  for (int k = 0; k < kMaxStates; ++k)
+  for (int k = 0; k < 2; ++k)
     if (MASK & (1 << k)) misaligned |= bits_of(st_ptr[k]);
+  if (MASK & 4) misaligned |= bits_of(s2);
   int64_t done = 0;
   if ((misaligned & 15u) == 0) {
     const int64_t nvec = n / VEC;
@@ -99,8 +102,9 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
       load_pack<VEC>(p + i, pf);
       load_pack<VEC>(g + i, gf);
 #pragma unroll
-      for (int k = 0; k < kMaxStates; ++k)
+      for (int k = 0; k < 2; ++k)
         if (MASK & (1 << k)) load_pack<VEC>(st_ptr[k] + i, sf[k]);
+      if (MASK & 4) load_pack<VEC>(s2 + i, sf[2]);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         float st[kMaxStates];
@@ -113,8 +117,9 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
       }
       store_pack<VEC>(p + i, pf);
 #pragma unroll
-      for (int k = 0; k < kMaxStates; ++k)
+      for (int k = 0; k < 2; ++k)
         if (kStored & (1 << k)) store_pack<VEC>(st_ptr[k] + i, sf[k]);
+      if constexpr ((kStored & 4) != 0) store_pack<VEC>(s2 + i, sf[2]);
     }
     done = nvec * VEC;
   }
@@ -122,12 +127,14 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
     float pf = to_float(p[i]);
     float st[kMaxStates];
 #pragma unroll
-    for (int k = 0; k < kMaxStates; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
+    for (int k = 0; k < 2; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
+    st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
     Op::template apply<MASK>(s, pf, to_float(g[i]), st);
     p[i] = from_float<P>(pf);
 #pragma unroll
-    for (int k = 0; k < kMaxStates; ++k)
+    for (int k = 0; k < 2; ++k)
       if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
+    if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
   }
 }
 
@@ -170,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTenso
     const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
     S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
     S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
-    S* s2 = tensor_ptr<S>(a.state_ptrs[2], t, start);
+    Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
     // Always divided by grad_scale: memory bound, a GPU does not notice the
     // division, and one variant fewer keeps the build small.
     if (Op::mask(s) == Op::kMaskFull)

@@ -97,7 +97,7 @@ void update_block(const MultiTensorArgs& a, int64_t b, float grad_scale) {
   const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
   S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
-  S* s2 = tensor_ptr<S>(a.state_ptrs[2], t, start);
+  Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
   const bool full = Op::mask(s) == Op::kMaskFull;
   if (grad_scale != 1.0f) {
     if (full)

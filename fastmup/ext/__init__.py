@@ -263,9 +263,9 @@ def _block_map_at_least_one(batch, block: int):
 def _esgd_hvp_pointers(plan: "_Plan", batch, hvps):
     """(address of an int64 [n] table of HVP addresses, keep-alive objects).
 
-    The functor reads the HVP in the state dtype: a param-dtype HVP is
-    converted when that is exact (same dtype, or a float32 state); a lossy
-    conversion (e.g. float32 params with bfloat16 state) is refused."""
+    The functor reads the HVP in the gradient's dtype (csrc/common.h,
+    ``Slot2``): an HVP of another dtype is converted when that is exact (to
+    float32); a lossy conversion is refused."""
     import torch
 
     sig = batch.signature
@@ -274,14 +274,14 @@ def _esgd_hvp_pointers(plan: "_Plan", batch, hvps):
     out = []
     for i, (h, p) in enumerate(zip(hvps, batch.params)):
         if h is None:
-            h = torch.zeros(p.shape, dtype=sig.state_dtype, device=p.device)
-        if h.dtype != sig.state_dtype:
-            if sig.state_dtype != torch.float32 and h.dtype != sig.state_dtype:
+            h = torch.zeros(p.shape, dtype=sig.grad_dtype, device=p.device)
+        if h.dtype != sig.grad_dtype:
+            if sig.grad_dtype != torch.float32:
                 raise NotImplementedError(
-                    f"fastmup esgd backend {batch.device.type!r}: the HVP of tensor #{i} is {h.dtype} and the state "
-                    f"{sig.state_dtype}: converting it would round; use state_dtype=float32 or backend='eager'"
+                    f"fastmup esgd backend {batch.device.type!r}: the HVP of tensor #{i} is {h.dtype} and the "
+                    f"gradient {sig.grad_dtype}: converting it would round; use backend='eager'"
                 )
-            h = h.to(sig.state_dtype)
+            h = h.to(sig.grad_dtype)
         if h.device != p.device or h.numel() != p.numel():
             raise ValueError(f"fastmup esgd: the HVP of tensor #{i} must have the shape of its param, on {p.device}")
         out.append(h.contiguous())

@@ -515,9 +515,10 @@ def esgd(
     if hvps is not None and len(hvps) != len(batch):
         raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
     if backend == "eager" or (backend in ("cpu", "cuda") and hvps is not None and _hvp_would_round(batch)):
-        # The csrc functor reads the HVP in the state dtype; where converting
-        # it would round (e.g. float32 params with bfloat16 state) the HVP
-        # steps of that batch run the reference instead (same results).
+        # The csrc functor reads the HVP in the gradient's dtype; where the
+        # HVP (param dtype) does not convert to it exactly (bfloat16 grads of
+        # float16 params, say) the HVP steps of that batch run the reference
+        # instead (same results).
         _single_tensor_esgd(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
     else:
         if hvps is not None:
@@ -532,7 +533,7 @@ def esgd(
 
 def _hvp_would_round(batch: TensorBatch) -> bool:
     sig = batch.signature
-    return sig.state_dtype != sig.param_dtype and sig.state_dtype != torch.float32
+    return sig.grad_dtype != sig.param_dtype and sig.grad_dtype != torch.float32
 
 
 def _math_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -246,13 +246,13 @@ DTYPES = {
     "bf16": (torch.bfloat16, None),
     "fp16": (torch.float16, None),
     "bf16+fp32state": (torch.bfloat16, torch.float32),
-    "fp32+bf16state": (torch.float32, torch.bfloat16),  # HVP steps: the reference runs (lossy HVP conversion)
+    "fp32+bf16state": (torch.float32, torch.bfloat16),  # the HVP is read in the grads' dtype: no rounding
 }
 
 
 @pytest.mark.parametrize("case", list(GROUP_CASES))
 @pytest.mark.parametrize("mode", list(DTYPES))
-def test_cpu_matches_eager_one_step_at_a_time(cpu_ext, case, mode):
+def test_cpu_matches_eager_one_step_at_a_time(spy, case, mode):
     dtype, state_dtype = DTYPES[mode]
     kw = GROUP_CASES[case]
     seed = 1 + list(GROUP_CASES).index(case)
@@ -268,9 +268,11 @@ def test_cpu_matches_eager_one_step_at_a_time(cpu_ext, case, mode):
     ref, cpu = mk(ref_params, "eager"), mk(cpu_params, "cpu")
     assert cpu.backend == "cpu"
     late = set(range(len(SIZES) - 2, len(SIZES)))
+    hvp_steps = []
     for step in range(8):  # HVP on calls 0, 1, 4, 7
         active = (lambda i: True) if step >= 2 else (lambda i: i not in late)
         hvp = ref.should_create_graph()
+        hvp_steps.append(hvp)
         assert hvp == cpu.should_create_graph()
         for opt, ps in ((ref, ref_params), (cpu, cpu_params)):
             opt.zero_grad(set_to_none=True)
@@ -284,6 +286,8 @@ def test_cpu_matches_eager_one_step_at_a_time(cpu_ext, case, mode):
         check_step(ref, cpu, ref_params, cpu_params, befores, grads, hvps, f"step {step}")
         reset_to_reference(cpu, cpu_params, ref, ref_params)
     assert all(torch.isfinite(p).all() for p in cpu_params)
+    # one fused launch per step (one dtype signature), HVP steps included
+    assert spy["fused"] == hvp_steps == [True, True, False, False, True, False, False, True]
 
 
 def test_found_inf_skips_everything(cpu_ext):
