@@ -7,11 +7,12 @@
 // back once on store, round-to-nearest-even like torch's `.to(dtype)`.
 #pragma once
 
-#include <type_traits>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FASTMUP_HD __host__ __device__
@@ -196,6 +197,38 @@ struct OpDefaults {
   static constexpr bool kAdvancesScalars = false;
   FASTMUP_HD static FASTMUP_INLINE void store_advanced(const MultiTensorArgs&, int64_t) {}
 };
+
+// ---------------------------------------------------------------------------
+// Host side of every launch (host backend and CUDA launcher alike)
+// ---------------------------------------------------------------------------
+// Calls f(T{}) with T the storage type of dtype code `code`.
+template <class F>
+void dispatch_dtype(int code, const char* what, const F& f) {
+  switch (code) {
+    case kFloat32: f(float{}); break;
+    case kBFloat16: f(Bf16{}); break;
+    case kFloat16: f(Fp16{}); break;
+    default: throw std::invalid_argument(std::string("fastmup: unsupported ") + what + " dtype code " + std::to_string(code));
+  }
+}
+
+// Calls f(P{}, G{}, S{}) with the launch's param, grad and state storage types.
+template <class F>
+void dispatch_dtypes(const MultiTensorArgs& a, const F& f) {
+  dispatch_dtype(a.param_dtype, "param", [&](auto p) {
+    dispatch_dtype(a.grad_dtype, "grad", [&](auto g) {
+      dispatch_dtype(a.state_dtype, "state", [&](auto s) { f(p, g, s); });
+    });
+  });
+}
+
+// The hyperparameter table has the columns Op reads.
+template <class Op>
+void check_columns(const MultiTensorArgs& a) {
+  if (a.ncols != Op::kNumCols)
+    throw std::invalid_argument("fastmup: the hyperparameter table has " + std::to_string(a.ncols) + " columns, expected " +
+                                std::to_string(static_cast<int>(Op::kNumCols)));
+}
 
 // The storage type of state slot 2 of Op: a read-only slot holds an input in
 // the gradient's dtype (ESGD-M's HVP), read as such so that it is never

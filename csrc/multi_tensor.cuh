@@ -240,34 +240,16 @@ void launch_typed(const MultiTensorArgs& a, int device, cudaStream_t stream) {
   check(cudaGetLastError(), "kernel launch");
 }
 
-template <class F>
-void dispatch_dtype(int code, const char* what, const F& f) {
-  switch (code) {
-    case kFloat32: f(float{}); break;
-    case kBFloat16: f(Bf16{}); break;
-    case kFloat16: f(Fp16{}); break;
-    default: throw std::invalid_argument(std::string("fastmup: unsupported ") + what + " dtype code " + std::to_string(code));
-  }
-}
-
 // Entry point of one algorithm: checks, device guard, dtype dispatch.
 template <class Op>
 void launch(const MultiTensorArgs& a, int device, uintptr_t stream) {
-  if (a.ncols != Op::kNumCols)
-    throw std::invalid_argument("fastmup: the hyperparameter table has " + std::to_string(a.ncols) + " columns, expected " +
-                                std::to_string(static_cast<int>(Op::kNumCols)));
+  check_columns<Op>(a);
   if (a.nblocks <= 0) return;
   if (Op::kAdvancesScalars && (a.scalar_state[0] == nullptr || a.scalar_state[1] == nullptr || a.scalar_state[2] == nullptr || a.steps_out == nullptr || a.tickets == nullptr))
     throw std::invalid_argument("fastmup: this algorithm needs its scalar state, step and ticket tables");
   DeviceGuard guard(device);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_dtype(a.param_dtype, "param", [&](auto p) {
-    dispatch_dtype(a.grad_dtype, "grad", [&](auto g) {
-      dispatch_dtype(a.state_dtype, "state", [&](auto st) {
-        launch_typed<Op, decltype(p), decltype(g), decltype(st)>(a, device, s);
-      });
-    });
-  });
+  dispatch_dtypes(a, [&](auto p, auto g, auto st) { launch_typed<Op, decltype(p), decltype(g), decltype(st)>(a, device, s); });
 }
 
 }  // namespace cuda

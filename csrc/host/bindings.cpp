@@ -31,7 +31,7 @@ void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_sta
 void cast_from_float(int code, uint64_t src, uint64_t dst, int64_t n) {
   const float* in = address<const float>(src);
   py::gil_scoped_release release;
-  host::dispatch_dtype(code, "storage", [&](auto tag) {
+  fastmup::dispatch_dtype(code, "storage", [&](auto tag) {
     using T = decltype(tag);
     T* out = address<T>(dst);
     for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(in[i]);
@@ -41,7 +41,7 @@ void cast_from_float(int code, uint64_t src, uint64_t dst, int64_t n) {
 void cast_to_float(int code, uint64_t src, uint64_t dst, int64_t n) {
   float* out = address<float>(dst);
   py::gil_scoped_release release;
-  host::dispatch_dtype(code, "storage", [&](auto tag) {
+  fastmup::dispatch_dtype(code, "storage", [&](auto tag) {
     using T = decltype(tag);
     const T* in = address<const T>(src);
     for (int64_t i = 0; i < n; ++i) out[i] = to_float(in[i]);

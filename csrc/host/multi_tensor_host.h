@@ -153,32 +153,13 @@ void run_typed(const MultiTensorArgs& a, int nthreads) {
     for (int64_t t = 0; t < a.ntensors; ++t) Op::store_advanced(a, t);
 }
 
-// Calls f(T{}) with T the storage type of dtype code `code`.
-template <class F>
-void dispatch_dtype(int code, const char* what, const F& f) {
-  switch (code) {
-    case kFloat32: f(float{}); break;
-    case kBFloat16: f(Bf16{}); break;
-    case kFloat16: f(Fp16{}); break;
-    default: throw std::invalid_argument(std::string("fastmup: unsupported ") + what + " dtype code " + std::to_string(code));
-  }
-}
-
 template <class Op>
 void run(const MultiTensorArgs& a, int nthreads) {
-  if (a.ncols != Op::kNumCols)
-    throw std::invalid_argument("fastmup: the hyperparameter table has " + std::to_string(a.ncols) + " columns, expected " +
-                                std::to_string(static_cast<int>(Op::kNumCols)));
+  check_columns<Op>(a);
   if (a.nblocks <= 0 && !Op::kAdvancesScalars) return;
   if (Op::kAdvancesScalars && (a.scalar_state[0] == nullptr || a.scalar_state[1] == nullptr || a.scalar_state[2] == nullptr || a.steps_out == nullptr))
     throw std::invalid_argument("fastmup: this algorithm needs its scalar state and step tables");
-  dispatch_dtype(a.param_dtype, "param", [&](auto p) {
-    dispatch_dtype(a.grad_dtype, "grad", [&](auto g) {
-      dispatch_dtype(a.state_dtype, "state", [&](auto s) {
-        run_typed<Op, decltype(p), decltype(g), decltype(s)>(a, nthreads);
-      });
-    });
-  });
+  dispatch_dtypes(a, [&](auto p, auto g, auto s) { run_typed<Op, decltype(p), decltype(g), decltype(s)>(a, nthreads); });
 }
 
 void adam(const MultiTensorArgs& a, int nthreads);
