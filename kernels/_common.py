@@ -252,3 +252,55 @@ def device_guard(device: torch.device):
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def launch_elementwise(
+    kernel,
+    algorithm: str,
+    batch,
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+    *,
+    columns: Sequence[str],
+    block: int,
+    tile: int,
+    num_warps: int,
+    state: Sequence[str],
+    optional: str,
+    flag: str,
+    has_optional: str,
+) -> None:
+    """Launch a per-element update kernel (Adam, SGD) over ``batch``: one
+    program per block-map entry, the plan (:func:`build_plan`) built on the
+    first call and reused.  The kernels share one signature; ``has_optional``
+    names the constexpr that says whether the ``optional`` buffer exists."""
+    plan = plan_for(batch, algorithm, lambda: build_plan(
+        batch, algorithm, kernel, columns=columns, block=block, state=state, optional=optional, flag=flag,
+    ))
+    if plan.nblocks == 0:
+        return
+    scale, inf = scalar_inputs(batch, grad_scale, found_inf)
+    with device_guard(batch.device):
+        kernel[(plan.nblocks,)](
+            batch.device_rows(),
+            plan.pointers,
+            batch.steps,
+            plan.numels,
+            plan.tensor_of_block,
+            plan.start_of_block,
+            scale,
+            inf,
+            plan.n_tensors,
+            NCOLS=len(columns),
+            PARAM=plan.param,
+            GRAD=plan.grad,
+            STATE=plan.state,
+            HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=plan.aligned,
+            BLOCK=block,
+            TILE=tile,
+            num_warps=num_warps,
+            **{has_optional: plan.has_optional},
+        )
+    LAUNCHES[algorithm] += 1

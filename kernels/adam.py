@@ -183,34 +183,8 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
     write nothing.  Neither is read on the host.  The pointer table, block
     map and dtype checks are built on the first call for a batch and reused.
     """
-    plan = _common.plan_for(batch, "adam", lambda: _common.build_plan(
-        batch, "adam", adam_kernel, columns=COLUMNS, block=BLOCK,
-        state=("exp_avg", "exp_avg_sq"), optional="max_exp_avg_sq", flag="amsgrad",
-    ))
-    if plan.nblocks == 0:
-        return
-    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
-    with _common.device_guard(batch.device):
-        adam_kernel[(plan.nblocks,)](
-            batch.device_rows(),
-            plan.pointers,
-            batch.steps,
-            plan.numels,
-            plan.tensor_of_block,
-            plan.start_of_block,
-            scale,
-            inf,
-            plan.n_tensors,
-            NCOLS=NCOLS,
-            PARAM=plan.param,
-            GRAD=plan.grad,
-            STATE=plan.state,
-            HAS_AMSGRAD=plan.has_optional,
-            HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=plan.aligned,
-            BLOCK=BLOCK,
-            TILE=TILE,
-            num_warps=NUM_WARPS,
-        )
-    _common.LAUNCHES["adam"] += 1
+    _common.launch_elementwise(
+        adam_kernel, "adam", batch, grad_scale, found_inf,
+        columns=COLUMNS, block=BLOCK, tile=TILE, num_warps=NUM_WARPS,
+        state=("exp_avg", "exp_avg_sq"), optional="max_exp_avg_sq", flag="amsgrad", has_optional="HAS_AMSGRAD",
+    )

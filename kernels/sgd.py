@@ -149,34 +149,8 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
     write nothing.  Neither is read on the host.  The pointer table, block
     map and dtype checks are built on the first call for a batch and reused.
     """
-    plan = _common.plan_for(batch, "sgd", lambda: _common.build_plan(
-        batch, "sgd", sgd_kernel, columns=COLUMNS, block=BLOCK,
-        state=(), optional="momentum_buffer", flag="momentum",
-    ))
-    if plan.nblocks == 0:
-        return
-    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
-    with _common.device_guard(batch.device):
-        sgd_kernel[(plan.nblocks,)](
-            batch.device_rows(),
-            plan.pointers,
-            batch.steps,
-            plan.numels,
-            plan.tensor_of_block,
-            plan.start_of_block,
-            scale,
-            inf,
-            plan.n_tensors,
-            NCOLS=NCOLS,
-            PARAM=plan.param,
-            GRAD=plan.grad,
-            STATE=plan.state,
-            HAS_MOMENTUM=plan.has_optional,
-            HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=plan.aligned,
-            BLOCK=BLOCK,
-            TILE=TILE,
-            num_warps=NUM_WARPS,
-        )
-    _common.LAUNCHES["sgd"] += 1
+    _common.launch_elementwise(
+        sgd_kernel, "sgd", batch, grad_scale, found_inf,
+        columns=COLUMNS, block=BLOCK, tile=TILE, num_warps=NUM_WARPS,
+        state=(), optional="momentum_buffer", flag="momentum", has_optional="HAS_MOMENTUM",
+    )
