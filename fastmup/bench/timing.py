@@ -42,48 +42,10 @@ def time_steps(
     min_repeats: int = 5,
 ) -> Stats:
     """Time ``repeats`` calls, rotating through ``steps`` (one callable per
-    input set, so consecutive calls touch different memory).
-
-    The first ``max(warmup, len(steps))`` calls are not timed, so every input
-    set has been stepped (state allocated, plan built) before timing.  A
-    step's ``prepare()``, if it has one, runs untimed before it.  Timing
-    stops early once ``budget_s`` has passed and ``min_repeats`` were taken.
-    """
-    k = len(steps)
-    call = 0
-    for _ in range(max(warmup, k)):
-        _prepare(steps[call % k])
-        steps[call % k]()
-        call += 1
-    synchronize(device)
-    ms: list[float] = []
-    began = time.perf_counter()
-    if device.type == "cuda":
-        # Events in chunks: one sync per chunk keeps the GPU queue full while
-        # letting the wall-clock budget end a slow case.
-        while len(ms) < repeats:
-            chunk = min(repeats - len(ms), 10)
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(chunk)]
-            for start, end in events:
-                _prepare(steps[call % k])
-                start.record()
-                steps[call % k]()
-                end.record()
-                call += 1
-            torch.cuda.synchronize(device)
-            ms += [s.elapsed_time(e) for s, e in events]
-            if len(ms) >= min_repeats and time.perf_counter() - began > budget_s:
-                break
-    else:
-        while len(ms) < repeats:
-            _prepare(steps[call % k])
-            t0 = time.perf_counter()
-            steps[call % k]()
-            ms.append((time.perf_counter() - t0) * 1e3)
-            call += 1
-            if len(ms) >= min_repeats and time.perf_counter() - began > budget_s:
-                break
-    return Stats.of(ms)
+    input set, so consecutive calls touch different memory): one
+    implementation of :func:`time_interleaved`."""
+    return Stats.of(time_interleaved([steps], device, warmup=warmup, repeats=repeats,
+                                     budget_s=budget_s, min_repeats=min_repeats)[0])
 
 
 def time_interleaved(
@@ -99,13 +61,19 @@ def time_interleaved(
     implementation once, each on its next input set, forwards on even rounds
     and backwards on odd ones.
 
-    ``steps[i]`` holds implementation ``i``'s callables (one per input set, as
-    in :func:`time_steps`).  Returns each implementation's step times in ms,
-    round by round, so that ``ms[a][r] / ms[b][r]`` compares two
-    implementations under the same conditions: on a shared machine the memory
-    bandwidth left by other tenants drifts over seconds, which a sequential
-    comparison would credit to whichever implementation ran at the better
-    moment.  ``budget_s`` bounds the whole interleaved timing.
+    ``steps[i]`` holds implementation ``i``'s callables, one per input set,
+    rotated through so that consecutive calls touch different memory.  The
+    first ``max(warmup, len(steps[i]))`` calls of each are not timed, so
+    every input set has been stepped (state allocated, plan built) before
+    timing; a step's ``prepare()``, if it has one, runs untimed before it.
+    Timing stops early once ``budget_s`` has passed and ``min_repeats``
+    rounds were taken.
+
+    Returns each implementation's step times in ms, round by round, so that
+    ``ms[a][r] / ms[b][r]`` compares two implementations under the same
+    conditions: on a shared machine the memory bandwidth left by other
+    tenants drifts over seconds, which a sequential comparison would credit
+    to whichever implementation ran at the better moment.
     """
     n = len(steps)
     calls = [0] * n
@@ -122,30 +90,33 @@ def time_interleaved(
             prepare(i)
             step(i)
     synchronize(device)
+    cuda = device.type == "cuda"
     ms: list[list[float]] = [[] for _ in range(n)]
     began = time.perf_counter()
     rounds = 0
     while rounds < repeats:
-        order = range(n) if rounds % 2 == 0 else range(n - 1, -1, -1)
-        if device.type == "cuda":
-            events = {}
-            for i in order:
+        # On CUDA, events over up to 10 rounds and one sync per chunk: the
+        # GPU queue stays full while the wall-clock budget can end a slow case.
+        chunk = min(repeats - rounds, 10 if cuda else 1)
+        events = []
+        for r in range(rounds, rounds + chunk):
+            for i in range(n) if r % 2 == 0 else range(n - 1, -1, -1):
                 prepare(i)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step(i)
-                end.record()
-                events[i] = (start, end)
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    step(i)
+                    end.record()
+                    events.append((i, start, end))
+                else:
+                    t0 = time.perf_counter()
+                    step(i)
+                    ms[i].append((time.perf_counter() - t0) * 1e3)
+        if cuda:
             torch.cuda.synchronize(device)
-            for i in range(n):
-                ms[i].append(events[i][0].elapsed_time(events[i][1]))
-        else:
-            for i in order:
-                prepare(i)
-                t0 = time.perf_counter()
-                step(i)
-                ms[i].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
+            for i, start, end in events:
+                ms[i].append(start.elapsed_time(end))
+        rounds += chunk
         if rounds >= min_repeats and time.perf_counter() - began > budget_s:
             break
     return ms
