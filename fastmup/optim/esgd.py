@@ -124,7 +124,6 @@ ops in the storage dtype: the unfused baseline for benchmarks.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -134,7 +133,7 @@ from torch import Tensor
 from fastmup.optim import backend as backends
 from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
-from fastmup.optim.optimizer import MuOptimizer, check_betas, check_lr, check_nonnegative, describe_param
+from fastmup.optim.optimizer import MuOptimizer, check_betas, check_lr, check_nonnegative
 from fastmup.optim.table import TensorBatch
 
 __all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "COLUMNS", "VARIANTS"]
@@ -355,29 +354,23 @@ class MuESGD(MuOptimizer):
         """Validate every gradient before anything is mutated; return the
         params that have one, in group order."""
         with_grad = []
-        for gi, group in enumerate(self.param_groups):
-            for position, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                # the message's name is built only on failure: this loop runs every step
-                where = functools.partial(describe_param, p, group, gi, position)
-                if g.layout != torch.strided:
-                    raise RuntimeError(f"{where()} has a sparse gradient ({g.layout}); ESGD-M supports dense gradients only")
-                if _is_dtensor(p):
-                    raise NotImplementedError(
-                        f"{where()} is a DTensor: ESGD-M does not support sharded (FSDP2 / DTensor) parameters yet"
-                    )
-                if hvp_step and g.grad_fn is None:
-                    raise RuntimeError(
-                        f"{where()}: its gradient has no autograd graph, but this step computes a Hessian-vector "
-                        "product. Call loss.backward(create_graph=opt.should_create_graph()) (create_graph=True "
-                        "on this step). Gradient accumulation is not supported on such steps: every backward "
-                        "that contributes to the gradient needs create_graph=True. (A parameter the loss depends "
-                        "on only linearly has a constant gradient with no graph even then: optimise it with "
-                        "another optimizer.)"
-                    )
-                with_grad.append(p)
+        for p, g, where in self._with_grads():
+            if g.layout != torch.strided:
+                raise RuntimeError(f"{where()} has a sparse gradient ({g.layout}); ESGD-M supports dense gradients only")
+            if _is_dtensor(p):
+                raise NotImplementedError(
+                    f"{where()} is a DTensor: ESGD-M does not support sharded (FSDP2 / DTensor) parameters yet"
+                )
+            if hvp_step and g.grad_fn is None:
+                raise RuntimeError(
+                    f"{where()}: its gradient has no autograd graph, but this step computes a Hessian-vector "
+                    "product. Call loss.backward(create_graph=opt.should_create_graph()) (create_graph=True "
+                    "on this step). Gradient accumulation is not supported on such steps: every backward "
+                    "that contributes to the gradient needs create_graph=True. (A parameter the loss depends "
+                    "on only linearly has a constant gradient with no graph even then: optimise it with "
+                    "another optimizer.)"
+                )
+            with_grad.append(p)
         return with_grad
 
     # ------------------------------------------------------------------

@@ -15,7 +15,7 @@ import math
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -309,32 +309,35 @@ class MuOptimizer(Optimizer):
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
         return self.state_dtype or p.dtype
 
+    def _with_grads(self) -> Iterator[tuple[Tensor, Tensor, Callable[[], str]]]:
+        """``(param, grad, where)`` for every param with a gradient, in group
+        order; ``where()`` names the param for an error message (built only
+        on failure: ESGD-M checks every step)."""
+        for gi, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    yield p, p.grad, functools.partial(describe_param, p, group, gi, position)
+
     def _check(self) -> None:
         """Validate every tensor of the next step before anything is mutated."""
         fused = self.backend != "eager"
-        for gi, group in enumerate(self.param_groups):
-            for position, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                # the message's name is built only on failure: this loop runs every step
-                where = functools.partial(describe_param, p, group, gi, position)
-                if g.layout != torch.strided:
-                    raise RuntimeError(
-                        f"{where()} has a sparse gradient ({g.layout}); fastmup optimizers support dense gradients only"
-                    )
-                if g.shape != p.shape:
-                    raise RuntimeError(f"{where()} has a gradient of shape {tuple(g.shape)}")
-                if not p.is_floating_point() or not g.is_floating_point():
-                    raise TypeError(f"{where()}: fastmup optimizers need floating-point params and grads, got {p.dtype}/{g.dtype}")
-                if g.device != p.device:
-                    raise RuntimeError(f"{where()} is on {p.device} but its gradient is on {g.device}")
-                if fused and not (local(p).is_contiguous() and local(g).is_contiguous()):
-                    which = "parameter" if not local(p).is_contiguous() else "gradient"
-                    raise RuntimeError(
-                        f"{where()}: the {which} is not contiguous; backend {self.backend!r} needs contiguous "
-                        "tensors (make it contiguous or use backend='eager')"
-                    )
+        for p, g, where in self._with_grads():
+            if g.layout != torch.strided:
+                raise RuntimeError(
+                    f"{where()} has a sparse gradient ({g.layout}); fastmup optimizers support dense gradients only"
+                )
+            if g.shape != p.shape:
+                raise RuntimeError(f"{where()} has a gradient of shape {tuple(g.shape)}")
+            if not p.is_floating_point() or not g.is_floating_point():
+                raise TypeError(f"{where()}: fastmup optimizers need floating-point params and grads, got {p.dtype}/{g.dtype}")
+            if g.device != p.device:
+                raise RuntimeError(f"{where()} is on {p.device} but its gradient is on {g.device}")
+            if fused and not (local(p).is_contiguous() and local(g).is_contiguous()):
+                which = "parameter" if not local(p).is_contiguous() else "gradient"
+                raise RuntimeError(
+                    f"{where()}: the {which} is not contiguous; backend {self.backend!r} needs contiguous "
+                    "tensors (make it contiguous or use backend='eager')"
+                )
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
         state = self.state[p]
