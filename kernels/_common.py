@@ -183,8 +183,8 @@ def build_plan(batch, algorithm: str, kernel, *, columns: Sequence[str], block: 
         listed = batch.params if name == "param" else batch.grads if name == "grad" else batch.state[name]
         for i, t in enumerate(listed):
             if t is None:
-                if name == optional and flags[i] == 0:
-                    continue
+                if (name == optional and flags[i] == 0) or (name == "grad" and not batch.is_active(i)):
+                    continue  # no such buffer, or no gradient this step (address 0, nothing read)
                 raise ValueError(f"{algorithm} kernel: tensor {i} of the batch has no {name!r} buffer")
             want = {"param": sig.param_dtype, "grad": sig.grad_dtype}.get(name, sig.state_dtype)
             if t.dtype != want or t.shape != batch.params[i].shape or not t.is_contiguous() or t.device != sig.device:

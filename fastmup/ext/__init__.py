@@ -161,7 +161,9 @@ class _Plan:
             if name in batch.state and len(batch.state[name]) != n:
                 raise ValueError(f"fastmup.ext: state {name!r} has {len(batch.state[name])} entries for {n} tensors")
         for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
-            tensors = [("param", p, sig.param_dtype), ("grad", g, sig.grad_dtype)]
+            tensors = [("param", p, sig.param_dtype)]
+            if g is not None:  # None: no gradient this step (address 0, numel 0 in the table)
+                tensors.append(("grad", g, sig.grad_dtype))
             tensors += [
                 (name, batch.state[name][i], sig.state_dtype)
                 for name in spec.states

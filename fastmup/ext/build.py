@@ -34,6 +34,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -491,6 +492,11 @@ def build_extension(kind: str, *, root: Optional[os.PathLike] = None, archs: Opt
             return target  # built by another process meanwhile
         if force and target.exists():
             target.unlink()
+        started = time.monotonic()
+        _say(
+            f"fastmup: building the {kind!r} extension once (about a minute; cached in {build_dir}). "
+            f"To build ahead of time: python -m fastmup.ext build {kind}"
+        )
         log = build_dir / "build.log"
         log.write_text("")
         _write_ninja(recipe, build_dir)
@@ -511,7 +517,14 @@ def build_extension(kind: str, *, root: Optional[os.PathLike] = None, archs: Opt
             os.replace(build_dir / tmp, target)
         if not target.is_file():
             raise BuildError(_failure_message(log, f"no {target.name} was produced"))
+        _say(f"fastmup: built the {kind!r} extension in {time.monotonic() - started:.0f} s")
     return target
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr (a first-step build takes long enough to
+    look like a hang without one)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def built_path(kind: str) -> Optional[Path]:

@@ -23,8 +23,9 @@ from typing import Any, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastmup.optim.optimizer import MuOptimizer, check_betas, check_lr, check_nonnegative
-from fastmup.optim.table import TensorBatch
+from fastmup.optim.checks import check_adam
+from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.table import TensorBatch, math_dtype
 
 __all__ = ["MuAdam", "MuAdamW", "adam"]
 
@@ -40,7 +41,9 @@ class MuAdam(MuOptimizer):
     do not rescale weight decay with width), ``backend``, ``state_dtype``
     (``None``: the param's dtype) and ``param_lr_scales`` (extra per-tensor
     lr factors, e.g. architecture-aware depth scaling, applied in the same
-    fused launch).
+    fused launch).  torch's ``foreach`` and ``fused`` are accepted and kept
+    in the param groups (every backend is one pass over all tensors);
+    ``differentiable=True`` raises ``NotImplementedError``.
     """
 
     family = "adam"
@@ -55,10 +58,13 @@ class MuAdam(MuOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        foreach: Optional[bool] = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         decoupled_wd: bool = False,
-        capturable: bool = False,
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
@@ -70,16 +76,17 @@ class MuAdam(MuOptimizer):
             weight_decay=weight_decay,
             amsgrad=amsgrad,
             maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
             decoupled_wd=decoupled_wd,
-            capturable=capturable,
         )
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
 
     def _validate(self, group: Mapping[str, Any]) -> None:
-        check_lr(group)
-        check_nonnegative(group, "eps", "weight_decay")
-        check_betas(group)
+        check_adam(group)
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return STATE if group["amsgrad"] else STATE[:2]
@@ -98,12 +105,14 @@ class MuAdam(MuOptimizer):
         )
 
     def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        adam(batch, backend=self.backend, grad_scale=grad_scale, found_inf=found_inf)
+        adam(batch, backend=batch.backend, grad_scale=grad_scale, found_inf=found_inf)
 
 
 class MuAdamW(MuAdam):
     """AdamW with μP (decoupled weight decay ``p ← p·(1 - lr·wd)``, with the
-    μP-scaled ``lr`` and ``wd`` of each tensor).  Defaults as ``torch.optim.AdamW``."""
+    μP-scaled ``lr`` and ``wd`` of each tensor).  Defaults as ``torch.optim.AdamW``;
+    every param group decays decoupled, also after loading an Adam state dict
+    (as torch's AdamW)."""
 
     def __init__(
         self,
@@ -114,9 +123,12 @@ class MuAdamW(MuAdam):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
+        foreach: Optional[bool] = None,
         maximize: bool = False,
-        decoupled_wd: bool = False,
         capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_wd: bool = False,
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
@@ -128,14 +140,21 @@ class MuAdamW(MuAdam):
             eps,
             weight_decay,
             amsgrad,
+            foreach=foreach,
             maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
             decoupled_weight_decay=True,
             decoupled_wd=decoupled_wd,
-            capturable=capturable,
             backend=backend,
             state_dtype=state_dtype,
             param_lr_scales=param_lr_scales,
         )
+
+    def _fill_group_defaults(self, group: dict[str, Any]) -> None:
+        super()._fill_group_defaults(group)
+        group["decoupled_weight_decay"] = True
 
 
 def adam(
@@ -159,12 +178,16 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
     exp_avgs, exp_avg_sqs = batch.state["exp_avg"], batch.state["exp_avg_sq"]
     max_exp_avg_sqs = batch.state.get("max_exp_avg_sq", [None] * len(batch))
     for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
+        if g is None:
+            continue  # no gradient this step
         lr, wd, beta1, beta2, eps, amsgrad, maximize, decoupled = batch.rows[i].tolist()
-        # fp32 math on fp32 copies; fp32 tensors are used in place.
-        param, exp_avg, exp_avg_sq = p.float(), exp_avgs[i].float(), exp_avg_sqs[i].float()
-        grad = g.float()
+        # math in fp32 (fp64 for fp64 storage) on copies; tensors already of
+        # that dtype are used in place.
+        dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
+        param, exp_avg, exp_avg_sq = p.to(dtype), exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
+        grad = g.to(dtype)
         if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, torch.float32)
+            grad = grad / grad_scale.to(grad.device, dtype)
         if maximize:
             grad = -grad
         if wd != 0:
@@ -178,7 +201,7 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         if amsgrad:
-            max_sq = max_exp_avg_sqs[i].float()
+            max_sq = max_exp_avg_sqs[i].to(dtype)
             torch.maximum(max_sq, exp_avg_sq, out=max_sq)
             denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             if max_sq is not max_exp_avg_sqs[i]:

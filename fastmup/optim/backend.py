@@ -19,11 +19,44 @@ import functools
 import importlib.util
 import os
 import warnings
-from typing import Iterable
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 
 NAMES = ("auto", "eager", "triton", "cuda", "cpu")
+
+#: the storage dtypes every fused kernel takes (for params, grads and state)
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: backends whose kernels read the hyperparameter table on the device (a
+#: Tensor lr is then computed there, without a host sync)
+DEVICE_TABLE_BACKENDS = ("triton", "cuda")
+
+
+class Refusal(NamedTuple):
+    """Why a fused backend cannot step a tensor, and the error a requested
+    fused backend raises for it."""
+
+    reason: str
+    error: type
+
+
+def fused_refusal(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype) -> Optional[Refusal]:
+    """None when every fused backend can step ``param`` with ``grad``
+    (local tensors) and state of ``state_dtype``; else why not.
+
+    Under ``backend="auto"`` such a tensor runs on the eager reference in the
+    same step; a requested fused backend raises ``Refusal.error``."""
+    for what, dtype in (("param", param.dtype), ("gradient", grad.dtype), ("state", state_dtype)):
+        if dtype not in FUSED_DTYPES:
+            return Refusal(f"{dtype} {what}s: fused kernels take float32, bfloat16 and float16", TypeError)
+    if grad.layout != torch.strided:
+        return Refusal("sparse gradients", RuntimeError)
+    if not param.is_contiguous():
+        return Refusal("non-contiguous params", RuntimeError)
+    if not grad.is_contiguous():
+        return Refusal("non-contiguous gradients", RuntimeError)
+    return None
 
 _warned: set[str] = set()
 

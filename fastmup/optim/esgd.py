@@ -133,8 +133,9 @@ from torch import Tensor
 from fastmup.optim import backend as backends
 from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
-from fastmup.optim.optimizer import MuOptimizer, check_betas, check_lr, check_nonnegative
-from fastmup.optim.table import TensorBatch
+from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
+from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.table import TensorBatch, math_dtype
 
 __all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "COLUMNS", "VARIANTS"]
 
@@ -257,6 +258,9 @@ class MuESGD(MuOptimizer):
     family = "esgd"
     columns = COLUMNS
     scalar_state = SCALAR_STATE
+    # the fused ESGD-M kernels advance every tensor's scalar state: a tensor
+    # without a gradient leaves the plan instead
+    _skips_tensors_without_grad = False
 
     def __init__(
         self,
@@ -305,8 +309,9 @@ class MuESGD(MuOptimizer):
     # ------------------------------------------------------------------
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_lr(group)
-        check_nonnegative(group, "eps", "weight_decay")
+        check_nonnegative(group, "eps", "epsilon value")
         check_betas(group)
+        check_nonnegative(group, "weight_decay", "weight_decay value")
         betas = group["betas"]
         v = group["v"]
         if v is not None and not 0.0 <= float(v) <= 1.0:
@@ -337,7 +342,7 @@ class MuESGD(MuOptimizer):
         )
 
     def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        esgd(batch, backend=self.backend, hvps=None, grad_scale=grad_scale, found_inf=found_inf)
+        esgd(batch, backend=batch.backend, hvps=None, grad_scale=grad_scale, found_inf=found_inf)
 
     # ------------------------------------------------------------------
     # the HVP schedule
@@ -396,7 +401,7 @@ class MuESGD(MuOptimizer):
             if hvp_step and batches:
                 probes_of = {}
                 for batch in batches:
-                    probes = draw_probes(batch, self.probe_seed, self.probe_counter, backend=self.backend)
+                    probes = draw_probes(batch, self.probe_seed, self.probe_counter, backend=batch.backend)
                     probes_of.update(zip(map(id, _owners(batch)), probes))
                 with torch.enable_grad():
                     hvps = torch.autograd.grad(
@@ -404,14 +409,18 @@ class MuESGD(MuOptimizer):
                     )
                 hvps_of = {id(p): h for p, h in zip(params, hvps)}
                 del probes_of, hvps
-            skip = False
-            if found_inf is not None and self.backend == "eager":
-                skip = bool(found_inf.item())  # the reference may sync; fused paths skip on device
-                found_inf = None
-            if not skip:
-                for batch in batches:
-                    hvps = None if hvps_of is None else [hvps_of[id(p)] for p in _owners(batch)]
-                    esgd(batch, backend=self.backend, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
+            eager_skips: Optional[bool] = None
+            for batch in batches:
+                batch_inf = found_inf
+                if found_inf is not None and batch.backend == "eager":
+                    # the reference may sync; fused paths skip on device
+                    if eager_skips is None:
+                        eager_skips = bool(found_inf.item())
+                    if eager_skips:
+                        continue
+                    batch_inf = None
+                hvps = None if hvps_of is None else [hvps_of[id(p)] for p in _owners(batch)]
+                esgd(batch, backend=batch.backend, hvps=hvps, grad_scale=grad_scale, found_inf=batch_inf)
         finally:
             self._release_grads()  # HVP-step grads carry autograd graphs: never keep them
         if hvp_step:
@@ -529,11 +538,6 @@ def _hvp_would_round(batch: TensorBatch) -> bool:
     return sig.grad_dtype != sig.param_dtype and sig.grad_dtype != torch.float32
 
 
-def _math_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float32 math for float32/bf16/fp16 storage, float64 when anything is float64."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def _single_tensor_esgd(
     batch: TensorBatch,
     *,
@@ -565,17 +569,17 @@ def _single_tensor_esgd(
         )
         new["exp_avg_bias_corr"][i], new["exp_avg_d_bias_corr"][i] = s.bc1, s.bc2
         new["lr_warmup_cumprod"][i], new["step"][i] = s.cum, s.step
-        math_dtype = _math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
-        param, grad = p.to(math_dtype), g.to(math_dtype)
-        exp_avg, exp_avg_d = exp_avgs[i].to(math_dtype), exp_avg_ds[i].to(math_dtype)
+        dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
+        param, grad = p.to(dtype), g.to(dtype)
+        exp_avg, exp_avg_d = exp_avgs[i].to(dtype), exp_avg_ds[i].to(dtype)
         if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, math_dtype)
+            grad = grad / grad_scale.to(grad.device, dtype)
         exp_avg.lerp_(grad, s.lerp_m)
         if hvp_step:
             h = hvps[i]
-            hvp = torch.zeros_like(param) if h is None else h.to(math_dtype)
+            hvp = torch.zeros_like(param) if h is None else h.to(dtype)
             if grad_scale is not None:
-                hvp = hvp / grad_scale.to(hvp.device, math_dtype)
+                hvp = hvp / grad_scale.to(hvp.device, dtype)
             if s.is_max:
                 torch.maximum(exp_avg_d.mul_(s.beta2), hvp * hvp, out=exp_avg_d)
             else:

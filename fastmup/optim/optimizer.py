@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
@@ -49,7 +50,8 @@ class _PlanKey:
     group_keys: list
     params: list
     grad_refs: list  # weakref.ref to each param's grad at the last step (_NO_GRAD for none)
-    grad_meta: list  # (dtype, shape, device) of each grad's local tensor, or None
+    grad_meta: list  # (dtype, shape, device, layout) a member's grad must have; None: not in the plan
+    fused: list  # whether a member's batch runs a fused kernel (its grads must be contiguous and aligned)
     grad_ptrs: list  # their addresses (0: no grad)
     slot_dicts: list  # state[p] for every (p, key) slot of the plan
     slot_keys: list
@@ -68,6 +70,11 @@ def _grad_ref(g: Optional[Tensor]):
     return _NO_GRAD if g is None else weakref.ref(g)
 
 
+def _address(g: Optional[Tensor]) -> int:
+    """A gradient's address as the plan records it (0: none, or sparse)."""
+    return 0 if g is None or g.layout != torch.strided else g.data_ptr()
+
+
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
     """The tensor a kernel updates: a DTensor's local shard (FSDP2), else ``t``.
 
@@ -76,34 +83,6 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
     if t is not None and _DTensor is not None and isinstance(t, _DTensor):
         return t.to_local()
     return t
-
-
-def check_lr(group: Mapping[str, Any]) -> None:
-    """``group["lr"]`` is a float or a one-element Tensor, >= 0."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("lr as a Tensor must have one element")
-        lr = float(lr)  # validation only; the step never syncs on it
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate lr={lr}: must be >= 0")
-
-
-def check_nonnegative(group: Mapping[str, Any], *keys: str) -> None:
-    for key in keys:
-        if not 0.0 <= group[key]:
-            raise ValueError(f"Invalid {key}={group[key]}: must be >= 0")
-
-
-def check_betas(group: Mapping[str, Any]) -> None:
-    """Two decay rates, each in [0, 1)."""
-    betas = group["betas"]
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas={betas!r}: expected two values")
-    for i, b in enumerate(betas):
-        b = float(b)
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={b} must be in [0, 1)")
 
 
 def describe_param(p: Tensor, group: Mapping[str, Any], group_index: int, position: int) -> str:
@@ -142,6 +121,8 @@ class MuOptimizer(Optimizer):
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
     ) -> None:
+        # torch's order: the hyperparameters are checked before the params
+        self._validate(defaults)
         if backend not in backends.NAMES:
             raise ValueError(f"backend={backend!r} is not one of {backends.NAMES}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
@@ -155,8 +136,7 @@ class MuOptimizer(Optimizer):
         self._mults: dict[Tensor, tuple[Multiplier, Multiplier]] = {}
         self._requested_backend = backend
         self.state_dtype = state_dtype
-        self._batches: list[TensorBatch] = []
-        self._plan_key: Optional[_PlanKey] = None
+        self._reset_plan()
         super().__init__(params, defaults)
         devices = {p.device for g in self.param_groups for p in g["params"]}
         self.backend = backends.resolve(backend, devices)
@@ -164,6 +144,10 @@ class MuOptimizer(Optimizer):
     # ------------------------------------------------------------------
     # subclass interface
     # ------------------------------------------------------------------
+    #: whether a tensor that has state but no gradient this step keeps its
+    #: place in the plan (skipped in the launch) instead of forcing a re-plan
+    _skips_tensors_without_grad = True
+
     def _validate(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming the bad hyperparameter."""
 
@@ -176,23 +160,56 @@ class MuOptimizer(Optimizer):
     def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         raise NotImplementedError
 
+    def _fill_group_defaults(self, group: dict[str, Any]) -> None:
+        """Complete a param group from an older or foreign state dict (keys
+        added since, such as ``foreach`` or ``decoupled_wd``), as torch's
+        optimizers do in ``__setstate__``."""
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+
+    # ------------------------------------------------------------------
+    # pickling and deepcopy: configuration travels, plan caches are rebuilt
+    # ------------------------------------------------------------------
+    #: attributes that are caches of the plan (rebuilt on the next step)
+    _PLAN_CACHES = ("_batches", "_plan_key", "_backend_ready", "_eager_noted")
+
+    def _reset_plan(self) -> None:
+        self._batches: list[TensorBatch] = []
+        self._plan_key: Optional[_PlanKey] = None
+        self._backend_ready = False
+        self._eager_noted = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # torch keeps defaults, state and param groups; the rest of a fastmup
+        # optimizer's configuration (backend, state dtype, μP multipliers,
+        # subclass settings) travels too.  Hooks are not kept, as in torch.
+        for key, value in self.__dict__.items():
+            if key in state or key in self._PLAN_CACHES or key.startswith("_optimizer_") or key == "_zero_grad_profile_name":
+                continue
+            state[key] = value
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._fill_group_defaults(group)
+        self._reset_plan()
+
     # ------------------------------------------------------------------
     # param groups: μP multipliers are computed when a group is added
     # ------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if params and isinstance(params[0], tuple):  # named_parameters(): validated by torch
-            named = params
-        else:
-            named = None
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        self._validate(merged)
-        if named:
-            merged["param_names"] = [n for n, _ in named]
-        tensors = [p for _, p in named] if named else params
-        mults = self._group_multipliers(tensors, merged, len(self.param_groups))
-        super().add_param_group(param_group)
+        if isinstance(param_group, dict):
+            self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        index = len(self.param_groups)
+        super().add_param_group(param_group)  # torch's checks: types, names, duplicates, overlaps
+        group = self.param_groups[-1]
+        try:
+            mults = self._group_multipliers(group["params"], group, index)
+        except BaseException:
+            self.param_groups.pop()
+            raise
         self._mults.update(mults)
         self._plan_key = None
 
@@ -224,6 +241,7 @@ class MuOptimizer(Optimizer):
     def _snapshot(self) -> _PlanKey:
         """Record what the plan just built depends on."""
         params = [p for g in self.param_groups for p in g["params"]]
+        member_sig = {p: b.signature for b in self._batches for p in b.owners}
         grads = [local(p.grad) for p in params]
         slots = [(self.state[p], k) for b in self._batches for p in b.owners for k in self.state[p]]
         state_tensors = [st[k] for st, k in slots]
@@ -232,12 +250,21 @@ class MuOptimizer(Optimizer):
         # (compared by _structure_is_current) says all.
         per_element = [st[k] for st, k in slots if k not in self.scalar_state and isinstance(st[k], Tensor)]
         tensors = [local(t) for t in params + per_element]
+        meta = []
+        for p in params:
+            sig = member_sig.get(p)
+            if sig is None:
+                meta.append(None)
+            else:
+                layout = p.grad.layout if p.grad is not None else torch.strided
+                meta.append((sig.grad_dtype, local(p).shape, sig.device, layout))
         return _PlanKey(
             group_keys=[self._state_keys(g) for g in self.param_groups],
             params=params,
             grad_refs=[_grad_ref(p.grad) for p in params],
-            grad_meta=[None if g is None else (g.dtype, g.shape, g.device) for g in grads],
-            grad_ptrs=[0 if g is None else g.data_ptr() for g in grads],
+            grad_meta=meta,
+            fused=[p in member_sig and member_sig[p].backend != "eager" for p in params],
+            grad_ptrs=[_address(g) for g in grads],
             slot_dicts=[st for st, _ in slots],
             slot_keys=[k for _, k in slots],
             state_tensors=state_tensors,
@@ -262,41 +289,49 @@ class MuOptimizer(Optimizer):
 
         The usual loop (``zero_grad(set_to_none=True)``, backward) makes new
         gradient tensors every step.  When they have the dtype, shape and
-        device of the last ones (and are contiguous, and aligned wherever the
-        last ones were), only the grad row of the batches' pointer tables is
-        rewritten; otherwise (a param gained or lost its gradient, say) the
-        caller rebuilds the plan.
+        device of the last ones (and, for fused batches, are contiguous and
+        aligned wherever the last ones were), only the grad row of the
+        batches' pointer tables is rewritten.  A member of the plan without a
+        gradient now is skipped in the launch (:meth:`TensorBatch.set_active`).
+        A param outside the plan that has a gradient now, or a gradient of
+        another kind, re-plans (the caller rebuilds).
         """
         grads = list(map(_GRAD, key.params))
         locals_ = [None if g is None else local(g) for g in grads] if key.sharded else grads
-        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])):
+        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])) and not any(g is None for g in grads):
             # the same tensors: only their storage may have been swapped
-            if [0 if g is None else g.data_ptr() for g in locals_] == key.grad_ptrs:
+            if list(map(_address, locals_)) == key.grad_ptrs:
                 for batch in self._batches:
                     batch.grads = self._batch_grads(batch, key)
                 return True
+        skips = self._skips_tensors_without_grad
         ptrs = []
-        for g, meta, old in zip(locals_, key.grad_meta, key.grad_ptrs):
-            if g is None or meta is None:
-                if g is not meta:  # a gradient appeared or went away
+        for g, meta, fused, old in zip(locals_, key.grad_meta, key.fused, key.grad_ptrs):
+            if g is None:
+                if meta is not None and not skips:
                     return False
                 ptrs.append(0)
                 continue
-            if g.layout != torch.strided or (g.dtype, g.shape, g.device) != meta or not g.is_contiguous():
-                return False
-            ptr = g.data_ptr()
-            if ptr % _ALIGNMENT and not old % _ALIGNMENT:
-                return False
-            ptrs.append(ptr)
+            if meta is None or (g.dtype, g.shape, g.device, g.layout) != meta:
+                return False  # a gradient the plan has no place for
+            if fused:
+                if not g.is_contiguous():
+                    return False
+                ptr = g.data_ptr()
+                if ptr % _ALIGNMENT and not old % _ALIGNMENT:
+                    return False
+            ptrs.append(_address(g))
         key.grad_refs = [_grad_ref(g) for g in grads]
         key.grad_ptrs = ptrs
         flat_ptrs = np.asarray(ptrs, dtype=np.int64)
+        has_grad = np.fromiter((g is not None for g in grads), dtype=bool, count=len(grads))
         for batch in self._batches:  # batch.index: each tensor's place in the flat list
             batch.rebind_grads(self._batch_grads(batch, key), flat_ptrs[batch.index])
+            batch.set_active(has_grad[batch.index])
         return True
 
     @staticmethod
-    def _batch_grads(batch: TensorBatch, key: _PlanKey) -> list[Tensor]:
+    def _batch_grads(batch: TensorBatch, key: _PlanKey) -> list[Optional[Tensor]]:
         if key.sharded:
             return [local(p.grad) for p in batch.owners]
         return list(map(_GRAD, batch.owners))
@@ -318,26 +353,38 @@ class MuOptimizer(Optimizer):
                 if p.grad is not None:
                     yield p, p.grad, functools.partial(describe_param, p, group, gi, position)
 
+    #: the algorithm takes sparse gradients on the eager path (torch's SGD does)
+    _sparse_grads = False
+
     def _check(self) -> None:
         """Validate every tensor of the next step before anything is mutated."""
-        fused = self.backend != "eager"
+        explicit_fused = self._requested_backend != "auto" and self.backend != "eager"
         for p, g, where in self._with_grads():
-            if g.layout != torch.strided:
+            if g.layout != torch.strided and (explicit_fused or not self._sparse_grads):
                 raise RuntimeError(
-                    f"{where()} has a sparse gradient ({g.layout}); fastmup optimizers support dense gradients only"
+                    f"{where()} has a sparse gradient ({g.layout}); "
+                    + (
+                        f"backend {self.backend!r} supports dense gradients only (use backend='auto' or 'eager')"
+                        if self._sparse_grads
+                        else f"{type(self).__name__} does not support sparse gradients (as torch's)"
+                    )
                 )
             if g.shape != p.shape:
                 raise RuntimeError(f"{where()} has a gradient of shape {tuple(g.shape)}")
             if not p.is_floating_point() or not g.is_floating_point():
-                raise TypeError(f"{where()}: fastmup optimizers need floating-point params and grads, got {p.dtype}/{g.dtype}")
+                raise TypeError(
+                    f"{where()}: fastmup optimizers need real floating-point params and grads, got {p.dtype}/{g.dtype}"
+                    + (" (complex parameters are not supported: optimize torch.view_as_real(p) instead)" if p.is_complex() else "")
+                )
             if g.device != p.device:
                 raise RuntimeError(f"{where()} is on {p.device} but its gradient is on {g.device}")
-            if fused and not (local(p).is_contiguous() and local(g).is_contiguous()):
-                which = "parameter" if not local(p).is_contiguous() else "gradient"
-                raise RuntimeError(
-                    f"{where()}: the {which} is not contiguous; backend {self.backend!r} needs contiguous "
-                    "tensors (make it contiguous or use backend='eager')"
-                )
+            if explicit_fused:
+                refusal = backends.fused_refusal(local(p), local(g), self._state_dtype_for(p))
+                if refusal is not None:
+                    raise refusal.error(
+                        f"{where()}: backend {self.backend!r} cannot step it ({refusal.reason}); "
+                        "use backend='auto' (which steps such tensors on the eager path) or backend='eager'"
+                    )
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
         state = self.state[p]
@@ -349,17 +396,72 @@ class MuOptimizer(Optimizer):
             if key not in state:
                 state[key] = torch.full((), initial, dtype=dtype, device=p.device)
 
+    def _ensure_backend(self) -> None:
+        """Build the compiled backend before its first step.  Under
+        ``backend="auto"`` a failed build (no working compiler, an unwritable
+        cache directory...) falls back to the eager reference with one
+        warning that says why; a requested backend raises."""
+        if self._backend_ready:
+            return
+        if self.backend in ("cpu", "cuda"):
+            try:
+                from fastmup import ext
+
+                ext.load(self.backend)
+            except Exception as e:  # noqa: BLE001
+                if self._requested_backend != "auto":
+                    raise
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                warnings.warn(
+                    f"fastmup: the {self.backend!r} backend could not be built ({reason}); backend='auto' "
+                    "uses the eager reference instead",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self.backend = "eager"
+        self._backend_ready = True
+
+    def _backend_for(self, p: Tensor, g: Tensor, refused: dict[str, int]) -> str:
+        """The backend of ``p``'s batch: under ``auto``, a tensor the fused
+        backend cannot take runs on the eager path in the same step."""
+        if self.backend == "eager" or self._requested_backend != "auto":
+            return self.backend
+        refusal = backends.fused_refusal(local(p), local(g), self._state_dtype_for(p))
+        if refusal is None:
+            return self.backend
+        refused[refusal.reason] = refused.get(refusal.reason, 0) + 1
+        return "eager"
+
     def _build_plan(self) -> list[TensorBatch]:
         self._check()
+        self._ensure_backend()
+        skips = self._skips_tensors_without_grad
+        previous = {p: b.signature for b in self._batches for p in b.owners} if skips else {}
         members: dict[Signature, list[tuple[int, int, Tensor, dict]]] = {}
+        refused: dict[str, int] = {}
         flat = 0
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is not None:
                     self._init_state(p, group)
-                    sig = Signature(local(p).device, p.dtype, p.grad.dtype, self._state_dtype_for(p))
+                    device = local(p).device
+                    backend = self._backend_for(p, p.grad, refused)
+                    sig = Signature(device, p.dtype, p.grad.dtype, self._state_dtype_for(p), backend)
                     members.setdefault(sig, []).append((flat, gi, p, group))
+                elif p in previous and p in self.state:
+                    # keeps its place: skipped while it has no gradient
+                    self._init_state(p, group)
+                    members.setdefault(previous[p], []).append((flat, gi, p, group))
                 flat += 1
+        if refused and not self._eager_noted:
+            self._eager_noted = True
+            what = ", ".join(f"{n} {why}" for why, n in refused.items())
+            warnings.warn(
+                f"fastmup: backend='auto' steps some tensors on the eager reference path ({what}); "
+                f"the others run on {self.backend!r}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         batches = []
         for sig, entries in members.items():
             params = [p for _, _, p, _ in entries]
@@ -382,6 +484,7 @@ class MuOptimizer(Optimizer):
                 steps=scalars["step"],
                 scalars=scalars,
             )
+            batch.set_active(np.array([p.grad is not None for p in params], dtype=bool))
             batch.group_index = np.array([gi for _, gi, _, _ in entries], dtype=np.int64)
             lr_m = [self._mults[p][0] for p in params]
             wd_m = [self._mults[p][1] for p in params]
@@ -404,26 +507,35 @@ class MuOptimizer(Optimizer):
 
     def _refresh_rows(self, batches: list[TensorBatch]) -> None:
         """Write this step's per-tensor hyperparameters into each batch's rows."""
-        per_group = []
-        lr_tensors = []
-        # A Tensor lr (capturable training) stays on the device: the fused
-        # backends compute that column there, so a step never syncs on it.
-        device_lr = self.backend != "eager" and any(isinstance(g["lr"], Tensor) for g in self.param_groups)
-        for group in self.param_groups:
-            values = self._group_values(group)
-            if device_lr:
-                lr_value = group["lr"]
-                lr_tensors.append(lr_value if isinstance(lr_value, Tensor) else torch.tensor(float(lr_value)))
-                values = {**values, "lr": math.nan}
-            per_group.append([float(values[c]) for c in self.columns])
-        table = np.array(per_group, dtype=np.float64).reshape(len(per_group), len(self.columns))
+        values = [self._group_values(group) for group in self.param_groups]
+        # A Tensor lr (capturable training) stays on the device for the
+        # backends whose kernels read the table there: they compute that
+        # column on the device, so a step never syncs on it.  The host
+        # backends (eager, cpu) read it here.
+        device_lr = [g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.param_groups]
+        tensor_lr = any(lr is not None for lr in device_lr)
+        tables: dict[bool, np.ndarray] = {}
+
+        def table(on_device: bool) -> np.ndarray:
+            if on_device not in tables:
+                rows = [
+                    [math.nan if (c == "lr" and on_device) else float(v[c]) for c in self.columns] for v in values
+                ]
+                tables[on_device] = np.array(rows, dtype=np.float64).reshape(len(values), len(self.columns))
+            return tables[on_device]
+
         lr, wd = self.columns.index("lr"), self.columns.index("weight_decay")
         for batch in batches:
-            rows = table[batch.group_index]
+            on_device = tensor_lr and batch.backend in backends.DEVICE_TABLE_BACKENDS
+            rows = table(on_device)[batch.group_index]
             rows[:, lr] = rows[:, lr] * batch.lr_num / batch.lr_den
             rows[:, wd] = rows[:, wd] * batch.wd_num / batch.wd_den
             batch.rows[...] = rows
-            batch.device_lr = lr_tensors or None
+            batch.device_lr = (
+                [lr_ if lr_ is not None else torch.tensor(float(g["lr"])) for lr_, g in zip(device_lr, self.param_groups)]
+                if on_device
+                else None
+            )
 
     # ------------------------------------------------------------------
     # the step
@@ -442,16 +554,21 @@ class MuOptimizer(Optimizer):
             return loss
         try:
             self._refresh_rows(batches)
-            if found_inf is not None and self.backend == "eager":
-                # The reference path is allowed a host sync; fused paths skip on device.
-                if bool(found_inf.item()):
-                    return loss
-                found_inf = None
+            eager_skips: Optional[bool] = None
             for batch in batches:
-                batch.steps.add_(1)
-                self._update(batch, grad_scale, found_inf)
-                if found_inf is not None:
-                    batch.steps.sub_(found_inf.to(batch.steps.device, torch.float32))
+                batch_inf = found_inf
+                if found_inf is not None and batch.backend == "eager":
+                    # The reference path is allowed a host sync; fused paths skip on device.
+                    if eager_skips is None:
+                        eager_skips = bool(found_inf.item())
+                    if eager_skips:
+                        continue
+                    batch_inf = None
+                batch.advance_steps()
+                if batch.has_work:
+                    self._update(batch, grad_scale, batch_inf)
+                if batch_inf is not None:
+                    batch.retract_steps(batch_inf)
         finally:
             self._release_grads()
         return loss
@@ -486,6 +603,8 @@ class MuOptimizer(Optimizer):
             restored = {}
             for key, value in values.items():
                 if not isinstance(value, Tensor):
+                    if key in self.scalar_state:  # a plain number (older checkpoints): a tensor, as torch does
+                        value = torch.tensor(float(value), dtype=self.scalar_state[key][1], device=p.device)
                     restored[key] = value
                 elif key in self.scalar_state:
                     dtype = self.scalar_state[key][1]
@@ -493,5 +612,4 @@ class MuOptimizer(Optimizer):
                 else:
                     restored[key] = value.detach().to(device=p.device, dtype=self._state_dtype_for(p)).clone()
             self.state[p] = restored
-        self._plan_key = None
-        self._batches = []
+        self._reset_plan()

@@ -19,8 +19,9 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 
-from fastmup.optim.optimizer import MuOptimizer, check_lr, check_nonnegative
-from fastmup.optim.table import TensorBatch
+from fastmup.optim.checks import check_sgd
+from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.table import TensorBatch, math_dtype
 
 __all__ = ["MuSGD", "sgd"]
 
@@ -34,11 +35,16 @@ class MuSGD(MuOptimizer):
     ``decoupled_wd``, ``backend``, ``state_dtype`` and ``param_lr_scales``.
 
     The per-tensor state holds ``momentum_buffer`` (torch's key) and
-    ``step``, which marks whether the buffer has been seeded yet.
+    ``step``, which marks whether the buffer has been seeded yet.  Sparse
+    gradients are taken as torch's SGD takes them (on the eager path: the
+    gradient is densified, the momentum buffer is dense).  torch's
+    ``foreach`` and ``fused`` are accepted and kept in the param groups;
+    ``differentiable=True`` raises ``NotImplementedError``.
     """
 
     family = "sgd"
     columns = COLUMNS
+    _sparse_grads = True
 
     def __init__(
         self,
@@ -50,6 +56,9 @@ class MuSGD(MuOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         decoupled_wd: bool = False,
         capturable: bool = False,
         backend: str = "auto",
@@ -63,16 +72,16 @@ class MuSGD(MuOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
             decoupled_wd=decoupled_wd,
             capturable=capturable,
         )
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
 
     def _validate(self, group: Mapping[str, Any]) -> None:
-        check_lr(group)
-        check_nonnegative(group, "momentum", "weight_decay")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+        check_sgd(group)
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -99,7 +108,7 @@ class MuSGD(MuOptimizer):
         )
 
     def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        sgd(batch, backend=self.backend, grad_scale=grad_scale, found_inf=found_inf)
+        sgd(batch, backend=batch.backend, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def sgd(
@@ -124,16 +133,23 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
     steps = batch.steps.tolist()
     buffers = batch.state.get("momentum_buffer", [None] * len(batch))
     for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
+        if g is None:
+            continue  # no gradient this step
         lr, wd, momentum, dampening, nesterov, maximize = batch.rows[i].tolist()
-        param, grad = p.float(), g.float()
+        if g.layout != torch.strided:
+            g = g.to_dense()
+        # math in fp32 (fp64 for fp64 storage) on copies; tensors already of
+        # that dtype are used in place.
+        dtype = math_dtype(p.dtype, g.dtype, *([] if buffers[i] is None else [buffers[i].dtype]))
+        param, grad = p.to(dtype), g.to(dtype)
         if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, torch.float32)
+            grad = grad / grad_scale.to(grad.device, dtype)
         if maximize:
             grad = -grad
         if wd != 0:
             grad = grad.add(param, alpha=wd)
         if momentum != 0:
-            buf = buffers[i].float()
+            buf = buffers[i].to(dtype)
             if steps[i] == 1:
                 buf.copy_(grad)
             else:

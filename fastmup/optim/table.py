@@ -32,12 +32,13 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Signature:
-    """What one fused launch specialises on."""
+    """What one launch specialises on, and the backend that runs it."""
 
     device: torch.device
     param_dtype: torch.dtype
     grad_dtype: torch.dtype
     state_dtype: torch.dtype
+    backend: str = "eager"
 
 
 @dataclass(eq=False)
@@ -74,6 +75,10 @@ class TensorBatch:
     _numels: Tensor | None = field(default=None, repr=False)
     _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _staging: dict[object, tuple[Tensor, object]] = field(default_factory=dict, repr=False)
+    #: which tensors have a gradient this step (None: all of them); see :meth:`set_active`
+    active: np.ndarray | None = None
+    _step_increment: Tensor | None = field(default=None, repr=False)
+    _has_work: bool | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -81,6 +86,64 @@ class TensorBatch:
     @property
     def device(self) -> torch.device:
         return self.signature.device
+
+    @property
+    def backend(self) -> str:
+        """The backend that steps this batch."""
+        return self.signature.backend
+
+    # ------------------------------------------------------------------
+    # tensors without a gradient this step
+    # ------------------------------------------------------------------
+    def set_active(self, mask: np.ndarray | None) -> None:
+        """Step only the tensors where ``mask`` is True (None: all).
+
+        A tensor without a gradient keeps its place in the batch: its grad
+        address is 0, its entry of :meth:`numels` is 0 (so a kernel's blocks
+        of it load and store nothing) and its step count does not advance.
+        A changed mask costs two small copies, never a new plan."""
+        if mask is not None and mask.all():
+            mask = None
+        if (mask is None and self.active is None) or (
+            mask is not None and self.active is not None and np.array_equal(mask, self.active)
+        ):
+            return
+        self.active = None if mask is None else mask.copy()
+        self._has_work = None
+        if self._numels is not None:
+            self._upload("numels", self._numels, self._active_numels())
+        if self.active is not None:
+            if self._step_increment is None:
+                self._step_increment = torch.empty(len(self), dtype=self.steps.dtype, device=self.device)
+            self._upload("increment", self._step_increment, self.active.astype(np.float32))
+
+    def is_active(self, i: int) -> bool:
+        return self.active is None or bool(self.active[i])
+
+    @property
+    def has_work(self) -> bool:
+        """Whether some tensor stepped now has elements (else a launch would do nothing)."""
+        if self._has_work is None:
+            self._has_work = bool(self._active_numels().any())
+        return self._has_work
+
+    def advance_steps(self) -> None:
+        """Count one more step for every tensor stepped now."""
+        if self.active is None:
+            self.steps.add_(1)
+        else:
+            self.steps.add_(self._step_increment)
+
+    def retract_steps(self, found_inf: Tensor) -> None:
+        """Undo :meth:`advance_steps` where ``found_inf`` is nonzero (on the device: no sync)."""
+        skipped = found_inf.to(self.steps.device, self.steps.dtype)
+        if self.active is not None:
+            skipped = skipped * self._step_increment
+        self.steps.sub_(skipped)
+
+    def _active_numels(self) -> np.ndarray:
+        numel = np.array([p.numel() for p in self.params], dtype=np.int64)
+        return numel if self.active is None else numel * self.active
 
     def col(self, name: str) -> int:
         """Column number of hyperparameter ``name`` in ``rows``."""
@@ -147,7 +210,7 @@ class TensorBatch:
         if not self._pointers:
             return
         if addresses is None:
-            addresses = np.fromiter((g.data_ptr() for g in self.grads), dtype=np.int64, count=len(self.grads))
+            addresses = np.fromiter((0 if g is None else g.data_ptr() for g in self.grads), dtype=np.int64, count=len(self.grads))
         for key, table in self._pointers.items():
             if "grad" in key:
                 self._upload(("pointers", key), table[key.index("grad")], addresses)
@@ -172,9 +235,11 @@ class TensorBatch:
         copied.record()
 
     def numels(self) -> Tensor:
-        """int64 ``[n]`` element counts on the device."""
+        """int64 ``[n]`` element counts on the device, 0 for a tensor that is
+        not stepped now (:meth:`set_active`).  Updated in place: launch plans
+        that hold it follow."""
         if self._numels is None:
-            self._numels = torch.tensor([p.numel() for p in self.params], dtype=torch.int64).to(self.device)
+            self._numels = torch.from_numpy(self._active_numels()).to(self.device)
         return self._numels
 
     def block_map(self, block: int) -> tuple[Tensor, Tensor, int]:
@@ -198,6 +263,13 @@ class TensorBatch:
             )
             self._block_maps[block] = cached
         return cached
+
+
+def math_dtype(*storage: torch.dtype) -> torch.dtype:
+    """The dtype an update computes in for tensors stored in ``storage``:
+    float32 for 16- and 32-bit storage, float64 when any is float64 (as
+    torch.optim, whose float64 results the reference matches bit for bit)."""
+    return torch.float64 if torch.float64 in storage else torch.float32
 
 
 def stack_scalars(values: Sequence[Tensor | float], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
