@@ -26,7 +26,7 @@ setup(
     package_data={"fastmup.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "host/*.h", "host/*.inc", "host/*.cpp"]},
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "pandas", "matplotlib", "tqdm", "rich", "scikit-learn", "pytorch-lightning"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest", "pandas", "matplotlib", "tqdm", "rich", "scikit-learn", "pytorch-lightning"],
         "plot": ["matplotlib", "pandas", "tqdm"],
         "bench": ["rich", "matplotlib", "tqdm", "pytest-benchmark"],
         "ext": ["pybind11", "ninja"],

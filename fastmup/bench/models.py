@@ -29,6 +29,7 @@ __all__ = [
     "get",
     "materialize",
     "fill_grads",
+    "drop_grads",
     "infshape_classes",
 ]
 
@@ -53,6 +54,9 @@ class ParamSet:
     name: str
     description: str
     tensors: tuple[TensorSpec, ...]
+    #: tensors that have no gradient on every other step (a frozen or unused
+    #: branch): the pattern that must not cost a re-plan
+    intermittent: tuple[int, ...] = ()
 
     @property
     def n_params(self) -> int:
@@ -179,6 +183,12 @@ def small_tensors(name: str, n_tensors: int = 500, widths: Sequence[int] = (32, 
     return ParamSet(name, f"{n_tensors} small tensors (widths {'/'.join(map(str, widths))})", tuple(t[:n_tensors]))
 
 
+def intermittent(name: str, n_tensors: int = 150) -> ParamSet:
+    """:func:`small_tensors` where one tensor's gradient goes away every other step."""
+    base = small_tensors(name, n_tensors, widths=(64, 128), base=32)
+    return ParamSet(name, f"{n_tensors} small tensors, one without a gradient every other step", base.tensors, (n_tensors // 2,))
+
+
 MODELS: dict[str, Callable[[], ParamSet]] = {
     # full size
     "gpt2-small": lambda: gpt2("gpt2-small", 12, 768),
@@ -187,6 +197,7 @@ MODELS: dict[str, Callable[[], ParamSet]] = {
     "gpt2-xl": lambda: gpt2("gpt2-xl", 48, 1600),
     "resnet50": lambda: resnet("resnet50"),
     "small-500": lambda: small_tensors("small-500", 500),
+    "intermittent-150": lambda: intermittent("intermittent-150", 150),
     # --quick
     "gpt2-mini": lambda: gpt2("gpt2-mini", 4, 256, vocab=8192, n_ctx=256, base_d=128, base_ffn=256),
     "resnet50-quarter": lambda: resnet("resnet50-quarter", width=16, base_width=8),
@@ -195,8 +206,8 @@ MODELS: dict[str, Callable[[], ParamSet]] = {
     "small-64": lambda: small_tensors("small-64", 64, widths=(16, 32), base=16),
 }
 
-FULL = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "resnet50", "small-500")
-QUICK = ("gpt2-mini", "resnet50-quarter", "small-500")
+FULL = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "resnet50", "small-500", "intermittent-150")
+QUICK = ("gpt2-mini", "resnet50-quarter", "small-500", "intermittent-150")
 SMOKE = ("gpt2-tiny", "small-64")
 
 
@@ -235,6 +246,13 @@ def materialize(pset: ParamSet, device: torch.device | str, dtype: torch.dtype =
         p.infshape = InfShape([InfDim(b, d) for b, d in zip(spec.base, spec.shape)])
         params.append(p)
     return params
+
+
+def drop_grads(pset: ParamSet, params: Sequence[torch.Tensor], step: int) -> None:
+    """On odd steps, the tensors of ``pset.intermittent`` have no gradient."""
+    if step % 2:
+        for i in pset.intermittent:
+            params[i].grad = None
 
 
 def fill_grads(params: Sequence[torch.Tensor], seed: int, scale: float = 1e-2) -> None:

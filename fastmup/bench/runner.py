@@ -22,7 +22,7 @@ from torch import nn
 
 from fastmup.bench import models as model_sets
 from fastmup.bench.impls import BASELINE, REFERENCE, Impl
-from fastmup.bench.models import ParamSet, fill_grads, materialize
+from fastmup.bench.models import ParamSet, drop_grads, fill_grads, materialize
 from fastmup.bench.optimizers import OptimizerSpec, fastmup_class
 from fastmup.bench.timing import Stats, time_interleaved, time_steps
 
@@ -186,6 +186,7 @@ class Case:
     def run_checked_steps(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> None:
         for s in range(self.cfg.check_steps):
             fill_grads(params, GRAD_SEEDS[s % 2])
+            drop_grads(self.pset, params, s)
             step_once(optimizer, params, GRAD_SEEDS[s % 2])
 
     def prepare_reference(self) -> None:
@@ -218,15 +219,18 @@ class Step:
     steps of one set never see the same gradient tensors.)"""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list, seed: int,
-                 grad_sets: list[list[torch.Tensor]], offset: int, wait: bool) -> None:
+                 grad_sets: list[list[torch.Tensor]], offset: int, wait: bool, pset: Optional[ParamSet] = None) -> None:
         self.optimizer, self.params, self.seed = optimizer, params, seed
         self.grad_sets, self.offset, self.wait = grad_sets, offset, wait
+        self.pset = pset
         self.calls = 0
 
     def prepare(self) -> None:
         grads = self.grad_sets[(self.offset + self.calls) % len(self.grad_sets)]
         for p, g in zip(self.params, grads):
             p.grad = g
+        if self.pset is not None:
+            drop_grads(self.pset, self.params, self.calls)
 
     def __call__(self) -> None:
         step_once(self.optimizer, self.params, self.seed)
@@ -274,7 +278,7 @@ class Instance:
         wait = sync and self.case.cfg.device.type == "cuda"
         grad_sets = [[p.grad for p in params] for params in self.copies]
         return [
-            Step(o, ps, GRAD_SEEDS[k % 2], grad_sets, k, wait)
+            Step(o, ps, GRAD_SEEDS[k % 2], grad_sets, k, wait, self.case.pset)
             for k, (o, ps) in enumerate(zip(self.optimizers, self.copies))
         ]
 

@@ -79,6 +79,7 @@ class TensorBatch:
     active: np.ndarray | None = None
     _step_increment: Tensor | None = field(default=None, repr=False)
     _has_work: bool | None = field(default=None, repr=False)
+    _numel_host: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -142,8 +143,9 @@ class TensorBatch:
         self.steps.sub_(skipped)
 
     def _active_numels(self) -> np.ndarray:
-        numel = np.array([p.numel() for p in self.params], dtype=np.int64)
-        return numel if self.active is None else numel * self.active
+        if self._numel_host is None:
+            self._numel_host = np.fromiter((p.numel() for p in self.params), dtype=np.int64, count=len(self.params))
+        return self._numel_host if self.active is None else self._numel_host * self.active
 
     def col(self, name: str) -> int:
         """Column number of hyperparameter ``name`` in ``rows``."""

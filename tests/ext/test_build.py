@@ -83,3 +83,24 @@ def test_cuda_unavailable_without_gpu():
     if not torch.cuda.is_available():
         assert not ext.available("cuda")
     assert not ext.available("tpu")
+
+
+def test_a_build_says_when_it_starts_and_ends(monkeypatch, tmp_path, capsys):
+    """A first-step build takes a minute: one line when it starts (with how to
+    build ahead of time) and one when it is done; a cached module says nothing."""
+    if b.missing_requirements("cpu"):
+        pytest.skip("no compiler/pybind11")
+    monkeypatch.setattr(b, "find_ninja", lambda: None)
+
+    def fake_compile(cmds, cwd, log, parallel):
+        for cmd in cmds:  # each command names its output after -o
+            Path(cwd, cmd[cmd.index("-o") + 1]).write_bytes(b"")
+
+    monkeypatch.setattr(b, "_run_logged", fake_compile)
+    target = b.build_extension("cpu", root=tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert "building the 'cpu' extension" in err[0] and "python -m fastmup.ext build cpu" in err[0]
+    assert err[1].startswith("fastmup: built the 'cpu' extension in")
+    assert b.build_extension("cpu", root=tmp_path) == target
+    assert capsys.readouterr().err == ""

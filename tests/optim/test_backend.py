@@ -43,3 +43,69 @@ def test_unknown_backend_name():
 
     with pytest.raises(ValueError, match="backend='tpu'"):
         MuSGD([], lr=0.1, backend="tpu")
+
+
+# ----------------------------------------------------------------------------
+# a compiled backend that cannot be built: auto falls back, a request raises
+# ----------------------------------------------------------------------------
+_FIRST_STEPS = r"""
+import sys, warnings, torch
+from fastmup.infshape import InfDim, InfShape
+from fastmup.optim import MuAdam
+
+def run(backend):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(33, 7))
+    p.infshape = InfShape([InfDim(None, d) for d in p.shape])
+    opt = MuAdam([p], lr=1e-2, backend=backend)
+    for t in range(3):
+        torch.manual_seed(t)
+        p.grad = torch.randn_like(p)
+        opt.step()
+    return opt, p.detach()
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    opt, auto = run(sys.argv[1])
+_, eager = run("eager")
+print("BACKEND", opt.backend)
+print("EQUAL", bool(torch.equal(auto, eager)))
+print("WARNINGS", len(caught), "|".join(str(w.message) for w in caught))
+"""
+
+
+def _first_steps(tmp_path, backend, **env):
+    import os
+    import subprocess
+    import sys
+
+    from fastmup.ext import build as b
+
+    if b.missing_requirements("cpu"):
+        pytest.skip("no compiler/pybind11: the cpu backend is not chosen here")
+    script = tmp_path / "first_steps.py"
+    script.write_text(_FIRST_STEPS)
+    run_env = {**os.environ, "PYTHONPATH": os.getcwd(), **env}
+    return subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True, env=run_env, timeout=300)
+
+
+@pytest.mark.parametrize("fault", ["compile error", "unwritable cache directory"])
+def test_failed_build_falls_back_to_eager_under_auto(tmp_path, fault):
+    if fault == "compile error":
+        env = dict(FASTMUP_EXT_DIR=str(tmp_path / "cache"), FASTMUP_CXXFLAGS="--fastmup-no-such-flag")
+    else:
+        blocker = tmp_path / "not-a-directory"
+        blocker.write_text("")
+        env = dict(FASTMUP_EXT_DIR=str(blocker / "cache"))
+    result = _first_steps(tmp_path, "auto", **env)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["BACKEND"] == "eager" and lines["EQUAL"] == "True"
+    count, messages = lines["WARNINGS"].split(" ", 1)
+    assert count == "1" and "could not be built" in messages and "eager reference instead" in messages, messages
+
+
+def test_failed_build_raises_for_a_requested_backend(tmp_path):
+    result = _first_steps(tmp_path, "cpu", FASTMUP_EXT_DIR=str(tmp_path / "cache"), FASTMUP_CXXFLAGS="--fastmup-no-such-flag")
+    assert result.returncode != 0
+    assert "BuildError" in result.stderr and "fastmup-no-such-flag" in result.stderr
