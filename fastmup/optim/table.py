@@ -241,7 +241,8 @@ class TensorBatch:
         not stepped now (:meth:`set_active`).  Updated in place: launch plans
         that hold it follow."""
         if self._numels is None:
-            self._numels = torch.from_numpy(self._active_numels()).to(self.device)
+            # a copy: on the host, from_numpy would share memory with the cached counts
+            self._numels = torch.tensor(self._active_numels(), dtype=torch.int64, device=self.device)
         return self._numels
 
     def block_map(self, block: int) -> tuple[Tensor, Tensor, int]:

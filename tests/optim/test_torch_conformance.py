@@ -4,7 +4,7 @@ Driven by torch's own optimizer database (``torch.testing._internal.
 common_optimizers``: the configurations and the error inputs that torch's
 generic optimizer suite runs), for every backend that runs on CPU tensors
 here: ``auto`` (the default), ``eager``, ``cpu`` when the host extension
-builds, and ``triton`` under Triton's interpreter for the numerics.
+builds, and ``triton`` under Triton's interpreter.
 
 At base width every μP multiplier is 1, so the expected numbers are
 torch.optim's.  Tolerances:
@@ -56,9 +56,10 @@ def _triton_interpreted() -> bool:
     return importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-BACKENDS = ["auto"] + available_backends()
+BACKENDS = ["auto"] + available_backends() + (["triton"] if _triton_interpreted() else [])
 FUSED = [b for b in BACKENDS if b not in ("auto", "eager")]
-NUMERIC_BACKENDS = BACKENDS + (["triton"] if _triton_interpreted() else [])
+#: what ``auto`` picks for CPU tensors here
+AUTO_IS_FUSED = "cpu" in BACKENDS
 
 
 # ----------------------------------------------------------------------
@@ -162,14 +163,14 @@ def assert_states_match(mine: torch.optim.Optimizer, theirs: torch.optim.Optimiz
 def exact_for(backend: str, dtype: torch.dtype, kwargs: dict) -> bool:
     if isinstance(kwargs.get("lr"), Tensor) or any(isinstance(b, Tensor) for b in kwargs.get("betas", ())):
         return False
-    return backend == "eager" or (backend == "auto" and (dtype == torch.float64 or not FUSED))
+    return backend == "eager" or (backend == "auto" and (dtype == torch.float64 or not AUTO_IS_FUSED))
 
 
 # ----------------------------------------------------------------------
 # numerics: every configuration of torch's database, float32 and float64
 # ----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_matches_torch(name, backend, dtype):
     """Seven steps (one without gradients) on torch's model plus an empty
@@ -216,14 +217,14 @@ def test_non_contiguous_params(name, backend):
     assert_params_match([mine_params[i] for i in strided], [their_params[i] for i in strided], exact=True)
     assert_params_match(mine_params, their_params, exact=exact_for(backend, torch.float32, {}))
     notices = [w for w in caught if "eager reference path" in str(w.message)]
-    assert len(notices) == (1 if backend == "auto" and FUSED else 0), [str(w.message) for w in caught]
+    assert len(notices) == (1 if backend == "auto" and AUTO_IS_FUSED else 0), [str(w.message) for w in caught]
 
 
 # ----------------------------------------------------------------------
 # learning rate as a Tensor, param-group hyperparameters
 # ----------------------------------------------------------------------
 @pytest.mark.parametrize("num_dim", [0, 1, 2])
-@pytest.mark.parametrize("backend", NUMERIC_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_tensor_lr(name, backend, num_dim):
     """A one-element Tensor lr (0-d, 1-d, 2-d as torch's tests) gives
