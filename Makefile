@@ -21,7 +21,7 @@ $(VENV)/.ready: setup.py
 	$(PY) -c "import sys, torch; sys.exit(tuple(int(x) for x in torch.__version__.split('.')[:2]) < (2, 4))" 2>/dev/null \
 		|| $(PY) -m pip install $(TORCH_PIP)
 	$(PY) -m pip install --no-deps mup==1.0.0
-	$(PY) -m pip install -e ".[test,bench,ext]"
+	$(PY) -m pip install -e ".[test,bench,ext,hf]"
 	touch $@
 
 bench: env

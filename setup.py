@@ -30,6 +30,10 @@ setup(
         "plot": ["matplotlib", "pandas", "tqdm"],
         "bench": ["rich", "matplotlib", "tqdm", "pytest-benchmark"],
         "ext": ["pybind11", "ninja"],
+        # fastmup.integrations.transformers; pinned: the integration relies on
+        # transformers' attention modules, readout accessors and Trainer, and
+        # these versions resolve beside an installed torch without replacing it.
+        "hf": ["transformers==5.24.0", "accelerate==1.15.0"],
     },
     entry_points={"console_scripts": ["fastmup-bench=fastmup.bench:main"]},
 )
