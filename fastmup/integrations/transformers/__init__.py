@@ -8,8 +8,12 @@ Needs the optional extra: ``pip install fastmup[hf]`` (``transformers`` and
   (:func:`width_config`); :func:`convert_to_mup` does it to a model already
   built; :func:`mup_from_pretrained` loads one saved by ``save_pretrained`` or
   a ``Trainer`` checkpoint (the base shapes travel in ``config.json``).
+* :func:`mup_optimizer_and_scheduler`: a fastmup optimizer and the LR
+  schedule that ``TrainingArguments`` describe, for
+  ``Trainer(..., optimizers=(optimizer, scheduler))``.
 
-Model details and what transformers offers no hook for: :mod:`.model`.
+Model details and what transformers offers no hook for: :mod:`.model`;
+the Trainer recipe: :mod:`.trainer`.
 """
 try:
     import transformers as _transformers  # noqa: F401
@@ -28,6 +32,10 @@ from fastmup.integrations.transformers.model import (  # noqa: E402
     mup_record,
     width_config,
 )
+from fastmup.integrations.transformers.trainer import (  # noqa: E402
+    decay_parameter_names,
+    mup_optimizer_and_scheduler,
+)
 
 __all__ = [
     "CONFIG_KEY",
@@ -38,4 +46,6 @@ __all__ = [
     "mup_from_pretrained",
     "mup_record",
     "width_config",
+    "decay_parameter_names",
+    "mup_optimizer_and_scheduler",
 ]
