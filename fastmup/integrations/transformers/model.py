@@ -61,7 +61,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fastmup.infshape import InfShape
 from fastmup.layer import MuReadout, MuSharedReadout
-from fastmup.shape import BaseShapesError, base_shapes_state, make_base_shapes, set_base_shapes
+from fastmup.shape import BaseShapesError, base_shapes_state, make_base_shapes, set_base_shapes, zip_infshapes
 
 __all__ = [
     "CONFIG_KEY",
@@ -282,21 +282,26 @@ def _readout_to_mup(model: PreTrainedModel, output_mult: float) -> MuReadout:
     return readout
 
 
-def _conv1d_infshapes(model: nn.Module) -> None:
-    bad = []
-    for name, m in model.named_modules():
-        if not isinstance(m, Conv1D):
-            continue
-        s = m.weight.infshape
-        if s.ninf() == 2:
-            m.weight.infshape = FanInFirstInfShape(s, main_idx=0)
-        elif s[0].isinf() and not s[1].isinf():
-            bad.append(name)
+def _check_conv1d(model: nn.Module, infshapes: Mapping[str, InfShape]) -> None:
+    # set_base_shapes checks nn.Linear layers for this; Conv1D is not one.
+    bad = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, Conv1D)
+        and infshapes[f"{name}.weight"][0].isinf()
+        and not infshapes[f"{name}.weight"][1].isinf()
+    ]
     if bad:
         raise BaseShapesError(
             f"Conv1D module(s) {bad} map an infinite fan-in to a finite fan-out: an output layer needs "
             "MuReadout's 1/m multiplier; scale their fan-out in the delta config too"
         )
+
+
+def _conv1d_infshapes(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, Conv1D) and m.weight.infshape.ninf() == 2:
+            m.weight.infshape = FanInFirstInfShape(m.weight.infshape, main_idx=0)
 
 
 def _fan_in_mult(infshape: InfShape) -> float:
@@ -429,15 +434,17 @@ def convert_to_mup(
         )
     queries = [_query_slices(name, m) for name, m in attention] if (init and zero_query) else []
 
+    _check_conv1d(model, zip_infshapes(shapes, model))  # also checks the names against the model
+
     # --- the conversion ------------------------------------------------------
     readout = _readout_to_mup(model, output_mult)
     readout.readout_zero_init = bool(readout_zero_init)
     try:
         set_base_shapes(model, shapes, rescale_params=False)
-        _conv1d_infshapes(model)
     except Exception:
         model.set_output_embeddings(head)  # leave the model as it was
         raise
+    _conv1d_infshapes(model)
     for _, m in attention:
         m.scaling = m.scaling * (attn_mult / math.sqrt(m.head_dim))
 
