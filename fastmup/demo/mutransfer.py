@@ -250,8 +250,9 @@ def train_one(
 # the sweep
 
 
-def _job(args) -> Dict[str, Any]:
-    return train_one(*args)
+def _job(job) -> Dict[str, Any]:
+    train, args = job
+    return train(*args)
 
 
 def _worker_init(threads: int) -> None:
@@ -278,6 +279,7 @@ def sweep(
     progress: bool = True,
     desc: Optional[str] = None,
     pool=None,
+    train=None,
 ) -> List[Dict[str, Any]]:
     """Every run of ``cfg`` (widths × learning rates × parametrizations × seeds).
 
@@ -285,9 +287,12 @@ def sweep(
     ``workers`` processes made for this sweep when ``workers > 1``, else run
     here, in this process, one after the other.  Returns one dict per run
     (see :func:`train_one`), sorted by parametrization, width, lr and seed.
+    ``train`` replaces :func:`train_one` (same arguments and result; a
+    module-level function, so that worker processes can import it).
     """
+    train = train_one if train is None else train
     jobs = [
-        (cfg, p, w, lr, s, backend)
+        (train, (cfg, p, w, lr, s, backend))
         for w in sorted(cfg.widths, reverse=True)  # the long runs first
         for p in parametrizations
         for lr in cfg.log2_lrs
@@ -402,11 +407,18 @@ def describe(cfg: SweepConfig) -> str:
 
 
 def plot_sweep(
-    results: Sequence[Dict[str, Any]], cfg: SweepConfig, path: Optional[str] = None, note: Optional[str] = None
+    results: Sequence[Dict[str, Any]],
+    cfg: SweepConfig,
+    path: Optional[str] = None,
+    note: Optional[str] = None,
+    title: Optional[str] = None,
+    panel_titles: Optional[Dict[str, str]] = None,
 ):
     """Training loss against log2 learning rate, one curve per width; SP left, μP right.
 
-    The title's second line is ``note``, by default :func:`describe` of ``cfg``.
+    The title is ``title`` (default: the model's) and its second line
+    ``note``, by default :func:`describe` of ``cfg``; ``panel_titles`` maps
+    ``"sp"``/``"mup"`` to the panels' titles.
     The best learning rate of each width is circled; runs that diverged are
     drawn as crosses on the top edge.  The MLP's losses are on a log scale;
     the transformer's on a linear one, with the chain's optimum (its entropy
@@ -424,7 +436,7 @@ def plot_sweep(
     colors = {w: cmap(0.9 * i / max(1, len(widths) - 1)) for i, w in enumerate(widths)}
 
     floor = None
-    if cfg.model == "transformer":
+    if cfg.model != "mlp":  # the sequence models learn the Markov chain
         floor = tasks.MarkovTask(**cfg.task_kwargs).entropy_rates()[2]
     finite = [v for by_lr in means.values() for v in by_lr.values() if math.isfinite(v)]
     first = [r["first"] for r in results if math.isfinite(r["first"])]
@@ -464,11 +476,12 @@ def plot_sweep(
             ax.set_yscale("log")
         ax.set_ylim(*ylim)
         ax.set_xlabel("log2 learning rate")
-        ax.set_title({"sp": "Standard parametrization (torch Adam)", "mup": "μP (fastmup.MuAdam)"}[p], fontsize=11)
+        names = {"sp": "Standard parametrization (torch Adam)", "mup": "μP (fastmup.MuAdam)", **(panel_titles or {})}
+        ax.set_title(names[p], fontsize=11)
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel("training loss")
     axes[-1].legend(title="width", fontsize="small", loc="upper center")
-    title = f"{_title(cfg)}: training loss vs learning rate\n{describe(cfg) if note is None else note}"
+    title = f"{_title(cfg) if title is None else title}: training loss vs learning rate\n{describe(cfg) if note is None else note}"
     fig.suptitle(title, fontsize=10.5)
     fig.tight_layout()
     if path is not None:
@@ -602,8 +615,10 @@ def build_parser(prog: str = "python -m fastmup.demo mutransfer") -> argparse.Ar
     return ap
 
 
-def configs_from_args(args) -> Dict[str, SweepConfig]:
-    table = QUICK_CONFIGS if args.quick else CONFIGS
+def configs_from_args(args, table: Optional[Dict[str, SweepConfig]] = None) -> Dict[str, SweepConfig]:
+    """The sweeps the command line asks for, from ``table`` (default: this demo's, by ``--quick``)."""
+    if table is None:
+        table = QUICK_CONFIGS if args.quick else CONFIGS
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in table]
     if unknown:
