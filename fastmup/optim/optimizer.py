@@ -298,7 +298,7 @@ class MuOptimizer(Optimizer):
         """
         grads = list(map(_GRAD, key.params))
         locals_ = [None if g is None else local(g) for g in grads] if key.sharded else grads
-        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])) and not any(g is None for g in grads):
+        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
             # the same tensors: only their storage may have been swapped
             if list(map(_address, locals_)) == key.grad_ptrs:
                 for batch in self._batches:
