@@ -25,12 +25,21 @@ from torch import Tensor
 
 from fastmup.optim.checks import check_adam
 from fastmup.optim.optimizer import MuOptimizer
-from fastmup.optim.table import TensorBatch, math_dtype
+from fastmup.plan.batch import TensorBatch, math_dtype
+from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
 
-__all__ = ["MuAdam", "MuAdamW", "adam"]
+__all__ = ["MuAdam", "MuAdamW", "adam", "SPEC"]
 
-COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
-STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+#: Adam's contract with every backend (the Triton kernel ``fastmup.kernels.adam``,
+#: the C++ functor ``AdamOp`` of ``csrc/adam_math.h``, the reference below)
+SPEC = AlgorithmSpec(
+    name="adam",
+    columns=("lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay"),
+    state=("exp_avg", "exp_avg_sq"),
+    optional=OptionalBuffer("max_exp_avg_sq", gate="amsgrad"),
+    kernel="adam",
+    functor="AdamOp",
+)
 
 
 class MuAdam(MuOptimizer):
@@ -47,7 +56,7 @@ class MuAdam(MuOptimizer):
     """
 
     family = "adam"
-    columns = COLUMNS
+    spec = SPEC
 
     def __init__(
         self,
@@ -87,9 +96,6 @@ class MuAdam(MuOptimizer):
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_adam(group)
-
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return STATE if group["amsgrad"] else STATE[:2]
 
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
         beta1, beta2 = group["betas"]

@@ -21,11 +21,22 @@ from torch import Tensor
 
 from fastmup.optim.checks import check_sgd
 from fastmup.optim.optimizer import MuOptimizer
-from fastmup.optim.table import TensorBatch, math_dtype
+from fastmup.plan.batch import TensorBatch, math_dtype
+from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
 
-__all__ = ["MuSGD", "sgd"]
+__all__ = ["MuSGD", "sgd", "SPEC"]
 
-COLUMNS = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
+#: SGD's contract with every backend (``fastmup.kernels.sgd``, ``SgdOp`` of
+#: ``csrc/sgd_math.h``, the reference below).  ``step`` marks whether the
+#: momentum buffer has been seeded.
+SPEC = AlgorithmSpec(
+    name="sgd",
+    columns=("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize"),
+    state=(),
+    optional=OptionalBuffer("momentum_buffer", gate="momentum"),
+    kernel="sgd",
+    functor="SgdOp",
+)
 
 
 class MuSGD(MuOptimizer):
@@ -43,7 +54,7 @@ class MuSGD(MuOptimizer):
     """
 
     family = "sgd"
-    columns = COLUMNS
+    spec = SPEC
     _sparse_grads = True
 
     def __init__(
@@ -82,9 +93,6 @@ class MuSGD(MuOptimizer):
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_sgd(group)
-
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
         state = self.state[p]

@@ -23,11 +23,13 @@ changed hyperparameter costs one small host-to-device copy of ``rows``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastmup.plan.spec import AlgorithmSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class TensorBatch:
     #: the optimizer's parameters (``params`` holds what kernels update: the
     #: same tensors, or a DTensor's local shard)
     owners: list[Tensor] = field(default_factory=list)
+    #: the algorithm whose update steps this batch (its columns are ``columns``)
+    spec: Optional[AlgorithmSpec] = None
     #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
     device_lr: list[Tensor] | None = None
     group_index: np.ndarray | None = None

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from fastmup.optim.table import Signature, TensorBatch
+from fastmup.plan.batch import Signature, TensorBatch
 
 
 def make_batch(sizes):
