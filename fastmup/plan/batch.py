@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmup.plan.launch import LaunchPlan, build_launch_plan
 from fastmup.plan.spec import AlgorithmSpec
 
 
@@ -75,7 +76,7 @@ class TensorBatch:
     _device_rows: Tensor | None = field(default=None, repr=False)
     _uploaded: np.ndarray | None = field(default=None, repr=False)
     _pointers: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
-    _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
+    _launch_plans: dict[int, LaunchPlan] = field(default_factory=dict, repr=False)
     _numels: Tensor | None = field(default=None, repr=False)
     _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _staging: dict[object, tuple[Tensor, object]] = field(default_factory=dict, repr=False)
@@ -146,10 +147,15 @@ class TensorBatch:
             skipped = skipped * self._step_increment
         self.steps.sub_(skipped)
 
-    def _active_numels(self) -> np.ndarray:
+    def numel_counts(self) -> np.ndarray:
+        """int64 ``[n]`` element counts of the tensors, on the host (cached; do not modify)."""
         if self._numel_host is None:
             self._numel_host = np.fromiter((p.numel() for p in self.params), dtype=np.int64, count=len(self.params))
-        return self._numel_host if self.active is None else self._numel_host * self.active
+        return self._numel_host
+
+    def _active_numels(self) -> np.ndarray:
+        counts = self.numel_counts()
+        return counts if self.active is None else counts * self.active
 
     def col(self, name: str) -> int:
         """Column number of hyperparameter ``name`` in ``rows``."""
@@ -250,26 +256,20 @@ class TensorBatch:
         return self._numels
 
     def block_map(self, block: int) -> tuple[Tensor, Tensor, int]:
-        """Map program id -> (tensor index, first element) for chunks of ``block``.
+        """Map program id -> (tensor index, first element) for chunks of
+        ``block``: ``(tensor_of_block int32, start_of_block int64, nblocks)``
+        on the device, from :meth:`launch_plan` (empty tensors get no block,
+        unless the algorithm advances its own scalar state)."""
+        plan = self.launch_plan(block)
+        return plan.tensor_of_block, plan.start_of_block, plan.nblocks
 
-        Returns ``(tensor_of_block int32 [nblocks], start_of_block int64
-        [nblocks], nblocks)``.  Empty tensors get no block.  Offsets are int64
-        so tensors beyond 2**31 elements are addressed correctly.
-        """
-        cached = self._block_maps.get(block)
-        if cached is None:
-            numel = np.array([p.numel() for p in self.params], dtype=np.int64)
-            nblocks = (numel + block - 1) // block
-            tensor_of_block = np.repeat(np.arange(len(numel), dtype=np.int32), nblocks)
-            first = np.cumsum(nblocks) - nblocks
-            start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * block
-            cached = (
-                torch.from_numpy(tensor_of_block).to(self.device),
-                torch.from_numpy(start).to(self.device),
-                int(nblocks.sum()),
-            )
-            self._block_maps[block] = cached
-        return cached
+    def launch_plan(self, block: int) -> LaunchPlan:
+        """The :class:`~fastmup.plan.launch.LaunchPlan` of this batch for
+        chunks of ``block`` elements, built (and its tensors checked) once."""
+        plan = self._launch_plans.get(block)
+        if plan is None:
+            plan = self._launch_plans[block] = build_launch_plan(self, block)
+        return plan
 
 
 def math_dtype(*storage: torch.dtype) -> torch.dtype:
