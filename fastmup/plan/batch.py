@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmup.plan.launch import LaunchPlan, build_launch_plan
+from fastmup.plan.launch import LaunchPlan, block_map, build_launch_plan
 from fastmup.plan.spec import AlgorithmSpec
 
 
@@ -76,6 +76,7 @@ class TensorBatch:
     _device_rows: Tensor | None = field(default=None, repr=False)
     _uploaded: np.ndarray | None = field(default=None, repr=False)
     _pointers: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
+    _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
     _launch_plans: dict[int, LaunchPlan] = field(default_factory=dict, repr=False)
     _numels: Tensor | None = field(default=None, repr=False)
     _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
@@ -258,10 +259,16 @@ class TensorBatch:
     def block_map(self, block: int) -> tuple[Tensor, Tensor, int]:
         """Map program id -> (tensor index, first element) for chunks of
         ``block``: ``(tensor_of_block int32, start_of_block int64, nblocks)``
-        on the device, from :meth:`launch_plan` (empty tensors get no block,
-        unless the algorithm advances its own scalar state)."""
-        plan = self.launch_plan(block)
-        return plan.tensor_of_block, plan.start_of_block, plan.nblocks
+        on the device; empty tensors get no block (cached)."""
+        cached = self._block_maps.get(block)
+        if cached is None:
+            tensor_of_block, start = block_map(self.numel_counts(), block)
+            cached = self._block_maps[block] = (
+                torch.from_numpy(tensor_of_block).to(self.device),
+                torch.from_numpy(start).to(self.device),
+                len(tensor_of_block),
+            )
+        return cached
 
     def launch_plan(self, block: int) -> LaunchPlan:
         """The :class:`~fastmup.plan.launch.LaunchPlan` of this batch for
