@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmup.infshape import require_infshape
+from fastmup.infshape_registry import find_infshape
 
 __all__ = ["MuReadout", "MuSharedReadout", "rescale_linear_bias"]
 
@@ -95,7 +96,7 @@ class MuReadout(nn.Linear):
             return wm
         # Only reached when infshapes were attached by hand instead of through
         # set_base_shapes/apply_infshapes.
-        infshape = getattr(self.weight, "infshape", None)
+        infshape = find_infshape(self.weight)
         if infshape is None:
             raise RuntimeError(
                 f"{type(self).__name__}(in_features={self.in_features}, "

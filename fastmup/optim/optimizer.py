@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmup.infshape_registry import explain_missing, find_infshape
 from fastmup.optim import backend as backends
 from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
 from fastmup.plan.batch import Signature, TensorBatch, stack_scalars
@@ -250,12 +251,9 @@ class MuOptimizer(Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__} in param group {group_index}")
             where = describe_param(p, group, group_index, position)
-            infshape = getattr(p, "infshape", None)
+            infshape = find_infshape(p)
             if infshape is None:
-                raise ValueError(
-                    f"{where} has no μP base shapes (no `infshape` attribute): call "
-                    "fastmup.set_base_shapes(model, base_model, delta=delta_model) before creating the optimizer"
-                )
+                raise ValueError(f"{where} has no μP base shapes (no `infshape` attribute): {explain_missing(p)}")
             try:
                 lr_m, wd_m = mup_multipliers(infshape, self.family, bool(group.get("decoupled_wd", False)))
             except NotImplementedError as e:
