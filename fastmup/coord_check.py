@@ -342,18 +342,20 @@ def plot_coord_data(
     """Plot ``y`` against ``x`` for every ``hue`` (module), one panel per step ``t``.
 
     Each line is the mean over seeds, with a band from the minimum to the
-    maximum.  The figure is rendered with matplotlib's Agg backend (nothing
-    is displayed); with ``save_to`` it is written as an image (PNG for a
-    ``.png`` name).  ``legend`` is shown on the first panel unless it is
+    maximum.  As with mup, the figure is made with ``pyplot`` (so
+    ``plt.show()`` or ``plt.savefig()`` after the call show or write it, and
+    a notebook displays it), in seaborn's "darkgrid" look (applied to this
+    figure only: the global matplotlib style is left alone); with
+    ``save_to`` it is also written as an image (PNG for a ``.png`` name) and
+    the path is printed.  ``legend`` is shown on the first panel unless it is
     ``False``/``None``.  ``name_contains`` and ``name_not_contains`` select
-    modules by substring (both may be given).  The figure is not registered
-    with ``pyplot``; display it in a notebook by returning it from a cell.
-    Returns the ``matplotlib.figure.Figure``.
+    modules by substring (both may be given).  ``subplot_width`` and
+    ``subplot_height`` size each panel (mup's fixed 5 x 4 inches by default).
+    Returns the ``matplotlib.figure.Figure``; close it with
+    ``plt.close(fig)`` when making many.
     """
-    _require("matplotlib", "plot_coord_data")
+    plt = _require("matplotlib.pyplot", "plot_coord_data")
     pd = _require("pandas", "plot_coord_data")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     df = df.copy()
     # The root module's name is '' and duplicates the last layer's output.
@@ -370,37 +372,44 @@ def plot_coord_data(
 
     ts = sorted(df["t"].unique()) if len(df) else []
     n = max(len(ts), 1)
-    fig = Figure(figsize=(subplot_width * n, subplot_height))
-    FigureCanvasAgg(fig)
-    if face_color is not None:
-        fig.patch.set_facecolor(face_color)
-    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
-    hues = sorted(df[hue].unique(), key=lambda v: (isinstance(v, str), v)) if len(df) else []
-    cmap = _colors(len(hues))
-    for i, (ax, t) in enumerate(zip(axes, ts)):
-        sub = df[df["t"] == t]
-        for color, h in zip(cmap, hues):
-            g = sub[sub[hue] == h].groupby(x)[y]
-            mean, lo, hi = g.mean(), g.min(), g.max()
-            if mean.empty:
-                continue
-            ax.plot(mean.index, mean.values, marker="o", markersize=3, color=color, label=str(h))
-            if (hi.values > lo.values).any():
-                ax.fill_between(mean.index, lo.values, hi.values, color=color, alpha=0.2, linewidth=0)
-        ax.set_title(f"t={t}")
-        ax.set_xlabel(x)
-        ax.set_ylabel(y if i == 0 else "")
-        if loglog:
-            ax.set_xscale("log", base=logbase)
-            ax.set_yscale("log", base=logbase)
-        if i == 0 and legend not in (False, None) and hues:
-            ax.legend(fontsize="small")
-    if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    if save_to is not None:
-        fig.savefig(save_to)
+    style = _STYLE if _STYLE in plt.style.available else "default"
+    with plt.style.context(style):
+        fig = plt.figure(figsize=(subplot_width * n, subplot_height))
+        if face_color is not None:
+            fig.patch.set_facecolor(face_color)
+        axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+        hues = sorted(df[hue].unique(), key=lambda v: (isinstance(v, str), v)) if len(df) else []
+        cmap = _colors(len(hues))
+        for i, (ax, t) in enumerate(zip(axes, ts)):
+            sub = df[df["t"] == t]
+            for color, h in zip(cmap, hues):
+                g = sub[sub[hue] == h].groupby(x)[y]
+                mean, lo, hi = g.mean(), g.min(), g.max()
+                if mean.empty:
+                    continue
+                ax.plot(mean.index, mean.values, marker="o", markersize=3, color=color, label=str(h))
+                if (hi.values > lo.values).any():
+                    ax.fill_between(mean.index, lo.values, hi.values, color=color, alpha=0.2, linewidth=0)
+            ax.set_title(f"t={t}")
+            ax.set_xlabel(x)
+            ax.set_ylabel(y if i == 0 else "")
+            if loglog:
+                ax.set_xscale("log", base=logbase)
+                ax.set_yscale("log", base=logbase)
+            if i == 0 and legend not in (False, None) and hues:
+                ax.legend(fontsize="small")
+        if suptitle:
+            fig.suptitle(suptitle)
+        fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+        if save_to is not None:
+            fig.savefig(save_to)
+            print(f"coord check plot saved to {save_to}")
     return fig
+
+
+#: matplotlib's copy of seaborn's "darkgrid" style, the look of mup's plots
+#: (mup calls seaborn.set(), which changes the global style).
+_STYLE = "seaborn-v0_8-darkgrid"
 
 
 def _colors(n: int) -> list:

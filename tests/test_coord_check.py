@@ -253,3 +253,42 @@ def test_plot_numeric_module_names_of_sequential(tmp_path):
     df = get_coord_data(models, [(x, y)], nsteps=1, mup=False, show_progress=False)
     fig = plot_coord_data(df, save_to=tmp_path / "seq.png")
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["0", "1", "2"]
+
+
+def _painted(path) -> int:
+    """Number of distinct colours in an image file (1: blank)."""
+    from matplotlib.image import imread
+
+    img = imread(str(path))
+    return len({tuple(px) for px in img.reshape(-1, img.shape[-1])[::7].tolist()})
+
+
+def test_plot_is_registered_with_pyplot_as_mup_does(tmp_path, capsys):
+    """mup's README pattern: plot_coord_data(...), then plt.show() or
+    plt.savefig().  The data here is mup's own DataFrame."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    x, y = mlp_batch(4)
+    df = mup_cc.get_coord_data(lazy_models(make_mup_mlp, mup, [8, 16, 32], True, base=8, delta=16), [(x, y)],
+                               nsteps=2, cuda=False, show_progress=False)
+    path = tmp_path / "saved.png"
+    fig = plot_coord_data(df, save_to=str(path), suptitle="μP MLP")
+    assert capsys.readouterr().out == f"coord check plot saved to {path}\n"
+    assert plt.get_fignums() == [fig.number] and plt.gcf() is fig
+    assert tuple(fig.get_size_inches()) == (10.0, 4.0)  # mup's 5 x 4 inches per panel
+    plt.show()  # non-interactive backend: a no-op, and the figure stays
+    after = tmp_path / "after.png"
+    plt.savefig(after)
+    assert _painted(path) > 50 and _painted(after) > 50
+    plt.figure()
+    plt.savefig(tmp_path / "blank.png")
+    assert _painted(tmp_path / "blank.png") == 1  # what the check above would see for a lost figure
+    plt.close("all")
+    # seaborn's darkgrid look on this figure only (mup calls seaborn.set(),
+    # which changes the global style)
+    import matplotlib
+    from matplotlib.colors import to_rgba
+
+    assert fig.axes[0].get_facecolor() == to_rgba("#EAEAF2")
+    assert matplotlib.rcParams["axes.facecolor"] == "white"
