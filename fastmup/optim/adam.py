@@ -18,12 +18,14 @@ one kernel launch.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from fastmup.optim.checks import check_adam
+from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
@@ -53,10 +55,21 @@ class MuAdam(MuOptimizer):
     fused launch).  torch's ``foreach`` and ``fused`` are accepted and kept
     in the param groups (every backend is one pass over all tensors);
     ``differentiable=True`` raises ``NotImplementedError``.
+
+    ``impl`` is mup's way to make other Adam-like μP optimizers:
+    ``MuAdam(params, impl=torch.optim.RMSprop, lr=...)`` returns that torch
+    optimizer built on mup's split param groups, as mup does
+    (:mod:`fastmup.optim.mup_groups`); ``impl=torch.optim.Adam`` is this
+    optimizer and ``impl=torch.optim.AdamW`` this optimizer with decoupled
+    weight decay (``weight_decay`` still defaulting to 0, as in mup).
     """
 
     family = "adam"
     spec = SPEC
+    _native_impls: tuple = (torch.optim.Adam, torch.optim.AdamW)
+
+    def __new__(cls, *args: Any, impl: Optional[Callable[..., Optimizer]] = None, **kwargs: Any):
+        return new_or_impl(cls, "adam", cls._native_impls, args, impl, kwargs)
 
     def __init__(
         self,
@@ -77,7 +90,10 @@ class MuAdam(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
+        if impl is torch.optim.AdamW:
+            decoupled_weight_decay = True
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -118,7 +134,10 @@ class MuAdamW(MuAdam):
     """AdamW with μP (decoupled weight decay ``p ← p·(1 - lr·wd)``, with the
     μP-scaled ``lr`` and ``wd`` of each tensor).  Defaults as ``torch.optim.AdamW``;
     every param group decays decoupled, also after loading an Adam state dict
-    (as torch's AdamW)."""
+    (as torch's AdamW).  ``impl`` as for :class:`MuAdam` (mup's ``MuAdamW``
+    takes none)."""
+
+    _native_impls: tuple = (torch.optim.AdamW,)
 
     def __init__(
         self,
@@ -138,6 +157,7 @@ class MuAdamW(MuAdam):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         super().__init__(
             params,

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from fastmup.infshape_registry import explain_missing, find_infshape
 from fastmup.optim import backend as backends
+from fastmup.optim.mup_groups import regroup_state_dict
 from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
 from fastmup.plan.batch import Signature, TensorBatch, stack_scalars
 from fastmup.plan.spec import AlgorithmSpec
@@ -637,6 +638,7 @@ class MuOptimizer(Optimizer):
     # param's dtype on load, which would round fp32 state of bf16 params)
     # ------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = regroup_state_dict(self, state_dict)  # a mup optimizer's layout, if it is one
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(

@@ -14,12 +14,14 @@ single-tensor reference and a fused path.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from fastmup.optim.checks import check_sgd
+from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
@@ -51,11 +53,21 @@ class MuSGD(MuOptimizer):
     gradient is densified, the momentum buffer is dense).  torch's
     ``foreach`` and ``fused`` are accepted and kept in the param groups;
     ``differentiable=True`` raises ``NotImplementedError``.
+
+    ``impl`` is mup's way to make other SGD-like μP optimizers:
+    ``MuSGD(params, impl=torch.optim.ASGD, lr=...)`` returns that torch
+    optimizer built on mup's split param groups, as mup does
+    (:mod:`fastmup.optim.mup_groups`); ``impl=torch.optim.SGD`` is this
+    optimizer.
     """
 
     family = "sgd"
     spec = SPEC
     _sparse_grads = True
+    _native_impls: tuple = (torch.optim.SGD,)
+
+    def __new__(cls, *args: Any, impl: Optional[Callable[..., Optimizer]] = None, **kwargs: Any):
+        return new_or_impl(cls, "sgd", cls._native_impls, args, impl, kwargs)
 
     def __init__(
         self,
@@ -75,6 +87,7 @@ class MuSGD(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
