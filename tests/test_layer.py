@@ -234,6 +234,23 @@ def test_shared_readout_consumes_the_rng_as_mup(monkeypatch, vocab, width, zero,
         assert zero == (not ours.bias.any())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bias", [True, False])
+def test_shared_readout_consumes_the_cuda_rng_as_mup(bias):
+    """On CUDA the draws are one weight-sized launch, as mup's (the Philox
+    offset advances per launch, not per element)."""
+
+    def draws(lib):
+        torch.manual_seed(0)
+        emb = nn.Embedding(VOCAB, WIDTH, device="cuda")
+        lib.MuSharedReadout(emb.weight, bias=bias, device="cuda")
+        return torch.rand(8, device="cuda"), torch.randn(1000, device="cuda")
+
+    for ours, theirs in zip(draws(fastmup), draws(mup)):
+        assert torch.equal(ours, theirs)
+
+
 def test_shared_readout_on_meta_draws_nothing():
     emb = nn.Embedding(11, 6, device="meta")
     state = torch.get_rng_state()
