@@ -526,9 +526,14 @@ class MuOptimizer(Optimizer):
             batches.append(batch)
         return batches
 
+    @torch.compiler.disable
     def _plan(self) -> list[TensorBatch]:
         """The batches of this step, their ``grads`` bound to the current
-        gradients (:meth:`_release_grads` drops them after the step)."""
+        gradients (:meth:`_release_grads` drops them after the step).
+
+        Host-side bookkeeping over weak references and addresses: a compiled
+        training loop runs it as it is, never traced (a guard on a weak
+        reference that has died since would fail)."""
         key = self._plan_key
         if key is None or not self._structure_is_current(key) or not self._bind_grads(key):
             self._plan_key = None
