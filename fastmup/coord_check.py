@@ -11,13 +11,24 @@ activations blow up with width after the first update.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+import functools
+import os
+import warnings
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FDICT", "cov", "covoffdiag", "convert_fdict", "get_coord_data", "plot_coord_data"]
+__all__ = [
+    "FDICT",
+    "cov",
+    "covoffdiag",
+    "convert_fdict",
+    "get_coord_data",
+    "plot_coord_data",
+    "example_plot_coord_check",
+]
 
 
 def _require(module: str, purpose: str, extra: str = ""):
@@ -342,18 +353,20 @@ def plot_coord_data(
     """Plot ``y`` against ``x`` for every ``hue`` (module), one panel per step ``t``.
 
     Each line is the mean over seeds, with a band from the minimum to the
-    maximum.  The figure is rendered with matplotlib's Agg backend (nothing
-    is displayed); with ``save_to`` it is written as an image (PNG for a
-    ``.png`` name).  ``legend`` is shown on the first panel unless it is
+    maximum.  As with mup, the figure is made with ``pyplot`` (so
+    ``plt.show()`` or ``plt.savefig()`` after the call show or write it, and
+    a notebook displays it), in seaborn's "darkgrid" look (applied to this
+    figure only: the global matplotlib style is left alone); with
+    ``save_to`` it is also written as an image (PNG for a ``.png`` name) and
+    the path is printed.  ``legend`` is shown on the first panel unless it is
     ``False``/``None``.  ``name_contains`` and ``name_not_contains`` select
-    modules by substring (both may be given).  The figure is not registered
-    with ``pyplot``; display it in a notebook by returning it from a cell.
-    Returns the ``matplotlib.figure.Figure``.
+    modules by substring (both may be given).  ``subplot_width`` and
+    ``subplot_height`` size each panel (mup's fixed 5 x 4 inches by default).
+    Returns the ``matplotlib.figure.Figure``; close it with
+    ``plt.close(fig)`` when making many.
     """
-    _require("matplotlib", "plot_coord_data")
+    plt = _require("matplotlib.pyplot", "plot_coord_data")
     pd = _require("pandas", "plot_coord_data")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     df = df.copy()
     # The root module's name is '' and duplicates the last layer's output.
@@ -370,37 +383,44 @@ def plot_coord_data(
 
     ts = sorted(df["t"].unique()) if len(df) else []
     n = max(len(ts), 1)
-    fig = Figure(figsize=(subplot_width * n, subplot_height))
-    FigureCanvasAgg(fig)
-    if face_color is not None:
-        fig.patch.set_facecolor(face_color)
-    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
-    hues = sorted(df[hue].unique(), key=lambda v: (isinstance(v, str), v)) if len(df) else []
-    cmap = _colors(len(hues))
-    for i, (ax, t) in enumerate(zip(axes, ts)):
-        sub = df[df["t"] == t]
-        for color, h in zip(cmap, hues):
-            g = sub[sub[hue] == h].groupby(x)[y]
-            mean, lo, hi = g.mean(), g.min(), g.max()
-            if mean.empty:
-                continue
-            ax.plot(mean.index, mean.values, marker="o", markersize=3, color=color, label=str(h))
-            if (hi.values > lo.values).any():
-                ax.fill_between(mean.index, lo.values, hi.values, color=color, alpha=0.2, linewidth=0)
-        ax.set_title(f"t={t}")
-        ax.set_xlabel(x)
-        ax.set_ylabel(y if i == 0 else "")
-        if loglog:
-            ax.set_xscale("log", base=logbase)
-            ax.set_yscale("log", base=logbase)
-        if i == 0 and legend not in (False, None) and hues:
-            ax.legend(fontsize="small")
-    if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    if save_to is not None:
-        fig.savefig(save_to)
+    style = _STYLE if _STYLE in plt.style.available else "default"
+    with plt.style.context(style):
+        fig = plt.figure(figsize=(subplot_width * n, subplot_height))
+        if face_color is not None:
+            fig.patch.set_facecolor(face_color)
+        axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+        hues = sorted(df[hue].unique(), key=lambda v: (isinstance(v, str), v)) if len(df) else []
+        cmap = _colors(len(hues))
+        for i, (ax, t) in enumerate(zip(axes, ts)):
+            sub = df[df["t"] == t]
+            for color, h in zip(cmap, hues):
+                g = sub[sub[hue] == h].groupby(x)[y]
+                mean, lo, hi = g.mean(), g.min(), g.max()
+                if mean.empty:
+                    continue
+                ax.plot(mean.index, mean.values, marker="o", markersize=3, color=color, label=str(h))
+                if (hi.values > lo.values).any():
+                    ax.fill_between(mean.index, lo.values, hi.values, color=color, alpha=0.2, linewidth=0)
+            ax.set_title(f"t={t}")
+            ax.set_xlabel(x)
+            ax.set_ylabel(y if i == 0 else "")
+            if loglog:
+                ax.set_xscale("log", base=logbase)
+                ax.set_yscale("log", base=logbase)
+            if i == 0 and legend not in (False, None) and hues:
+                ax.legend(fontsize="small")
+        if suptitle:
+            fig.suptitle(suptitle)
+        fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+        if save_to is not None:
+            fig.savefig(save_to)
+            print(f"coord check plot saved to {save_to}")
     return fig
+
+
+#: matplotlib's copy of seaborn's "darkgrid" style, the look of mup's plots
+#: (mup calls seaborn.set(), which changes the global style).
+_STYLE = "seaborn-v0_8-darkgrid"
 
 
 def _colors(n: int) -> list:
@@ -410,3 +430,175 @@ def _colors(n: int) -> list:
     if n > 10:
         return [cmap(i / max(n - 1, 1)) for i in range(n)]
     return [cmap(i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# mup's example: its MLP and CNN on CIFAR-10
+
+
+def _init_samplers() -> Dict[str, Callable[[torch.Tensor], Any]]:
+    """The initializations mup's example offers by name, as μP initializers
+    (applied to every parameter of rank >= 2)."""
+    from fastmup import init
+
+    return {
+        "default": lambda t: t,
+        "const_uniform": functools.partial(init.uniform_, a=-0.1, b=0.1),
+        "const_normal": functools.partial(init.normal_, std=0.1),
+        "const_trunc_normal": functools.partial(init.trunc_normal_, std=0.1, a=-0.2, b=0.2),
+        "xavier_uniform": init.xavier_uniform_,
+        "xavier_normal": init.xavier_normal_,
+        "kaiming_fan_in_uniform": functools.partial(init.kaiming_uniform_, mode="fan_in"),
+        "kaiming_fan_in_normal": functools.partial(init.kaiming_normal_, mode="fan_in"),
+        "kaiming_fan_out_uniform": functools.partial(init.kaiming_uniform_, mode="fan_out"),
+        "kaiming_fan_out_normal": functools.partial(init.kaiming_normal_, mode="fan_out"),
+    }
+
+
+def _example_net(arch: str, width: int, mu: bool, batchnorm: bool) -> nn.Sequential:
+    """mup's example networks: for ``"mlp"`` 3072 → w → w → 10 (CIFAR-10
+    images flattened); for ``"cnn"`` two 5x5 convolutions (w, 2w channels)
+    with 2x2 max-pooling, then 50w → 16w → 10w → 10.  ReLUs; BatchNorm after
+    every hidden layer with ``batchnorm``; a :class:`MuReadout` under μP."""
+    from fastmup.layer import MuReadout
+
+    if arch == "mlp":
+        layers = [nn.Linear(3072, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()]
+        readout_in = width
+        norms = [(1, nn.BatchNorm1d(width)), (4, nn.BatchNorm1d(width))]
+    elif arch == "cnn":
+        layers = [
+            nn.Conv2d(3, width, kernel_size=5), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(width, 2 * width, kernel_size=5), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+            nn.Flatten(),
+            nn.Linear(50 * width, 16 * width), nn.ReLU(inplace=True),
+            nn.Linear(16 * width, 10 * width), nn.ReLU(inplace=True),
+        ]
+        readout_in = 10 * width
+        norms = [(1, nn.BatchNorm2d(width)), (5, nn.BatchNorm2d(2 * width)),
+                 (10, nn.BatchNorm1d(16 * width)), (13, nn.BatchNorm1d(10 * width))]
+    else:
+        raise ValueError(f"arch should be 'mlp' or 'cnn', got {arch!r}")
+    layers.append(MuReadout(readout_in, 10) if mu else nn.Linear(readout_in, 10))
+    if batchnorm:
+        for position, norm in norms:  # positions in the list as it grows
+            layers.insert(position, norm)
+    return nn.Sequential(*layers)
+
+
+def _example_models(arch: str, widths: Sequence[int], mu: bool, batchnorm: bool, init: str) -> Dict[int, Callable[[], nn.Module]]:
+    """``{width: factory}`` as mup's example builds them.  μP: base width 256
+    (MLP) or 8 (CNN), base shapes from the base model alone (dimensions that
+    differ from it scale), ``init`` applied, readout zeroed.  SP: torch's
+    default initialization."""
+    from fastmup.shape import set_base_shapes
+
+    samplers = _init_samplers()
+    if init not in samplers:
+        raise ValueError(f"unknown init {init!r}; known: {sorted(samplers)}")
+    base_width = 256 if arch == "mlp" else 8
+
+    def build(width: int) -> nn.Module:
+        model = _example_net(arch, width, mu, batchnorm)  # first: its init follows the seed
+        if not mu:
+            return set_base_shapes(model, None)
+        set_base_shapes(model, _example_net(arch, base_width, mu, batchnorm))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    samplers[init](p)
+            readout = model[-1]
+            readout.weight.zero_()
+            readout.bias.zero_()
+        return model
+
+    return {w: functools.partial(build, int(w)) for w in widths}
+
+
+def _example_loader(batch_size: int, download: bool):
+    """CIFAR-10's training set as mup's example loads it (torchvision, in
+    ``./dataset``, normalised to [-1, 1], not shuffled), or, when torchvision
+    or the data is not available, one fixed batch of standard Gaussian images
+    of the same shape."""
+    try:
+        from torchvision import datasets, transforms
+
+        data = datasets.CIFAR10(
+            root="dataset", train=True, download=download,
+            transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]),
+        )
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    except Exception as e:  # ImportError, or no data and no download
+        warnings.warn(
+            f"example_plot_coord_check: CIFAR-10 is not available ({type(e).__name__}: {e}); "
+            "using a fixed batch of random images instead (pass dataloader= to use your own data)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        g = torch.Generator().manual_seed(0)
+        return [(torch.randn(batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (batch_size,), generator=g))]
+
+
+def example_plot_coord_check(
+    arch: str = "mlp",
+    optimizer: str = "sgd",
+    lr: Optional[float] = None,
+    widths: Optional[Sequence[int]] = None,
+    mup: bool = True,
+    nsteps: int = 3,
+    nseeds: int = 10,
+    plotdir: str = "",
+    batchnorm: bool = False,
+    batch_size: int = 1,
+    init: str = "kaiming_fan_in_normal",
+    download_cifar: bool = True,
+    legend: Union[str, bool, None] = "full",
+    dict_in_out: bool = False,
+    name_contains: Optional[str] = None,
+    name_not_contains: Optional[str] = None,
+    *,
+    dataloader=None,
+    show_progress: bool = True,
+):
+    """mup's example coordinate check, for its MLP (``arch="mlp"``) or CNN
+    (``"cnn"``) on CIFAR-10, in μP (``mup=True``) or SP; returns the figure.
+
+    The arguments are mup's.  ``widths`` default to 2^7…2^13 (MLP) or
+    2^3…2^9 (CNN); ``batchnorm`` inserts BatchNorm layers and sets the batch
+    size to 5; ``init`` names the initialization of the μP models (see
+    ``_init_samplers``); ``lr`` defaults to 0.1 for SGD and 1e-3 otherwise.
+    The plot is saved in ``plotdir`` as mup names it,
+    ``{μp|sp}_{arch}_{optimizer}_lr{lr}_nseeds{nseeds}_bn{0|1}_coord.png``.
+
+    The models are built here (mup imports them from its test package, which
+    is not installed with it).  CIFAR-10 needs torchvision (``./dataset``,
+    downloaded with ``download_cifar``); without it, or without the data, a
+    fixed batch of random images is used, with a warning.  ``dataloader``
+    (extra) gives the data instead; ``show_progress`` (extra) switches off
+    the progress bar.
+    """
+    if arch not in ("mlp", "cnn"):
+        raise ValueError(f"arch should be 'mlp' or 'cnn', got {arch!r}")
+    if batchnorm:
+        batch_size = 5
+    if dataloader is None:
+        dataloader = _example_loader(batch_size, download_cifar)
+    if widths is None:
+        widths = [2**k for k in (range(7, 14) if arch == "mlp" else range(3, 10))]
+    models = _example_models(arch, widths, mup, batchnorm, init)
+    df = get_coord_data(
+        models, dataloader, mup=mup, lr=lr, optimizer=optimizer, flatten_input=arch == "mlp",
+        nseeds=nseeds, nsteps=nsteps, dict_in_out=dict_in_out, show_progress=show_progress,
+    )
+    if lr is None:
+        lr = 0.1 if optimizer == "sgd" else 1e-3
+    prm = "μP" if mup else "SP"
+    return plot_coord_data(
+        df,
+        legend=legend,
+        name_contains=name_contains,
+        name_not_contains=name_not_contains,
+        save_to=os.path.join(plotdir, f"{prm.lower()}_{arch}_{optimizer}_lr{lr}_nseeds{nseeds}_bn{int(batchnorm)}_coord.png"),
+        suptitle=f"{prm} {arch.upper()} {optimizer} lr={lr} bn={'on' if batchnorm else 'off'} nseeds={nseeds}",
+        face_color=None if mup else "xkcd:light grey",
+    )

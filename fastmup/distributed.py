@@ -6,18 +6,22 @@ the parameter object, so anything that *replaces* parameters loses it:
 
 * ``DistributedDataParallel`` keeps the module's parameters: nothing to do.
 * FSDP2 (``torch.distributed.fsdp.fully_shard``) swaps every parameter for a
-  new ``nn.Parameter`` wrapping a ``DTensor``.  The base shapes recorded by
-  :func:`fastmup.set_base_shapes` survive on the modules, and a DTensor's
-  ``shape`` is its *global* shape, so re-attaching the infshapes after
-  sharding (:func:`reattach_infshapes`) gives exactly the multipliers of the
-  unsharded model.  :func:`shard_with_mup` does both steps.
+  new ``nn.Parameter`` wrapping a ``DTensor``.  :func:`fastmup.set_base_shapes`
+  records the infshapes on the modules (:mod:`fastmup.infshape_registry`),
+  and a DTensor's ``shape`` is its *global* shape, so the optimizer finds
+  each new parameter's infshape and the multipliers of the unsharded model
+  without any extra call.  :func:`reattach_infshapes` re-attaches them
+  explicitly (e.g. from a checkpoint's base shapes) and
+  :func:`shard_with_mup` shards and re-attaches in one call.
 
 Typical FSDP2 use::
 
     model = MyModel(width)
     fastmup.set_base_shapes(model, base, delta=delta)
     mesh = init_device_mesh("cuda", (world_size,))
-    shard_with_mup(model, mesh=mesh, submodules=model.blocks)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = fastmup.MuAdamW(model.parameters(), lr=1e-3)
 
 Checkpoints: save ``fastmup.base_shapes_state(model)`` next to the model and

@@ -15,6 +15,8 @@ import copy
 import numbers
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from fastmup.infshape_registry import explain_missing, find_infshape
+
 __all__ = ["InfDim", "InfShape", "zip_infshape"]
 
 # Distinguishes "not given" from an explicit ``main_idx=None`` (no main dim).
@@ -26,21 +28,21 @@ class MissingInfShapeError(ValueError):
 
 
 def require_infshape(tensor: Any, purpose: str = "this operation") -> "InfShape":
-    """Return ``tensor.infshape`` or raise a :class:`MissingInfShapeError`.
+    """Return the infshape of ``tensor`` or raise a :class:`MissingInfShapeError`.
 
-    Shared by the initializers, the layers and the optimizers so that a model
-    on which :func:`fastmup.set_base_shapes` was never called (or whose
-    parameters were replaced, e.g. by ``nn.DataParallel`` or FSDP) fails with
-    the same actionable message everywhere.
+    Shared by the initializers, the layers and the optimizers so that a
+    tensor without base shapes fails with the same actionable message
+    everywhere.  A parameter put in the place of one that had an infshape
+    (FSDP2, ``to_empty``, ``load_state_dict(assign=True)``, ``copy.deepcopy``)
+    gets it back from the module's record (:mod:`fastmup.infshape_registry`);
+    otherwise the message says which case the tensor looks like.
     """
-    infshape = getattr(tensor, "infshape", None)
+    infshape = find_infshape(tensor)
     if infshape is None:
         shape = tuple(getattr(tensor, "shape", ()))
         raise MissingInfShapeError(
-            f"tensor of shape {shape} has no `infshape` attribute, which {purpose} "
-            "needs: call fastmup.set_base_shapes(model, base, delta=...) on the model "
-            "first (parameters replaced afterwards, e.g. by nn.DataParallel or FSDP, "
-            "lose it)"
+            f"tensor of shape {shape} has no `infshape` attribute, which {purpose} needs: "
+            + explain_missing(tensor)
         )
     return infshape
 

@@ -19,8 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmup.infshape import require_infshape
+from fastmup.infshape_registry import find_infshape
 
 __all__ = ["MuReadout", "MuSharedReadout", "rescale_linear_bias"]
+
+#: Largest number of elements MuSharedReadout draws at once on CPU (see there).
+RNG_CHUNK = 1 << 20
 
 
 def _rescaled_twice_error(what: str, bypass: str) -> RuntimeError:
@@ -95,7 +99,7 @@ class MuReadout(nn.Linear):
             return wm
         # Only reached when infshapes were attached by hand instead of through
         # set_base_shapes/apply_infshapes.
-        infshape = getattr(self.weight, "infshape", None)
+        infshape = find_infshape(self.weight)
         if infshape is None:
             raise RuntimeError(
                 f"{type(self).__name__}(in_features={self.in_features}, "
@@ -141,9 +145,20 @@ class MuSharedReadout(MuReadout):
     logits).  The bias starts at zero with ``readout_zero_init`` and otherwise
     like ``nn.Linear``'s, U(-1/√width, 1/√width).
 
-    Unlike mup no throwaway weight is allocated and drawn, so building this
-    layer consumes no random numbers for the weight.  ``reset_parameters``
-    re-initializes only the bias: the tied weight belongs to the embedding.
+    Building the layer consumes the random stream exactly as mup 1.0's does,
+    so that under the same seed every later draw (dropout masks, data
+    shuffles, the next layer's init) is the same as with mup.  mup builds an
+    ``nn.Linear(vocab, width)`` that it throws away: ``width·vocab`` uniform
+    draws for its weight, then ``width`` for its bias (none with
+    ``readout_zero_init``), from the generator of the ``device`` argument (or
+    the default device) in the ``dtype`` argument (or the default dtype).
+    The same draws are made here; on CPU in row chunks of at most
+    :data:`RNG_CHUNK` elements, so no weight-sized tensor is allocated
+    (torch's CPU generator advances by the same amount per element however
+    the draws are split), on other devices as one tensor as mup does (their
+    generators advance per launch).  The bias takes its values from the
+    first ``vocab`` of the weight draws.  ``reset_parameters`` re-initializes
+    only the bias: the tied weight belongs to the embedding.
     """
 
     def __init__(self, weight: nn.Parameter, bias: bool = True, **kwargs) -> None:
@@ -161,8 +176,7 @@ class MuSharedReadout(MuReadout):
         dtype = kwargs.pop("dtype", None)
         if kwargs:
             raise TypeError(f"MuSharedReadout got unexpected keyword arguments {sorted(kwargs)}")
-        # Skip nn.Linear.__init__: it would allocate and randomly draw a weight
-        # that is immediately replaced by the shared one.
+        # Not nn.Linear.__init__: its weight would be replaced by the shared one.
         nn.Module.__init__(self)
         self._init_readout_attrs(readout_zero_init, output_mult)
         self.out_features, self.in_features = weight.shape
@@ -177,7 +191,40 @@ class MuSharedReadout(MuReadout):
             )
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        values = None if readout_zero_init else self._draw_as_mup(bias, device, dtype)
+        with torch.no_grad():
+            if self.bias is not None:
+                if values is None:
+                    self.bias.zero_()
+                else:
+                    self.bias.copy_(values)
+
+    def _draw_as_mup(self, bias: bool, device, dtype) -> Optional[torch.Tensor]:
+        """Make mup's draws (see the class docstring); return the bias values,
+        U(-1/√width, 1/√width), or ``None`` on the meta device."""
+        width, vocab = self.in_features, self.out_features
+        probe = torch.empty(0, device=device, dtype=dtype)  # where and how mup would draw
+        if probe.device.type == "meta":
+            return None
+        bound = 1 / math.sqrt(width) if width > 0 else 0.0
+        first = probe.new_zeros(vocab)
+        if probe.device.type == "cpu":
+            rows_per_chunk = max(1, RNG_CHUNK // max(vocab, 1))
+            done = 0
+            while done < width:
+                rows = min(rows_per_chunk, width - done)
+                chunk = probe.new_empty(rows, vocab).uniform_(-bound, bound)
+                if done == 0:
+                    first = chunk[0].clone()
+                done += rows
+        else:
+            throwaway = probe.new_empty(width, vocab).uniform_(-bound, bound)
+            if width > 0:
+                first = throwaway[0].clone()
+            del throwaway
+        if bias:
+            probe.new_empty(width).uniform_()
+        return first
 
     def reset_parameters(self) -> None:
         # Runs with bias still unset if a subclass calls it early.

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from fastmup.infshape import InfDim, InfShape, _is_dim_size, require_infshape, zip_infshape
+from fastmup.infshape_registry import module_infshapes, record
 from fastmup.layer import MuReadout, rescale_linear_bias
 
 __all__ = [
@@ -47,9 +48,6 @@ _BSH_HEADER = (
     "i.e. some notion of \"width\"\n"
 )
 _DP_PREFIX = "module."
-# Attribute of the model on which set_base_shapes records the base shapes, so
-# that base_shapes_state still works after its Parameter objects are replaced.
-_RECORD_ATTR = "_fastmup_base_shapes"
 
 
 class BaseShapesError(ValueError):
@@ -341,15 +339,17 @@ def _check_names(model: nn.Module, infshapes: Mapping[str, InfShape]) -> None:
 def apply_infshapes(model: nn.Module, infshapes: Mapping[str, InfShape]) -> None:
     """Attach ``infshapes[name]`` to every parameter as ``p.infshape``.
 
-    Also sets each :class:`MuReadout`'s width multiplier and records the base
-    shapes on ``model`` (see :func:`base_shapes_state`).  Every name is
-    checked before anything is changed.
+    Also sets each :class:`MuReadout`'s width multiplier and records the
+    infshapes on the modules (:mod:`fastmup.infshape_registry`), so that
+    parameters put in their place later (FSDP2, ``to_empty``,
+    ``load_state_dict(assign=True)``, ``copy.deepcopy``) find them again.
+    Every name is checked before anything is changed.
     """
     _check_names(model, infshapes)
     for name, p in model.named_parameters():
         p.infshape = infshapes[name]
     _sync_readouts(model)
-    setattr(model, _RECORD_ATTR, {n: list(infshapes[n].base_shape()) for n, _ in model.named_parameters()})
+    record(model)
 
 
 def _hidden_size_violations(model: nn.Module, infshape_of) -> List[str]:
@@ -506,11 +506,8 @@ def base_shapes_state(model: nn.Module) -> Dict[str, List[Optional[int]]]:
     recorded on the model.
     """
     records: Dict[str, List[Optional[int]]] = {}
-    for prefix, module in model.named_modules():
-        rec = module.__dict__.get(_RECORD_ATTR)
-        if rec:
-            for n, v in rec.items():
-                records.setdefault(f"{prefix}.{n}" if prefix else n, v)
+    for n, infshape in module_infshapes(model):
+        records.setdefault(n, [None if b is None else int(b) for b in infshape.base_shape()])
     out: Dict[str, List[Optional[int]]] = {}
     unknown = []
     for name, p in model.named_parameters():

@@ -34,7 +34,7 @@ def l1_at(df, module, t):
 
 def test_all():
     assert set(fastmup.coord_check.__all__) == {
-        "FDICT", "cov", "covoffdiag", "convert_fdict", "get_coord_data", "plot_coord_data"}
+        "FDICT", "cov", "covoffdiag", "convert_fdict", "get_coord_data", "plot_coord_data", "example_plot_coord_check"}
 
 
 def test_mup_keeps_hidden_activations_stable_and_sp_does_not():
@@ -253,3 +253,86 @@ def test_plot_numeric_module_names_of_sequential(tmp_path):
     df = get_coord_data(models, [(x, y)], nsteps=1, mup=False, show_progress=False)
     fig = plot_coord_data(df, save_to=tmp_path / "seq.png")
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["0", "1", "2"]
+
+
+def _painted(path) -> int:
+    """Number of distinct colours in an image file (1: blank)."""
+    from matplotlib.image import imread
+
+    img = imread(str(path))
+    return len({tuple(px) for px in img.reshape(-1, img.shape[-1])[::7].tolist()})
+
+
+def test_plot_is_registered_with_pyplot_as_mup_does(tmp_path, capsys):
+    """mup's README pattern: plot_coord_data(...), then plt.show() or
+    plt.savefig().  The data here is mup's own DataFrame."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    x, y = mlp_batch(4)
+    df = mup_cc.get_coord_data(lazy_models(make_mup_mlp, mup, [8, 16, 32], True, base=8, delta=16), [(x, y)],
+                               nsteps=2, cuda=False, show_progress=False)
+    path = tmp_path / "saved.png"
+    fig = plot_coord_data(df, save_to=str(path), suptitle="μP MLP")
+    assert capsys.readouterr().out == f"coord check plot saved to {path}\n"
+    assert plt.get_fignums() == [fig.number] and plt.gcf() is fig
+    assert tuple(fig.get_size_inches()) == (10.0, 4.0)  # mup's 5 x 4 inches per panel
+    plt.show()  # non-interactive backend: a no-op, and the figure stays
+    after = tmp_path / "after.png"
+    plt.savefig(after)
+    assert _painted(path) > 50 and _painted(after) > 50
+    plt.figure()
+    plt.savefig(tmp_path / "blank.png")
+    assert _painted(tmp_path / "blank.png") == 1  # what the check above would see for a lost figure
+    plt.close("all")
+    # seaborn's darkgrid look on this figure only (mup calls seaborn.set(),
+    # which changes the global style)
+    import matplotlib
+    from matplotlib.colors import to_rgba
+
+    assert fig.axes[0].get_facecolor() == to_rgba("#EAEAF2")
+    assert matplotlib.rcParams["axes.facecolor"] == "white"
+
+
+def test_example_plot_coord_check_as_mup(tmp_path, capsys):
+    """mup's README example runs (mup's own needs its test package and
+    torchvision); its data are what mup's get_coord_data gives for the same
+    models and batch."""
+    import matplotlib.pyplot as plt
+
+    from fastmup.coord_check import _example_loader, _example_models, example_plot_coord_check
+
+    plt.close("all")
+    with pytest.warns(RuntimeWarning, match="CIFAR-10 is not available"):
+        fig = example_plot_coord_check("mlp", widths=[32, 64], nseeds=1, nsteps=2, plotdir=str(tmp_path),
+                                       download_cifar=False, show_progress=False)
+    path = tmp_path / "μp_mlp_sgd_lr0.1_nseeds1_bn0_coord.png"
+    assert capsys.readouterr().out == f"coord check plot saved to {path}\n"
+    assert path.exists() and plt.gcf() is fig
+    assert fig._suptitle.get_text() == "μP MLP sgd lr=0.1 bn=off nseeds=1"
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["0", "1", "2", "3", "4"]
+    with pytest.warns(RuntimeWarning):
+        fig = example_plot_coord_check("cnn", optimizer="adam", widths=[2, 4], nseeds=1, nsteps=2, mup=False,
+                                       batchnorm=True, plotdir=str(tmp_path), legend=None, show_progress=False)
+    assert (tmp_path / "sp_cnn_adam_lr0.001_nseeds1_bn1_coord.png").exists()
+    assert fig.patch.get_facecolor() != (1.0, 1.0, 1.0, 1.0)  # SP plots are greyed, as in mup
+    plt.close("all")
+
+    with pytest.warns(RuntimeWarning):
+        loader = _example_loader(batch_size=2, download=False)
+    for arch, mu in (("mlp", True), ("cnn", True), ("mlp", False)):
+        models = _example_models(arch, [4, 8] if arch == "cnn" else [32, 64], mu, batchnorm=False, init="kaiming_fan_in_normal")
+        kw = dict(mup=mu, nsteps=2, nseeds=1, flatten_input=arch == "mlp", cuda=False, show_progress=False)
+        ours = get_coord_data(models, loader, **kw)
+        theirs = mup_cc.get_coord_data(models, loader, **kw)
+        assert ours[["width", "module", "t"]].equals(theirs[["width", "module", "t"]])
+        assert torch.allclose(torch.tensor(ours.l1.values), torch.tensor(theirs.l1.values), rtol=1e-5, atol=0)
+    model = models[32]()
+    assert isinstance(model[-1], nn.Linear) and not isinstance(model[-1], fastmup.MuReadout)
+    model = _example_models("mlp", [512], True, batchnorm=True, init="xavier_normal")[512]()
+    assert isinstance(model[1], nn.BatchNorm1d) and not model[-1].weight.any()
+    assert model[3].weight.infshape.width_mult() == 2.0
+    with pytest.raises(ValueError, match="unknown init"):
+        _example_models("mlp", [8], True, False, "orthogonal")
+    with pytest.raises(ValueError, match="arch"):
+        example_plot_coord_check("rnn")

@@ -106,8 +106,9 @@ def test_works_after_deepcopy_and_pickle():
     x = torch.randn(3, 16)
     ref = model(x)
     clone = copy.deepcopy(model)
-    # torch's Parameter.__deepcopy__ drops `infshape`; forward must not care
-    assert not hasattr(clone.readout.weight, "infshape")
+    # torch's Parameter.__deepcopy__ drops `infshape`: the forward does not read
+    # it, and the module's record gives it back to the copy
+    assert clone.readout.weight.infshape == model.readout.weight.infshape
     assert clone.readout.width_mult() == M
     assert torch.equal(clone(x), ref)
     clone2 = pickle.loads(pickle.dumps(model))
@@ -173,9 +174,9 @@ def test_shared_readout_options():
     assert torch.equal(emb.weight, before)
     ro = MuSharedReadout(emb.weight, bias=False)
     assert ro.bias is None
-    # no random numbers drawn for a throwaway weight
+    # with readout_zero_init nothing is drawn (as in mup)
     state = torch.get_rng_state()
-    MuSharedReadout(emb.weight, bias=False)
+    MuSharedReadout(emb.weight, readout_zero_init=True)
     assert torch.equal(state, torch.get_rng_state())
     with pytest.raises(TypeError, match="nn.Parameter"):
         MuSharedReadout(torch.zeros(3, 4))
@@ -183,6 +184,110 @@ def test_shared_readout_options():
         MuSharedReadout(nn.Parameter(torch.zeros(3)))
     with pytest.raises(TypeError, match="unexpected keyword"):
         MuSharedReadout(emb.weight, bogus=1)
+
+
+# ---------------------------------------------------------------------------
+# the random stream: building a readout draws what mup's draws
+
+
+def _next_draws(build, seed=0):
+    torch.manual_seed(seed)
+    layer = build()
+    return layer, torch.rand(8), torch.randn(3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("zero", [False, True])
+def test_readout_consumes_the_rng_as_mup(bias, zero):
+    ours, a, b = _next_draws(lambda: MuReadout(WIDTH, 7, bias=bias, readout_zero_init=zero))
+    theirs, c, d = _next_draws(lambda: mup.MuReadout(WIDTH, 7, bias=bias, readout_zero_init=zero))
+    assert torch.equal(a, c) and torch.equal(b, d)
+    assert torch.equal(ours.weight, theirs.weight)
+
+
+@pytest.mark.parametrize("chunk", [None, 50, 1], ids=["one-chunk", "rows-of-50", "row-by-row"])
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("vocab,width", [(VOCAB, WIDTH), (3, 5), (7, 1)])
+def test_shared_readout_consumes_the_rng_as_mup(monkeypatch, vocab, width, zero, bias, dtype, chunk):
+    """mup draws a throwaway (width, vocab) weight and a width-sized bias; the
+    next draws after building the layer are the same with fastmup, also when
+    fastmup makes them in row chunks (CPU)."""
+    if chunk is not None:
+        monkeypatch.setattr(fastmup.layer, "RNG_CHUNK", chunk)
+
+    def build(lib):
+        def f():
+            emb = nn.Embedding(vocab, width)
+            return lib.MuSharedReadout(emb.weight, bias=bias, readout_zero_init=zero, dtype=dtype)
+        return f
+
+    ours, a, b = _next_draws(build(fastmup))
+    theirs, c, d = _next_draws(build(mup))
+    assert torch.equal(a, c) and torch.equal(b, d)
+    assert torch.equal(ours.weight, theirs.weight)
+    if bias:
+        assert ours.bias.shape == (vocab,) and ours.bias.dtype == (dtype or torch.float32)
+        bound = 1 / math.sqrt(width)
+        assert ours.bias.abs().max() <= bound
+        assert zero == (not ours.bias.any())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bias", [True, False])
+def test_shared_readout_consumes_the_cuda_rng_as_mup(bias):
+    """On CUDA the draws are one weight-sized launch, as mup's (the Philox
+    offset advances per launch, not per element)."""
+
+    def draws(lib):
+        torch.manual_seed(0)
+        emb = nn.Embedding(VOCAB, WIDTH, device="cuda")
+        lib.MuSharedReadout(emb.weight, bias=bias, device="cuda")
+        return torch.rand(8, device="cuda"), torch.randn(1000, device="cuda")
+
+    for ours, theirs in zip(draws(fastmup), draws(mup)):
+        assert torch.equal(ours, theirs)
+
+
+def test_shared_readout_on_meta_draws_nothing():
+    emb = nn.Embedding(11, 6, device="meta")
+    state = torch.get_rng_state()
+    ro = MuSharedReadout(emb.weight, device="meta")
+    assert ro.bias.is_meta and torch.equal(state, torch.get_rng_state())
+
+
+def test_tied_model_with_dropout_trains_as_mup():
+    """What a different stream breaks: the layer built after the readout and
+    the dropout masks.  Same seed, same model, same steps: bit-identical."""
+
+    class Tied(nn.Module):
+        def __init__(self, width, layer):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, width)
+            self.readout = layer.MuSharedReadout(self.embed.weight, bias=False)
+            self.mix = nn.Linear(width, width)  # its init follows the readout's draws
+            self.drop = nn.Dropout(0.2)
+
+        def forward(self, idx):
+            return self.readout(self.drop(torch.relu(self.mix(self.embed(idx)))))
+
+    def run(lib):
+        torch.manual_seed(0)
+        model = Tied(WIDTH, lib)
+        lib.set_base_shapes(model, Tied(BASE_WIDTH, lib), delta=Tied(2 * BASE_WIDTH, lib))
+        opt = lib.MuAdam(model.parameters(), lr=1e-2, **({"backend": "eager"} if lib is fastmup else {}))
+        x, y = lm_batch()
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1)).backward()
+            opt.step()
+        return model
+
+    ours, theirs = run(fastmup), run(mup)
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_rescale_linear_bias():

@@ -32,7 +32,7 @@ def snapshot(model):
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "param_attrs": {n: dict(p.__dict__) for n, p in model.named_parameters()},
         "module_attrs": {
-            n: {k: v for k, v in m.__dict__.items() if not k.startswith("_") or k in ("_width_mult", "_has_rescaled_params", "_fastmup_base_shapes")}
+            n: {k: v for k, v in m.__dict__.items() if not k.startswith("_") or k in ("_width_mult", "_has_rescaled_params", "_fastmup_infshapes")}
             for n, m in model.named_modules()
         },
     }
@@ -488,7 +488,12 @@ def test_checkpoint_recipe_restores_everything(arch):
 def test_base_shapes_state_survives_deepcopy_and_replaced_parameters():
     model = set_shapes(make_mlp, WIDTH)
     expected = fastmup.base_shapes_state(model)
-    clone = copy.deepcopy(model)  # Parameter.__deepcopy__ drops infshape
+    clone = copy.deepcopy(model)  # Parameter.__deepcopy__ drops infshape; the module records give it back
+    assert clone.fc2.weight.infshape == model.fc2.weight.infshape
+    assert clone.fc2.weight.infshape is not model.fc2.weight.infshape
+    assert fastmup.base_shapes_state(clone) == expected
+    # a parameter replaced by a new object without attributes
+    clone.fc2.weight = nn.Parameter(clone.fc2.weight.detach().clone())
     assert not hasattr(clone.fc2.weight, "infshape")
     assert fastmup.base_shapes_state(clone) == expected
     fastmup.set_base_shapes(clone, fastmup.base_shapes_state(clone), rescale_params=False)

@@ -157,18 +157,11 @@ class PerTensorESGD(torch.optim.Optimizer):
 
     def __init__(self, params, **hparams) -> None:
         from fastmup.optim import MuESGD
-        from fastmup.optim.esgd import _owners
 
         params = list(params)
         table = MuESGD(params, backend="eager", **hparams)
         self._table = table
-        per_tensor: dict[int, tuple[float, float]] = {}
-        batches = table._plan()
-        table._refresh_rows(batches)
-        for batch in batches:
-            lr_col, wd_col = batch.col("lr"), batch.col("weight_decay")
-            for p, row in zip(_owners(batch), batch.rows):
-                per_tensor[id(p)] = (float(row[lr_col]), float(row[wd_col]))
+        per_tensor = {id(p): (h["lr"], h["weight_decay"]) for p, h in table.tensor_hyperparameters().items()}
         group = table.param_groups[0]
         self._kw = dict(betas=tuple(group["betas"]), v=group["v"], lr_warmup=group["lr_warmup"], eps=group["eps"],
                         variant=group["variant"])

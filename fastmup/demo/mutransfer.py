@@ -571,6 +571,7 @@ def coord_check(
 
 def _stack_figures(figs, path: str, dpi: int = 80) -> None:
     """Render matplotlib figures and save them one above the other as one PNG."""
+    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.image import imsave
 
@@ -579,6 +580,7 @@ def _stack_figures(figs, path: str, dpi: int = 80) -> None:
         fig.set_dpi(dpi)
         fig.canvas.draw()
         images.append(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+        plt.close(fig)  # plot_coord_data registers its figures with pyplot
     width = max(im.shape[1] for im in images)
     padded = [np.pad(im, ((0, 0), (0, width - im.shape[1]), (0, 0)), constant_values=255) for im in images]
     imsave(path, np.concatenate(padded, axis=0))

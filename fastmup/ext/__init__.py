@@ -5,7 +5,7 @@ The update math lives once in ``csrc/adam_math.h`` / ``csrc/sgd_math.h`` /
 (``__host__ __device__`` functors); ``csrc/multi_tensor.cuh`` runs it in one
 CUDA launch per batch and ``csrc/host/`` on a pool of CPU threads.  The
 modules are built on first use (:mod:`fastmup.ext.build`) and take raw
-addresses from a :class:`~fastmup.optim.table.TensorBatch`, so they do not
+addresses from a :class:`~fastmup.plan.batch.TensorBatch`, so they do not
 depend on PyTorch's C++ ABI.
 
 * :func:`available` -- cheap, never raises: can this backend be used here?
@@ -126,16 +126,15 @@ class _Algorithm:
     flag_state: tuple[tuple[str, str], ...]  # (column, state): a nonzero column value needs that buffer
 
 
-@functools.lru_cache(maxsize=None)
-def _algorithms() -> dict[str, _Algorithm]:
-    from fastmup.optim import adam, esgd, sgd
+#: the algorithms with a C++ functor (the batch's spec names which)
+_FUNCTORS = {"AdamOp": "adam", "SgdOp": "sgd", "EsgdOp": "esgd"}
 
-    return {
-        "adam": _Algorithm(adam.COLUMNS, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), (("amsgrad", "max_exp_avg_sq"),)),
-        "sgd": _Algorithm(sgd.COLUMNS, ("momentum_buffer",), (("momentum", "momentum_buffer"),)),
-        # the third functor slot of EsgdOp is the step's HVP (read only), passed per launch
-        "esgd": _Algorithm(esgd.COLUMNS, ("exp_avg", "exp_avg_d"), ()),
-    }
+
+def _algorithm(spec) -> _Algorithm:
+    """What the launch reads of ``spec``.  The HVP input of ESGD-M is the
+    functor's slot after its state buffers, passed per launch."""
+    flags = ((spec.optional.gate, spec.optional.name),) if spec.optional is not None else ()
+    return _Algorithm(spec.columns, spec.buffers, flags)
 
 
 class _Plan:
@@ -338,12 +337,12 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     device = batch.device
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"fastmup.ext has no backend for tensors on {device}")
-    specs = _algorithms()
-    spec = specs.get(algorithm)
-    if spec is None:
+    if batch.spec is None or _FUNCTORS.get(batch.spec.functor) != algorithm:
         raise NotImplementedError(
-            f"fastmup backend {device.type!r} has no {algorithm!r} kernel (it has {sorted(specs)}); use backend='eager'"
+            f"fastmup backend {device.type!r} has no {algorithm!r} kernel (it has {sorted(_FUNCTORS.values())}); "
+            "use backend='eager'"
         )
+    spec = _algorithm(batch.spec)
     if kwargs:
         raise TypeError(f"fastmup.ext.launch({algorithm!r}) got unexpected arguments {sorted(kwargs)}")
     if len(batch) == 0:

@@ -6,7 +6,8 @@ so one fused launch covers every tensor whatever its multiplier.
 """
 from fastmup.optim.adam import MuAdam, MuAdamW
 from fastmup.optim.esgd import ESGD, MuESGD
+from fastmup.optim.mup_groups import process_param_groups
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.optim.sgd import MuSGD
 
-__all__ = ["MuAdam", "MuAdamW", "MuSGD", "MuOptimizer", "MuESGD", "ESGD"]
+__all__ = ["MuAdam", "MuAdamW", "MuSGD", "MuOptimizer", "MuESGD", "ESGD", "process_param_groups"]

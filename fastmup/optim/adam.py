@@ -18,19 +18,30 @@ one kernel launch.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from fastmup.optim.checks import check_adam
+from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
-from fastmup.optim.table import TensorBatch, math_dtype
+from fastmup.plan.batch import TensorBatch, math_dtype
+from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
 
-__all__ = ["MuAdam", "MuAdamW", "adam"]
+__all__ = ["MuAdam", "MuAdamW", "adam", "SPEC"]
 
-COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
-STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+#: Adam's contract with every backend (the Triton kernel ``fastmup.kernels.adam``,
+#: the C++ functor ``AdamOp`` of ``csrc/adam_math.h``, the reference below)
+SPEC = AlgorithmSpec(
+    name="adam",
+    columns=("lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay"),
+    state=("exp_avg", "exp_avg_sq"),
+    optional=OptionalBuffer("max_exp_avg_sq", gate="amsgrad"),
+    kernel="adam",
+    functor="AdamOp",
+)
 
 
 class MuAdam(MuOptimizer):
@@ -44,10 +55,21 @@ class MuAdam(MuOptimizer):
     fused launch).  torch's ``foreach`` and ``fused`` are accepted and kept
     in the param groups (every backend is one pass over all tensors);
     ``differentiable=True`` raises ``NotImplementedError``.
+
+    ``impl`` is mup's way to make other Adam-like μP optimizers:
+    ``MuAdam(params, impl=torch.optim.RMSprop, lr=...)`` returns that torch
+    optimizer built on mup's split param groups, as mup does
+    (:mod:`fastmup.optim.mup_groups`); ``impl=torch.optim.Adam`` is this
+    optimizer and ``impl=torch.optim.AdamW`` this optimizer with decoupled
+    weight decay (``weight_decay`` still defaulting to 0, as in mup).
     """
 
     family = "adam"
-    columns = COLUMNS
+    spec = SPEC
+    _native_impls: tuple = (torch.optim.Adam, torch.optim.AdamW)
+
+    def __new__(cls, *args: Any, impl: Optional[Callable[..., Optimizer]] = None, **kwargs: Any):
+        return new_or_impl(cls, "adam", cls._native_impls, args, impl, kwargs)
 
     def __init__(
         self,
@@ -68,7 +90,10 @@ class MuAdam(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
+        if impl is torch.optim.AdamW:
+            decoupled_weight_decay = True
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -87,9 +112,6 @@ class MuAdam(MuOptimizer):
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_adam(group)
-
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return STATE if group["amsgrad"] else STATE[:2]
 
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
         beta1, beta2 = group["betas"]
@@ -112,7 +134,10 @@ class MuAdamW(MuAdam):
     """AdamW with μP (decoupled weight decay ``p ← p·(1 - lr·wd)``, with the
     μP-scaled ``lr`` and ``wd`` of each tensor).  Defaults as ``torch.optim.AdamW``;
     every param group decays decoupled, also after loading an Adam state dict
-    (as torch's AdamW)."""
+    (as torch's AdamW).  ``impl`` as for :class:`MuAdam` (mup's ``MuAdamW``
+    takes none)."""
+
+    _native_impls: tuple = (torch.optim.AdamW,)
 
     def __init__(
         self,
@@ -132,6 +157,7 @@ class MuAdamW(MuAdam):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         super().__init__(
             params,

@@ -86,7 +86,7 @@ bias of a ReLU net) has Adam-like Θ(1/n) curvature and is over-updated by
 
 The per-tensor table and state
 ------------------------------
-Columns of ``batch.rows`` (float64, μP applied): :data:`COLUMNS`.  State
+Columns of ``batch.rows`` (float64, μP applied): ``SPEC.columns``.  State
 buffers: ``exp_avg`` (m), ``exp_avg_d`` (d), in ``state_dtype``.  Per-tensor
 scalar state (``MuOptimizer.scalar_state`` columns, ``state[p][key]`` are
 0-d views):
@@ -135,20 +135,30 @@ from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
 from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
 from fastmup.optim.optimizer import MuOptimizer
-from fastmup.optim.table import TensorBatch, math_dtype
+from fastmup.plan.batch import TensorBatch, math_dtype
+from fastmup.plan.spec import AlgorithmSpec, ReadOnlyInput, ScalarState
 
-__all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "COLUMNS", "VARIANTS"]
+__all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "SPEC", "VARIANTS"]
 
-COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "v", "lr_warmup", "eps", "variant")
-STATE = ("exp_avg", "exp_avg_d")
 VARIANTS = ("ema", "max")
-#: the scalar_state of MuESGD: key -> (initial value, dtype); see the module docstring.
-SCALAR_STATE = {
-    "step": (0.0, torch.float32),
-    "exp_avg_bias_corr": (1.0, torch.float64),
-    "exp_avg_d_bias_corr": (1.0, torch.float64),
-    "lr_warmup_cumprod": (1.0, torch.float64),
-}
+#: ESGD-M's contract with every backend (``fastmup.kernels.esgd``, ``EsgdOp``
+#: of ``csrc/esgd_math.h``, the reference below); see the module docstring
+#: for the float64 running products.
+SPEC = AlgorithmSpec(
+    name="esgd",
+    columns=("lr", "weight_decay", "beta1", "beta2", "v", "lr_warmup", "eps", "variant"),
+    state=("exp_avg", "exp_avg_d"),
+    scalars=(
+        ScalarState("step", 0.0, torch.float32),
+        ScalarState("exp_avg_bias_corr", 1.0, torch.float64),
+        ScalarState("exp_avg_d_bias_corr", 1.0, torch.float64),
+        ScalarState("lr_warmup_cumprod", 1.0, torch.float64),
+    ),
+    inputs=(ReadOnlyInput("hvp", like="grad"),),
+    kernel="esgd",
+    functor="EsgdOp",
+    advances_scalars=True,
+)
 PRODUCTS = ("exp_avg_bias_corr", "exp_avg_d_bias_corr", "lr_warmup_cumprod")
 
 
@@ -256,8 +266,7 @@ class MuESGD(MuOptimizer):
     """
 
     family = "esgd"
-    columns = COLUMNS
-    scalar_state = SCALAR_STATE
+    spec = SPEC
     # the fused ESGD-M kernels advance every tensor's scalar state: a tensor
     # without a gradient leaves the plan instead
     _skips_tensors_without_grad = False
@@ -302,6 +311,7 @@ class MuESGD(MuOptimizer):
         self.steps_since_d = 0
         self.probe_seed = seed
         self.probe_counter = 0
+        self._hvp_step = False
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
 
     # ------------------------------------------------------------------
@@ -324,9 +334,6 @@ class MuESGD(MuOptimizer):
         if variant == "max" and v is not None and float(v) != float(betas[0]):
             raise ValueError(f"variant='max' uses Nesterov momentum only (v = beta1 = {betas[0]}); got v={v}")
 
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return STATE
-
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
         beta1, beta2 = group["betas"]
         v = group["v"]
@@ -341,8 +348,8 @@ class MuESGD(MuOptimizer):
             variant=VARIANTS.index(group["variant"]),
         )
 
-    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        esgd(batch, backend=batch.backend, hvps=None, grad_scale=grad_scale, found_inf=found_inf)
+    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], **inputs) -> None:
+        esgd(batch, backend=batch.backend, grad_scale=grad_scale, found_inf=found_inf, **inputs)
 
     # ------------------------------------------------------------------
     # the HVP schedule
@@ -355,18 +362,16 @@ class MuESGD(MuOptimizer):
         """
         return self.steps < self.d_warmup or self.steps_since_d >= self.update_d_every
 
-    def _check_grads(self, hvp_step: bool) -> list[Tensor]:
-        """Validate every gradient before anything is mutated; return the
-        params that have one, in group order."""
-        with_grad = []
+    def _check_step(self) -> None:
+        """Every step, before anything is mutated: on an HVP step every
+        gradient needs its autograd graph; sharded params are refused."""
+        self._hvp_step = self.should_create_graph()
         for p, g, where in self._with_grads():
-            if g.layout != torch.strided:
-                raise RuntimeError(f"{where()} has a sparse gradient ({g.layout}); ESGD-M supports dense gradients only")
             if _is_dtensor(p):
                 raise NotImplementedError(
                     f"{where()} is a DTensor: ESGD-M does not support sharded (FSDP2 / DTensor) parameters yet"
                 )
-            if hvp_step and g.grad_fn is None:
+            if self._hvp_step and g.grad_fn is None and g.layout == torch.strided:
                 raise RuntimeError(
                     f"{where()}: its gradient has no autograd graph, but this step computes a Hessian-vector "
                     "product. Call loss.backward(create_graph=opt.should_create_graph()) (create_graph=True "
@@ -375,60 +380,30 @@ class MuESGD(MuOptimizer):
                     "on only linearly has a constant gradient with no graph even then: optimise it with "
                     "another optimizer.)"
                 )
-            with_grad.append(p)
-        return with_grad
 
-    # ------------------------------------------------------------------
-    # the step
-    # ------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One ESGD-M step: on HVP steps one probe launch and one HVP per
-        optimizer, then one fused launch per dtype signature."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
-        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
-        hvp_step = self.should_create_graph()
-        params = self._check_grads(hvp_step)
-        batches = self._plan() if params else []
-        try:
-            if batches:
-                self._refresh_rows(batches)
-            hvps_of: Optional[dict] = None
-            if hvp_step and batches:
-                probes_of = {}
-                for batch in batches:
-                    probes = draw_probes(batch, self.probe_seed, self.probe_counter, backend=batch.backend)
-                    probes_of.update(zip(map(id, _owners(batch)), probes))
-                with torch.enable_grad():
-                    hvps = torch.autograd.grad(
-                        [p.grad for p in params], params, grad_outputs=[probes_of[id(p)] for p in params], allow_unused=True
-                    )
-                hvps_of = {id(p): h for p, h in zip(params, hvps)}
-                del probes_of, hvps
-            eager_skips: Optional[bool] = None
-            for batch in batches:
-                batch_inf = found_inf
-                if found_inf is not None and batch.backend == "eager":
-                    # the reference may sync; fused paths skip on device
-                    if eager_skips is None:
-                        eager_skips = bool(found_inf.item())
-                    if eager_skips:
-                        continue
-                    batch_inf = None
-                hvps = None if hvps_of is None else [hvps_of[id(p)] for p in _owners(batch)]
-                esgd(batch, backend=batch.backend, hvps=hvps, grad_scale=grad_scale, found_inf=batch_inf)
-        finally:
-            self._release_grads()  # HVP-step grads carry autograd graphs: never keep them
-        if hvp_step:
+    def _step_inputs(self, batches: list[TensorBatch]) -> list[dict[str, Any]]:
+        """On an HVP step: one probe launch per batch and one HVP over all
+        params; each batch's update gets its tensors' HVPs."""
+        if not self._hvp_step:
+            return [{"hvps": None} for _ in batches]
+        probes_of = {}
+        for batch in batches:
+            probes = draw_probes(batch, self.probe_seed, self.probe_counter, backend=batch.backend)
+            probes_of.update(zip(map(id, _owners(batch)), probes))
+        params = [p for p, _, _ in self._with_grads()]
+        with torch.enable_grad():
+            hvps = torch.autograd.grad(
+                [p.grad for p in params], params, grad_outputs=[probes_of[id(p)] for p in params], allow_unused=True
+            )
+        hvps_of = {id(p): h for p, h in zip(params, hvps)}
+        return [{"hvps": [hvps_of[id(p)] for p in _owners(batch)]} for batch in batches]
+
+    def _after_step(self) -> None:
+        if self._hvp_step:
             self.steps_since_d = 0
             self.probe_counter += 1
         self.steps += 1
         self.steps_since_d += 1
-        return loss
 
     # ------------------------------------------------------------------
     # state_dict: global counters and the probe generator

@@ -1,8 +1,10 @@
 """``MuOptimizer``: the planning half shared by every fastmup optimizer.
 
-A subclass names its hyperparameter columns, its state buffers and its
-update; this base class turns the user's param groups into the per-tensor
-table of :mod:`fastmup.optim.table` and hands each batch to one backend.
+A subclass declares its algorithm (an :class:`~fastmup.plan.spec.AlgorithmSpec`:
+columns, state buffers, scalar state), maps a param group to its columns
+and names its update; this base class turns the user's param groups into
+the per-tensor table of :mod:`fastmup.plan.batch` and hands each batch to
+one backend.
 
 The user's param groups are kept exactly as given (``group["lr"]`` is the
 base learning rate, so any LR scheduler may set it absolutely); the μP
@@ -23,9 +25,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmup.infshape_registry import explain_missing, find_infshape
 from fastmup.optim import backend as backends
+from fastmup.optim.mup_groups import regroup_state_dict
 from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
-from fastmup.optim.table import Signature, TensorBatch, stack_scalars
+from fastmup.plan.batch import Signature, TensorBatch, stack_scalars
+from fastmup.plan.spec import AlgorithmSpec
 
 try:  # DTensor (FSDP2) parameters are updated through their local shards
     from torch.distributed.tensor import DTensor as _DTensor
@@ -97,19 +102,18 @@ def describe_param(p: Tensor, group: Mapping[str, Any], group_index: int, positi
 class MuOptimizer(Optimizer):
     """Base class of the fastmup optimizers.
 
-    Subclasses set ``family`` ("adam" or "sgd": which μP rule applies),
-    ``columns`` (the per-tensor hyperparameters their update reads) and
-    implement :meth:`_state_keys`, :meth:`_group_values` and :meth:`_update`.
-    ``columns`` must include ``"lr"`` and ``"weight_decay"``: those two get
-    the μP multipliers.
+    Subclasses set ``family`` ("adam", "sgd" or "esgd": which μP rule
+    applies) and ``spec`` (the algorithm: its columns, state buffers and
+    scalar state), and implement :meth:`_validate`, :meth:`_group_values`
+    (a param group's value of every column) and :meth:`_update` (one batch,
+    one backend).  The step has three hooks, no-ops here:
+    :meth:`_check_step` (every step, before anything is mutated),
+    :meth:`_step_inputs` (per-batch inputs of the update, such as ESGD-M's
+    HVPs) and :meth:`_after_step`.
     """
 
     family: Family
-    columns: tuple[str, ...]
-    #: per-tensor scalar state: key -> (initial value, dtype).  Each key lives
-    #: in one device column per batch (``batch.scalars[key]``) and
-    #: ``state[p][key]`` is a 0-d view into it, like torch's ``step``.
-    scalar_state: dict[str, tuple[float, torch.dtype]] = {"step": (0.0, torch.float32)}
+    spec: AlgorithmSpec
     _step_supports_amp_scaling = True
 
     def __init__(
@@ -151,14 +155,43 @@ class MuOptimizer(Optimizer):
     def _validate(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming the bad hyperparameter."""
 
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        raise NotImplementedError
-
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
+        """The value of every column of ``spec`` for the tensors of ``group``."""
         raise NotImplementedError
 
-    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], **inputs: Any) -> None:
         raise NotImplementedError
+
+    def _check_step(self) -> None:
+        """Validate what only this step can show (every step, before the plan)."""
+
+    def _step_inputs(self, batches: list[TensorBatch]) -> list[dict[str, Any]]:
+        """Per-batch keyword inputs of :meth:`_update` for this step."""
+        return [{} for _ in batches]
+
+    def _after_step(self) -> None:
+        """Advance optimizer-wide counters once the step is done."""
+
+    # ------------------------------------------------------------------
+    # what the spec says
+    # ------------------------------------------------------------------
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.spec.columns
+
+    @property
+    def scalar_state(self) -> dict[str, tuple[float, torch.dtype]]:
+        """Per-tensor scalar state: key -> (initial value, dtype).  Each key
+        lives in one device column per batch (``batch.scalars[key]``) and
+        ``state[p][key]`` is a 0-d view into it, like torch's ``step``."""
+        return self.spec.scalar_state
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        """The state buffers of the tensors of ``group``."""
+        optional = self.spec.optional
+        if optional is None:
+            return self.spec.state
+        return self.spec.state_keys(self._group_values(group)[optional.gate])
 
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
         """Complete a param group from an older or foreign state dict (keys
@@ -219,12 +252,9 @@ class MuOptimizer(Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__} in param group {group_index}")
             where = describe_param(p, group, group_index, position)
-            infshape = getattr(p, "infshape", None)
+            infshape = find_infshape(p)
             if infshape is None:
-                raise ValueError(
-                    f"{where} has no μP base shapes (no `infshape` attribute): call "
-                    "fastmup.set_base_shapes(model, base_model, delta=delta_model) before creating the optimizer"
-                )
+                raise ValueError(f"{where} has no μP base shapes (no `infshape` attribute): {explain_missing(p)}")
             try:
                 lr_m, wd_m = mup_multipliers(infshape, self.family, bool(group.get("decoupled_wd", False)))
             except NotImplementedError as e:
@@ -298,7 +328,7 @@ class MuOptimizer(Optimizer):
         """
         grads = list(map(_GRAD, key.params))
         locals_ = [None if g is None else local(g) for g in grads] if key.sharded else grads
-        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])) and not any(g is None for g in grads):
+        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
             # the same tensors: only their storage may have been swapped
             if list(map(_address, locals_)) == key.grad_ptrs:
                 for batch in self._batches:
@@ -474,6 +504,7 @@ class MuOptimizer(Optimizer):
                     self.state[p][key] = scalars[key][i]
             batch = TensorBatch(
                 signature=sig,
+                spec=self.spec,
                 columns=self.columns,
                 index=[f for f, _, _, _ in entries],
                 params=[local(p) for p in params],
@@ -495,9 +526,14 @@ class MuOptimizer(Optimizer):
             batches.append(batch)
         return batches
 
+    @torch.compiler.disable
     def _plan(self) -> list[TensorBatch]:
         """The batches of this step, their ``grads`` bound to the current
-        gradients (:meth:`_release_grads` drops them after the step)."""
+        gradients (:meth:`_release_grads` drops them after the step).
+
+        Host-side bookkeeping over weak references and addresses: a compiled
+        training loop runs it as it is, never traced (a guard on a weak
+        reference that has died since would fail)."""
         key = self._plan_key
         if key is None or not self._structure_is_current(key) or not self._bind_grads(key):
             self._plan_key = None
@@ -549,13 +585,17 @@ class MuOptimizer(Optimizer):
                 loss = closure()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        self._check_step()
         batches = self._plan()
-        if not batches:
-            return loss
+        # an update that advances its own scalar state counts the step itself
+        # (and writes nothing, on the device, when found_inf is set)
+        counts_steps = not self.spec.advances_scalars
         try:
-            self._refresh_rows(batches)
+            if batches:
+                self._refresh_rows(batches)
+                inputs = self._step_inputs(batches)
             eager_skips: Optional[bool] = None
-            for batch in batches:
+            for batch, batch_inputs in zip(batches, inputs if batches else ()):
                 batch_inf = found_inf
                 if found_inf is not None and batch.backend == "eager":
                     # The reference path is allowed a host sync; fused paths skip on device.
@@ -564,20 +604,46 @@ class MuOptimizer(Optimizer):
                     if eager_skips:
                         continue
                     batch_inf = None
-                batch.advance_steps()
-                if batch.has_work:
-                    self._update(batch, grad_scale, batch_inf)
-                if batch_inf is not None:
+                if counts_steps:
+                    batch.advance_steps()
+                if batch.has_work or not counts_steps:
+                    self._update(batch, grad_scale, batch_inf, **batch_inputs)
+                if batch_inf is not None and counts_steps:
                     batch.retract_steps(batch_inf)
         finally:
-            self._release_grads()
+            self._release_grads()  # the grads of a step may carry autograd graphs: never keep them
+        self._after_step()
         return loss
+
+    # ------------------------------------------------------------------
+    # the table, as the user reads it
+    # ------------------------------------------------------------------
+    def tensor_hyperparameters(self) -> dict[Tensor, dict[str, float]]:
+        """Every parameter's hyperparameters as the next step applies them.
+
+        For each parameter of the param groups (in group order): the value of
+        every column of the algorithm (``opt.spec.columns``), with ``lr`` and
+        ``weight_decay`` multiplied by the parameter's μP factors and any
+        ``param_lr_scales``.  A Tensor lr is read on the host (one sync).
+        """
+        out: dict[Tensor, dict[str, float]] = {}
+        for group in self.param_groups:
+            values = {c: float(v) for c, v in self._group_values(group).items()}
+            for p in group["params"]:
+                lr_m, wd_m = self._mults[p]
+                out[p] = {
+                    **values,
+                    "lr": values["lr"] * lr_m.num / lr_m.den,
+                    "weight_decay": values["weight_decay"] * wd_m.num / wd_m.den,
+                }
+        return out
 
     # ------------------------------------------------------------------
     # state_dict: keep the state's own dtype (torch casts state to the
     # param's dtype on load, which would round fp32 state of bf16 params)
     # ------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = regroup_state_dict(self, state_dict)  # a mup optimizer's layout, if it is one
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(

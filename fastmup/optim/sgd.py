@@ -14,18 +14,31 @@ single-tensor reference and a fused path.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from fastmup.optim.checks import check_sgd
+from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
-from fastmup.optim.table import TensorBatch, math_dtype
+from fastmup.plan.batch import TensorBatch, math_dtype
+from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
 
-__all__ = ["MuSGD", "sgd"]
+__all__ = ["MuSGD", "sgd", "SPEC"]
 
-COLUMNS = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
+#: SGD's contract with every backend (``fastmup.kernels.sgd``, ``SgdOp`` of
+#: ``csrc/sgd_math.h``, the reference below).  ``step`` marks whether the
+#: momentum buffer has been seeded.
+SPEC = AlgorithmSpec(
+    name="sgd",
+    columns=("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize"),
+    state=(),
+    optional=OptionalBuffer("momentum_buffer", gate="momentum"),
+    kernel="sgd",
+    functor="SgdOp",
+)
 
 
 class MuSGD(MuOptimizer):
@@ -40,11 +53,21 @@ class MuSGD(MuOptimizer):
     gradient is densified, the momentum buffer is dense).  torch's
     ``foreach`` and ``fused`` are accepted and kept in the param groups;
     ``differentiable=True`` raises ``NotImplementedError``.
+
+    ``impl`` is mup's way to make other SGD-like μP optimizers:
+    ``MuSGD(params, impl=torch.optim.ASGD, lr=...)`` returns that torch
+    optimizer built on mup's split param groups, as mup does
+    (:mod:`fastmup.optim.mup_groups`); ``impl=torch.optim.SGD`` is this
+    optimizer.
     """
 
     family = "sgd"
-    columns = COLUMNS
+    spec = SPEC
     _sparse_grads = True
+    _native_impls: tuple = (torch.optim.SGD,)
+
+    def __new__(cls, *args: Any, impl: Optional[Callable[..., Optimizer]] = None, **kwargs: Any):
+        return new_or_impl(cls, "sgd", cls._native_impls, args, impl, kwargs)
 
     def __init__(
         self,
@@ -64,6 +87,7 @@ class MuSGD(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -82,9 +106,6 @@ class MuSGD(MuOptimizer):
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_sgd(group)
-
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
         state = self.state[p]

@@ -16,6 +16,7 @@ equal to the combined batch by construction.
 from __future__ import annotations
 
 import os
+import sys
 import socket
 
 import pytest
@@ -42,6 +43,12 @@ def _entry(rank: int, fn, port: int, args: tuple) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A worker that succeeded leaves at once: the interpreter's shutdown can
+    # meet a gloo thread still winding down and abort ("terminate called
+    # without an active exception"), failing a test that passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, *args) -> None:

@@ -13,6 +13,10 @@ where one process reduces the whole batch at once, hence rtol=1e-5 /
 atol=1e-6 instead of bit equality.  ``out.weight`` (5 x 32) is sharded
 unevenly (3 + 2 rows), ``hidden`` and ``out`` are separate FSDP units, and
 the transformer's readout is tied to its embedding (MuSharedReadout).
+
+The plain sequence of torch's FSDP2 docs (``set_base_shapes``, then
+``fully_shard`` per unit and on the root, then the optimizer, no fastmup
+helper) is checked against mup 1.0 training the same model in one process.
 """
 from __future__ import annotations
 
@@ -85,6 +89,96 @@ def _fsdp_worker(rank: int, names: list) -> None:
 
 def test_fsdp2_matches_single_process():
     spawn(_fsdp_worker, backends())
+
+
+# ----------------------------------------------------------------------
+# the plain sequence: set_base_shapes -> fully_shard -> optimizer
+# ----------------------------------------------------------------------
+def _plain_batches(kind: str, steps: int = 3) -> list:
+    g = torch.Generator().manual_seed(5)
+    if kind == "mlp":
+        return [(torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(steps)]
+    return [(torch.randint(0, 37, (4, 8), generator=g), torch.randint(0, 37, (4, 8), generator=g)) for _ in range(steps)]
+
+
+def _loss(model, batch):
+    x, y = batch
+    out = model(x)
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+PLAIN_UNITS = {"mlp": ("fc2", "readout"), "transformer": ("qkv", "ff1", "ff2")}
+
+
+def _plain_worker(rank: int, names: list) -> None:
+    """``fully_shard`` as torch's docs use it, no fastmup helper; the
+    reference is mup 1.0 training the same model in one process."""
+    import mup
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from tests.models import make_mlp, make_mup_mlp, make_mup_transformer, make_transformer, set_shapes
+
+    mesh = init_device_mesh("cpu", (2,))
+    builders = {"mlp": (make_mlp, make_mup_mlp), "transformer": (make_transformer, make_mup_transformer)}
+    # Adam is left out for the transformer: its attention key bias has a zero
+    # gradient up to rounding (softmax is shift invariant), which Adam
+    # normalises into O(lr) updates that differ between any two reductions.
+    cases = [("mlp", "adamw"), ("mlp", "sgd"), ("transformer", "sgd")]
+    for (kind, opt_name), backend in [(c, b) for c in cases for b in names]:
+        ours_fn, theirs_fn = builders[kind]
+        torch.manual_seed(0)
+        model = set_shapes(ours_fn, 32)
+        torch.manual_seed(0)
+        ref = set_shapes(theirs_fn, 32, lib=mup)
+        for name in PLAIN_UNITS[kind]:
+            fully_shard(getattr(model, name), mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert all(isinstance(p, DTensor) and not hasattr(p, "infshape") for p in model.parameters())
+        if opt_name == "adamw":
+            opt = fastmup.MuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
+            ref_opt = mup.MuAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        else:
+            opt = fastmup.MuSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+            ref_opt = mup.MuSGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        # multipliers from the global shapes
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert (p.infshape.base_shape(), p.infshape.shape()) == (q.infshape.base_shape(), q.infshape.shape())
+        for batch in _plain_batches(kind):
+            opt.zero_grad()
+            _loss(model, shard_of(batch, rank)).backward()
+            opt.step()
+            ref_opt.zero_grad()
+            _loss(ref, batch).backward()
+            ref_opt.step()
+        # reduce-scatter rounding, as in the test above
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(
+                p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind}/{opt_name}/{backend} {name}: {m}"
+            )
+
+    # an optimizer built on what the root holds after a forward (the unsharded
+    # copies) is refused with the fix
+    torch.manual_seed(0)
+    model = set_shapes(make_mlp, 32)
+    fully_shard(model.fc2, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    with torch.no_grad():
+        model(torch.randn(2, 16))
+    with pytest.raises(ValueError, match=r"unsharded copy of Linear.weight.*model.reshard\(\)"):
+        fastmup.MuAdamW(model.parameters(), lr=1e-3)
+    model.reshard()
+    fastmup.MuAdamW(model.parameters(), lr=1e-3)
+    # sharded without base shapes
+    plain = make_mlp(32)
+    fully_shard(plain, mesh=mesh)
+    with pytest.raises(ValueError, match="DTensor parameter .FSDP2.*before fully_shard"):
+        fastmup.MuAdamW(plain.parameters(), lr=1e-3)
+
+
+def test_plain_fully_shard_after_set_base_shapes_matches_mup_single_process():
+    spawn(_plain_worker, backends())
 
 
 class Plain(nn.Module):

@@ -354,3 +354,31 @@ def test_closure_is_evaluated_with_grad():
 
     assert opt.step(closure) is not None
     assert opt.state[model.inp.weight]["step"].item() == 1
+
+
+# ----------------------------------------------------------------------------
+# tensor_hyperparameters(): the table as the user reads it
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS)
+def test_tensor_hyperparameters_are_the_rows_the_step_uses(cls, kw):
+    """Per-tensor lr and weight decay after μP (mup's rule table) and
+    param_lr_scales, the other columns from the groups; equal to the rows
+    the next step's batches hold."""
+    model = build("mlp", 64)
+    hidden, bias = model.hidden.weight, model.inp.bias
+    groups = [{"params": [hidden], "lr": 0.5, "weight_decay": 0.25}, {"params": [p for p in model.parameters() if p is not hidden]}]
+    opt = cls(groups, **{**kw, "weight_decay": 0.1}, param_lr_scales={bias: 3.0})
+    table = opt.tensor_hyperparameters()
+    assert list(table) == [p for g in opt.param_groups for p in g["params"]]
+    assert all(set(row) == set(cls.spec.columns) for row in table.values())
+    m_in = hidden.infshape[1].width_mult()
+    if opt.family == "adam":
+        assert table[hidden]["lr"] == 0.5 / m_in and table[hidden]["weight_decay"] == 0.25 * m_in
+    else:  # sgd: hidden matrices lr·m_out/m_in
+        m_out = hidden.infshape[0].width_mult()
+        assert table[hidden]["lr"] == pytest.approx(0.5 * m_out / m_in)
+    assert table[bias]["lr"] == pytest.approx(3.0 * opt.defaults["lr"] * (1 if opt.family == "adam" else bias.infshape[0].width_mult()))
+    train("mlp", model, opt, steps=1)
+    for batch in opt._batches:
+        for p, row in zip(batch.owners, batch.rows):
+            assert [table[p][c] for c in batch.columns] == row.tolist()

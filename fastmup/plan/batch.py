@@ -23,11 +23,14 @@ changed hyperparameter costs one small host-to-device copy of ``rows``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastmup.plan.launch import LaunchPlan, block_map, build_launch_plan
+from fastmup.plan.spec import AlgorithmSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class TensorBatch:
     #: the optimizer's parameters (``params`` holds what kernels update: the
     #: same tensors, or a DTensor's local shard)
     owners: list[Tensor] = field(default_factory=list)
+    #: the algorithm whose update steps this batch (its columns are ``columns``)
+    spec: Optional[AlgorithmSpec] = None
     #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
     device_lr: list[Tensor] | None = None
     group_index: np.ndarray | None = None
@@ -72,6 +77,7 @@ class TensorBatch:
     _uploaded: np.ndarray | None = field(default=None, repr=False)
     _pointers: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
     _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
+    _launch_plans: dict[int, LaunchPlan] = field(default_factory=dict, repr=False)
     _numels: Tensor | None = field(default=None, repr=False)
     _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _staging: dict[object, tuple[Tensor, object]] = field(default_factory=dict, repr=False)
@@ -142,10 +148,15 @@ class TensorBatch:
             skipped = skipped * self._step_increment
         self.steps.sub_(skipped)
 
-    def _active_numels(self) -> np.ndarray:
+    def numel_counts(self) -> np.ndarray:
+        """int64 ``[n]`` element counts of the tensors, on the host (cached; do not modify)."""
         if self._numel_host is None:
             self._numel_host = np.fromiter((p.numel() for p in self.params), dtype=np.int64, count=len(self.params))
-        return self._numel_host if self.active is None else self._numel_host * self.active
+        return self._numel_host
+
+    def _active_numels(self) -> np.ndarray:
+        counts = self.numel_counts()
+        return counts if self.active is None else counts * self.active
 
     def col(self, name: str) -> int:
         """Column number of hyperparameter ``name`` in ``rows``."""
@@ -246,26 +257,26 @@ class TensorBatch:
         return self._numels
 
     def block_map(self, block: int) -> tuple[Tensor, Tensor, int]:
-        """Map program id -> (tensor index, first element) for chunks of ``block``.
-
-        Returns ``(tensor_of_block int32 [nblocks], start_of_block int64
-        [nblocks], nblocks)``.  Empty tensors get no block.  Offsets are int64
-        so tensors beyond 2**31 elements are addressed correctly.
-        """
+        """Map program id -> (tensor index, first element) for chunks of
+        ``block``: ``(tensor_of_block int32, start_of_block int64, nblocks)``
+        on the device; empty tensors get no block (cached)."""
         cached = self._block_maps.get(block)
         if cached is None:
-            numel = np.array([p.numel() for p in self.params], dtype=np.int64)
-            nblocks = (numel + block - 1) // block
-            tensor_of_block = np.repeat(np.arange(len(numel), dtype=np.int32), nblocks)
-            first = np.cumsum(nblocks) - nblocks
-            start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * block
-            cached = (
+            tensor_of_block, start = block_map(self.numel_counts(), block)
+            cached = self._block_maps[block] = (
                 torch.from_numpy(tensor_of_block).to(self.device),
                 torch.from_numpy(start).to(self.device),
-                int(nblocks.sum()),
+                len(tensor_of_block),
             )
-            self._block_maps[block] = cached
         return cached
+
+    def launch_plan(self, block: int) -> LaunchPlan:
+        """The :class:`~fastmup.plan.launch.LaunchPlan` of this batch for
+        chunks of ``block`` elements, built (and its tensors checked) once."""
+        plan = self._launch_plans.get(block)
+        if plan is None:
+            plan = self._launch_plans[block] = build_launch_plan(self, block)
+        return plan
 
 
 def math_dtype(*storage: torch.dtype) -> torch.dtype:

@@ -1,0 +1,141 @@
+"""``LaunchPlan``: what a fused launch over a batch needs, built once.
+
+Every fused backend (the Triton launchers, the compiled extension) reads
+the same plan of a :class:`~fastmup.plan.batch.TensorBatch`, built from
+the batch's :class:`~fastmup.plan.spec.AlgorithmSpec` and cached on the
+batch (one per block size):
+
+* ``pointers`` — int64 ``[2 + len(spec.buffers), n]`` on the device: the
+  addresses of each tensor's param, grad and state buffers in the order of
+  ``spec.buffers`` (0 where a tensor has no such buffer, or no gradient
+  this step);
+* the block map — ``tensor_of_block`` (int32) and ``start_of_block``
+  (int64) for chunks of ``block`` elements; an algorithm that advances its
+  own scalar state gets one entry even for an empty tensor;
+* ``numels`` — the batch's device table of element counts (0 for a tensor
+  not stepped now: its blocks load and store nothing);
+* the storage dtypes, whether every address is 16-byte aligned (vector
+  accesses), whether the optional buffer exists in the batch, and for
+  algorithms that advance their scalar state a ``tickets`` counter per
+  tensor (the last program of a tensor writes its new scalars).
+
+The tensors are checked once, when the plan is built: each must be a
+contiguous tensor of its role's dtype with the param's element count, on
+the batch's device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from fastmup.plan.batch import TensorBatch
+
+__all__ = ["ALIGNMENT", "LaunchPlan", "build_launch_plan", "block_map"]
+
+#: bytes: addresses that are multiples of this allow 128-bit vector accesses
+ALIGNMENT = 16
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """See the module docstring."""
+
+    roles: tuple[str, ...]  # the rows of ``pointers``: "param", "grad", then spec.buffers
+    pointers: Tensor
+    numels: Tensor
+    tensor_of_block: Tensor
+    start_of_block: Tensor
+    nblocks: int
+    block: int
+    n_tensors: int
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    state_dtype: torch.dtype
+    aligned: bool
+    has_optional: bool
+    tickets: Optional[Tensor]
+
+    def row(self, role: str) -> int:
+        """The row of ``pointers`` that holds ``role``'s addresses."""
+        return self.roles.index(role)
+
+
+def block_map(numels: np.ndarray, block: int, *, at_least_one: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Program id -> (tensor index int32, first element int64) for chunks of ``block``.
+
+    Empty tensors get no entry, or one with ``at_least_one``.  Offsets are
+    int64, so tensors beyond 2**31 elements are addressed correctly."""
+    numels = np.asarray(numels, dtype=np.int64)
+    nblocks = (numels + block - 1) // block
+    if at_least_one:
+        nblocks = np.maximum(nblocks, 1)
+    tensor_of_block = np.repeat(np.arange(len(numels), dtype=np.int32), nblocks)
+    first = np.cumsum(nblocks) - nblocks
+    start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * block
+    return tensor_of_block, start
+
+
+def _check_tensors(batch: "TensorBatch", roles: tuple[str, ...]) -> list[Tensor]:
+    """Every addressed tensor, checked; raise naming the tensor and role."""
+    sig, spec = batch.signature, batch.spec
+    want = {"param": sig.param_dtype, "grad": sig.grad_dtype}
+    gate = batch.col(spec.optional.gate) if spec.optional is not None else None
+    checked = []
+    for role in roles:
+        listed = batch.params if role == "param" else batch.grads if role == "grad" else batch.state.get(role)
+        for i, p in enumerate(batch.params):
+            t = None if listed is None else listed[i]
+            if t is None:
+                optional_absent = spec.optional is not None and role == spec.optional.name and batch.rows[i, gate] == 0
+                if optional_absent or (role == "grad" and not batch.is_active(i)) or p.numel() == 0:
+                    continue  # address 0: never read
+                raise ValueError(f"{spec.name} launch: tensor #{i} of the batch has no {role!r} buffer")
+            dtype = want.get(role, sig.state_dtype)
+            if t.dtype != dtype or t.numel() != p.numel() or not t.is_contiguous() or t.device != sig.device:
+                raise ValueError(
+                    f"{spec.name} launch: the {role} of tensor #{i} of the batch must be a contiguous {dtype} tensor "
+                    f"of {p.numel()} elements on {sig.device}, got {t.dtype} {tuple(t.shape)} on {t.device} "
+                    f"(contiguous={t.is_contiguous()})"
+                )
+            checked.append(t)
+    return checked
+
+
+def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
+    """The launch plan of ``batch`` for chunks of ``block`` elements (checks every tensor)."""
+    spec = batch.spec
+    if spec is None:
+        raise ValueError("a launch plan needs the batch's AlgorithmSpec (batch.spec)")
+    if tuple(batch.columns) != spec.columns:
+        raise ValueError(f"{spec.name} launch: the batch's columns {tuple(batch.columns)} are not {spec.columns}")
+    for s in spec.scalars:
+        col = batch.scalars.get(s.name)
+        if col is None or col.dtype != s.dtype or tuple(col.shape) != (len(batch),) or not col.is_contiguous():
+            raise ValueError(f"{spec.name} launch: scalar state {s.name!r} must be a contiguous {s.dtype} column of {len(batch)} entries")
+    has_optional = spec.optional is not None and spec.optional.name in batch.state
+    roles = ("param", "grad") + spec.state + ((spec.optional.name,) if has_optional else ())
+    tensors = _check_tensors(batch, roles)
+    tensor_of_block, start = block_map(batch.numel_counts(), block, at_least_one=spec.advances_scalars)
+    device = batch.device
+    sig = batch.signature
+    return LaunchPlan(
+        roles=roles,
+        pointers=batch.pointers(roles),
+        numels=batch.numels(),
+        tensor_of_block=torch.from_numpy(tensor_of_block).to(device),
+        start_of_block=torch.from_numpy(start).to(device),
+        nblocks=len(tensor_of_block),
+        block=block,
+        n_tensors=len(batch),
+        param_dtype=sig.param_dtype,
+        grad_dtype=sig.grad_dtype,
+        state_dtype=sig.state_dtype,
+        aligned=all(t.data_ptr() % ALIGNMENT == 0 for t in tensors),
+        has_optional=has_optional,
+        tickets=torch.zeros(len(batch), dtype=torch.int32, device=device) if spec.advances_scalars else None,
+    )
