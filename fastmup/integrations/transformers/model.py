@@ -267,11 +267,12 @@ def _readout_to_mup(model: PreTrainedModel, output_mult: float) -> MuReadout:
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     tied = emb is not None and head.weight is getattr(emb, "weight", None)
+    # Built on meta so that nothing is drawn (MuSharedReadout otherwise draws
+    # what mup's throwaway weight would): the RNG stream stays that of the
+    # plain model, and the weights are the ones already there.
     if tied:
-        readout: MuReadout = MuSharedReadout(head.weight, bias=False, output_mult=output_mult)
+        readout: MuReadout = MuSharedReadout(head.weight, bias=False, device="meta", output_mult=output_mult)
     else:
-        # Built on meta so that nothing is drawn: the RNG stream stays that of
-        # the plain model, and the weights are the ones already there.
         readout = MuReadout(
             head.in_features, head.out_features, bias=False, device="meta", output_mult=output_mult
         )
