@@ -87,28 +87,18 @@ inline T* tensor_ptr(const int64_t* table, int64_t t, int64_t start) {
 
 // One entry of the block map.
 template <class K, class Op, class P, class G, class S>
-void update_block(const MultiTensorArgs& a, int64_t b, float grad_scale) {
+void update_block(const MultiTensorArgs& a, int64_t b, const Unscale& unscale) {
   const int64_t t = a.tensor_of_block[b];
   const int64_t start = a.start_of_block[b];
   const int64_t n = std::min(a.block, a.numels[t] - start);
   if (n <= 0) return;
-  const typename Op::Scalars s = Op::prepare(a, t, grad_scale);
+  const typename Op::Scalars s = Op::prepare(a, t, unscale);
   P* p = tensor_ptr<P>(a.param_ptrs, t, start);
   const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
   S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
   Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-  const bool full = Op::mask(s) == Op::kMaskFull;
-  if (grad_scale != 1.0f) {
-    if (full)
-      K::template update_range<Op, Op::kMaskFull | Op::kGradScaled>(s, p, g, s0, s1, s2, n);
-    else
-      K::template update_range<Op, Op::kMaskBase | Op::kGradScaled>(s, p, g, s0, s1, s2, n);
-  } else if (full) {
-    K::template update_range<Op, Op::kMaskFull>(s, p, g, s0, s1, s2, n);
-  } else {
-    K::template update_range<Op, Op::kMaskBase>(s, p, g, s0, s1, s2, n);
-  }
+  dispatch_variant<Op>(s, unscale, [&](auto mask) { K::template update_range<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n); });
 }
 
 // Run f(b) for b in [0, n) on up to nthreads threads, dynamically scheduled.
@@ -138,14 +128,14 @@ void parallel_for(int64_t n, int nthreads, const F& f) {
 template <class Op, class P, class G, class S>
 void run_typed(const MultiTensorArgs& a, int nthreads) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: inf/NaN grads, skip the step
-  const float grad_scale = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+  const Unscale unscale = make_unscale(a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
 #if FASTMUP_HAVE_AVX2
   if (use_avx2()) {
-    parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<avx2::Kernels, Op, P, G, S>(a, b, grad_scale); });
+    parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<avx2::Kernels, Op, P, G, S>(a, b, unscale); });
   } else
 #endif
   {
-    parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<generic::Kernels, Op, P, G, S>(a, b, grad_scale); });
+    parallel_for(a.nblocks, nthreads, [&](int64_t b) { update_block<generic::Kernels, Op, P, G, S>(a, b, unscale); });
   }
   // The scalar-state advance (ESGD-M): every chunk has read the old values,
   // so the new ones are stored once per tensor, empty tensors included.
