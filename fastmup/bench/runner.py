@@ -306,12 +306,15 @@ def run(
     copy_bw_GBps: float,
     free_bytes: Callable[[], int],
     progress: Optional[Callable[[str], None]] = None,
+    out: Optional[Results] = None,
 ) -> Results:
     """Time and check every model × optimizer × implementation.
 
     ``progress(label)`` is called once per (model, optimizer, impl) triple.
+    Rows go into ``out`` (a fresh :class:`Results` by default) as each case
+    finishes, so that a caller interrupted mid-run keeps the finished cases.
     """
-    out = Results()
+    out = Results() if out is None else out
     tick = progress or (lambda label: None)
     began = time.perf_counter()
     left = [len(model_names) * len(optimizers) * len(impls)]  # triples not yet timed
