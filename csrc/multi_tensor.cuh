@@ -41,8 +41,10 @@ namespace cuda {
 constexpr int kThreads = 256;
 // Elements per block-map entry: 32 per thread, i.e. 4-8 vector iterations.
 constexpr int64_t kBlock = 8192;
-// The largest entry a launch may ask for: element offsets inside an entry are int.
+// The largest entry a launch may ask for, and the most entries: element
+// offsets inside an entry and entry indices are int.
 constexpr int64_t kMaxBlock = int64_t(1) << 28;
+constexpr int64_t kMaxEntries = int64_t(1) << 30;
 
 template <class A, class B, class C>
 struct VecWidth {
@@ -213,7 +215,7 @@ template <class Op, class P, class G, class S>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTensorArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: inf/NaN grads, skip the step
   const Unscale unscale = make_unscale(a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
-  // entries are fewer than 2^31 (launch checks): 32-bit bounds
+  // at most kMaxEntries entries (launch checks): 32-bit bounds
   const int nblocks = static_cast<int>(a.nblocks);
   const int per_block = static_cast<int>((static_cast<unsigned>(nblocks) + gridDim.x - 1) / gridDim.x);
   const int first = static_cast<int>(blockIdx.x) * per_block;
@@ -292,9 +294,9 @@ template <class Op>
 void launch(const MultiTensorArgs& a, int device, uintptr_t stream) {
   check_columns<Op>(a);
   if (a.nblocks <= 0) return;
-  if (a.block > kMaxBlock || a.nblocks > INT32_MAX)
+  if (a.block > kMaxBlock || a.nblocks > kMaxEntries)
     throw std::invalid_argument("fastmup: a block map of " + std::to_string(a.nblocks) + " entries of " +
-                                std::to_string(a.block) + " elements; at most 2^31 entries of " +
+                                std::to_string(a.block) + " elements; at most 2^30 entries of " +
                                 std::to_string(kMaxBlock));
   if (Op::kAdvancesScalars && (a.scalar_state[0] == nullptr || a.scalar_state[1] == nullptr || a.scalar_state[2] == nullptr || a.steps_out == nullptr || a.tickets == nullptr))
     throw std::invalid_argument("fastmup: this algorithm needs its scalar state, step and ticket tables");
