@@ -201,8 +201,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.insert(0, threads_note)
     progress = _Progress(len(model_names) * len(optimizers) * len(impls), enabled=not args.no_progress)
     results = Results()
+
+    def checkpoint(done: Results) -> None:
+        """The JSON so far after each case: a run that dies later keeps them."""
+        if args.json:
+            report.write_json(args.json, {**meta, "partial": True, "rows": done.rows, "skipped": done.skipped,
+                                          "finished_cases": done.finished, "notes": notes})
+
     try:
-        run(model_names, optimizers, impls, cfg, bw["best_GBps"], lambda: environment.free_memory(device), progress, results)
+        run(model_names, optimizers, impls, cfg, bw["best_GBps"], lambda: environment.free_memory(device), progress,
+            results, checkpoint)
     except KeyboardInterrupt:
         # an interrupted run (Ctrl-C, or a supervisor's SIGINT at its time
         # limit) still reports and writes the cases it finished
@@ -253,7 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nwall time {meta['wall_s']:.1f} s", flush=True)
 
     if args.json:
-        document = {**meta, "rows": results.rows, "skipped": results.skipped, "notes": notes}
+        document = {**meta, "rows": results.rows, "skipped": results.skipped, "finished_cases": results.finished,
+                    "notes": notes}
         report.write_json(args.json, document)
         print(f"wrote {args.json}")
     if args.plot:

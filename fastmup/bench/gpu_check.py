@@ -203,61 +203,73 @@ def run_suite(suite: Suite, timeout_s: float, python: str = sys.executable) -> d
 # benchmark cases
 # ----------------------------------------------------------------------
 def run_cases(plan: Plan, deadline: float, python: str = sys.executable) -> dict:
-    """Every model × optimizer case in its own process, with a share of the
-    time left (``deadline``: a time.perf_counter() value); the rows, skips
-    and notes of all of them, and each case's outcome."""
+    """Every model × optimizer case; the rows, skips and notes of all of them
+    and each case's outcome.  ``deadline``: a time.perf_counter() value.
+
+    A parameter set's optimizers run in one benchmark process (one start-up
+    instead of four), which saves its JSON after every case, given a share of
+    the time left by the set's weight.  If that process dies, the case it was
+    in is recorded as failed and the ones after it run in a fresh process; if
+    it overruns, it is interrupted and the cases it did not finish are
+    recorded as out of time.  So one failure loses at most its own case."""
     weights = dict(plan.model_weight)
-    cases = [(m, o) for m in plan.models for o in plan.optimizers]
-    rows: list[dict] = []
-    skipped: list[dict] = []
-    notes: list[str] = []
-    outcomes: list[dict] = []
-    meta: dict = {}
+    todo = {m: list(plan.optimizers) for m in plan.models}
+    out: dict = {"cases": [], "rows": [], "skipped": [], "notes": [], "meta": {}}
+
+    def give_up(model: str, optimizers: Sequence[str], reason: str, **facts) -> None:
+        for o in optimizers:
+            out["cases"].append({"model": model, "optimizer": o, "ok": False, "error": reason, **facts})
+            out["skipped"] += [{"model": model, "optimizer": o, "impl": i, "reason": f"gpu-check: {reason}"} for i in plan.impls]
+
     with tempfile.TemporaryDirectory(prefix="fastmup-gpu-check-") as tmp:
-        for k, (model, optimizer) in enumerate(cases):
-            left = deadline - time.perf_counter() - GRACE_S  # the last case may need its grace
-            weight_left = sum(weights.get(m, 1.0) for m, _ in cases[k:])
-            share = left * weights.get(model, 1.0) / weight_left
-            outcome = {"model": model, "optimizer": optimizer, "share_s": round(share, 1)}
-            if share < 5.0:
-                outcome.update(ok=False, error="no time left")
-                outcomes.append(outcome)
-                for impl in plan.impls:
-                    skipped.append({"model": model, "optimizer": optimizer, "impl": impl, "reason": "gpu-check: no time left"})
-                continue
-            path = Path(tmp) / f"{model}-{optimizer}.json"
-            # the benchmark paces its timing to about half the share; the rest
-            # is start-up, building the input sets and the checked steps
-            cmd = [python, "-m", "fastmup.bench", "--device", plan.device, "--models", model, "--optimizers", optimizer,
-                   "--impls", ",".join(plan.impls), "--no-progress", "--json", str(path),
-                   "--time-limit", f"{0.5 * share:.1f}", *plan.bench_args]
-            result = run_command(cmd, share, env=child_env())
-            outcome.update(result.summary())
-            doc = None
-            if path.is_file():
-                try:
-                    doc = json.loads(path.read_text())
-                except json.JSONDecodeError as e:
-                    outcome["error"] = f"unreadable JSON: {e}"
-            if doc is None:
-                outcome["ok"] = False
-                outcome.setdefault("error", "no result written")
-                for impl in plan.impls:
-                    skipped.append({"model": model, "optimizer": optimizer, "impl": impl,
-                                    "reason": f"gpu-check: the case failed (exit {result.returncode}"
-                                              f"{', timed out' if result.timed_out else ''})"})
-            else:
-                outcome["ok"] = result.returncode == 0 and not doc.get("interrupted")
-                outcome["rows"] = len(doc.get("rows", []))
-                rows += doc.get("rows", [])
-                skipped += doc.get("skipped", [])
-                notes += [n for n in doc.get("notes", []) if n not in notes]
-                if not meta:
-                    meta = {key: doc.get(key) for key in ("device", "device_info", "versions", "git_commit",
-                                                           "copy_bandwidth_GBps", "copy_bandwidth",
-                                                           "inplace_add_bandwidth_GBps", "config")}
-            outcomes.append(outcome)
-    return {"cases": outcomes, "rows": rows, "skipped": skipped, "notes": notes, "meta": meta}
+        for model in plan.models:
+            attempt = 0
+            while todo[model]:
+                left = deadline - time.perf_counter() - GRACE_S  # the last process may need its grace
+                weight_left = sum(weights.get(m, 1.0) * len(opts) for m, opts in todo.items())
+                share = left * weights.get(model, 1.0) * len(todo[model]) / weight_left
+                if share < 5.0 * len(todo[model]):
+                    give_up(model, todo[model], "no time left")
+                    break
+                attempt += 1
+                path = Path(tmp) / f"{model}-{attempt}.json"
+                # the benchmark paces its timing to about half the share; the rest
+                # is start-up, building the input sets and the checked steps
+                cmd = [python, "-m", "fastmup.bench", "--device", plan.device, "--models", model,
+                       "--optimizers", ",".join(todo[model]), "--impls", ",".join(plan.impls), "--no-progress",
+                       "--json", str(path), "--time-limit", f"{0.5 * share:.1f}", *plan.bench_args]
+                result = run_command(cmd, share, env=child_env())
+                doc = None
+                if path.is_file():
+                    try:
+                        doc = json.loads(path.read_text())
+                    except json.JSONDecodeError:
+                        doc = None
+                finished = [o for m, o in (doc or {}).get("finished_cases", []) if m == model]
+                if doc is not None:
+                    out["rows"] += doc.get("rows", [])
+                    out["skipped"] += doc.get("skipped", [])
+                    out["notes"] += [n for n in doc.get("notes", []) if n not in out["notes"]]
+                    if not out["meta"]:
+                        out["meta"] = {key: doc.get(key) for key in (
+                            "device", "device_info", "versions", "git_commit", "copy_bandwidth_GBps",
+                            "copy_bandwidth", "inplace_add_bandwidth_GBps", "config")}
+                for o in finished:
+                    rows = sum(1 for r in doc.get("rows", []) if r["model"] == model and r["optimizer"] == o)
+                    out["cases"].append({"model": model, "optimizer": o, "ok": True, "rows": rows, "attempt": attempt,
+                                         "process_seconds": round(result.seconds, 1)})
+                rest = [o for o in todo[model] if o not in finished]
+                todo[model] = rest
+                if not rest:
+                    break
+                facts = {"attempt": attempt, **result.summary()}
+                if result.timed_out:
+                    give_up(model, rest, "out of time (interrupted)", **facts)
+                    todo[model] = []
+                else:  # it died in the first case it had not finished; the others get a fresh process
+                    give_up(model, rest[:1], f"the benchmark process failed (exit {result.returncode})", **facts)
+                    todo[model] = rest[1:]
+    return out
 
 
 # ----------------------------------------------------------------------
@@ -363,8 +375,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         doc["bench"] = {"cases": bench["cases"], **{k: v for k, v in bench["meta"].items() if k not in doc}}
         doc["rows"], doc["skipped"], doc["notes"] = bench["rows"], bench["skipped"], bench["notes"]
         for c in bench["cases"]:
-            print(f"gpu-check:   {c['model']} {c['optimizer']}: {'ok' if c['ok'] else 'FAILED'} "
-                  f"({c.get('rows', 0)} rows, {c.get('seconds', 0):.0f} s)", flush=True)
+            print(f"gpu-check:   {c['model']} {c['optimizer']}: "
+                  f"{'ok, %d rows' % c['rows'] if c['ok'] else 'FAILED: ' + c['error']}", flush=True)
 
     ok = doc["build"]["ok"] and all(t["ok"] for t in doc["tests"]) and all(c["ok"] for c in doc["bench"]["cases"])
     doc["ok"] = ok

@@ -38,16 +38,51 @@ def test_dry_run_writes_one_document(tmp_path):
 
 
 def test_a_failing_case_is_recorded_and_the_others_run():
+    """A set that does not exist fails in its own process; the next set runs."""
     plan = gpu_check.Plan(device="cpu", build="cpu", suites=(), models=("no-such-set", "gpt2-tiny"), optimizers=("sgd",),
                           impls=("torch-foreach",), bench_args=gpu_check.DRY_PLAN.bench_args)
     import time
 
     out = gpu_check.run_cases(plan, time.perf_counter() + 120)
     first, second = out["cases"]
-    assert not first["ok"] and first["returncode"] not in (0, None) and "no-such-set" in first["output_tail"]
-    assert second["ok"] and second["rows"] == 1
+    assert (first["model"], first["ok"]) == ("no-such-set", False)
+    assert first["returncode"] not in (0, None) and "no-such-set" in first["output_tail"]
+    assert (second["model"], second["ok"], second["rows"]) == ("gpt2-tiny", True, 1)
     assert [r["impl"] for r in out["rows"]] == ["torch-foreach"]
     assert any(s["model"] == "no-such-set" and "failed" in s["reason"] for s in out["skipped"])
+
+
+def test_a_crash_loses_only_its_own_case(tmp_path, monkeypatch):
+    """A benchmark process that dies after its first case: that case is
+    kept, the one it died in is recorded, the last runs in a fresh process."""
+    import time
+
+    calls = []
+    real = gpu_check.run_command
+
+    def fake(cmd, timeout_s, env=None, cwd=gpu_check.ROOT):
+        optimizers = cmd[cmd.index("--optimizers") + 1].split(",")
+        calls.append(optimizers)
+        if len(calls) > 1:
+            return real(cmd, timeout_s, env, cwd)
+        # first process: finishes "sgd", then dies in "adam"
+        path = cmd[cmd.index("--json") + 1]
+        one = list(cmd)
+        one[one.index("--optimizers") + 1] = optimizers[0]
+        result = real(one, timeout_s, env, cwd)
+        doc = json.loads(open(path).read())
+        doc["partial"] = True
+        open(path, "w").write(json.dumps(doc))
+        return gpu_check.CommandResult(-11, result.seconds, False, "Segmentation fault")
+
+    monkeypatch.setattr(gpu_check, "run_command", fake)
+    plan = gpu_check.Plan(device="cpu", build="cpu", suites=(), models=("gpt2-tiny",), optimizers=("sgd", "adam", "adamw"),
+                          impls=("torch-foreach",), bench_args=gpu_check.DRY_PLAN.bench_args)
+    out = gpu_check.run_cases(plan, time.perf_counter() + 300)
+    assert calls == [["sgd", "adam", "adamw"], ["adamw"]]
+    status = {c["optimizer"]: c["ok"] for c in out["cases"]}
+    assert status == {"sgd": True, "adam": False, "adamw": True}
+    assert {r["optimizer"] for r in out["rows"]} == {"sgd", "adamw"}
 
 
 def test_an_overrunning_child_is_interrupted_and_then_killed(monkeypatch):
