@@ -3,6 +3,14 @@
 #   make test    the test suite (what CI runs)
 # The virtualenv reuses a torch >= 2.4 already installed system-wide (e.g. a CUDA
 # build on a GPU machine); otherwise it installs torch's CPU build.
+#
+# And one for a GPU machine that has torch, triton, pybind11, ninja, pytest and
+# nvcc already (no network, no virtualenv, nothing installed: the source tree on
+# PYTHONPATH):
+#   make gpu-check   build the CUDA backend, run the GPU tests, benchmark GPT-2
+#                    small / XL-like / 500 small tensors, write
+#                    benchmarks/results/<device>-<date>.json (under 8 minutes)
+#   make gpu-check GPU_CHECK_ARGS=--dry-run   the same on the CPU, tiny sets
 
 PYTHON ?= python3
 VENV_FLAGS ?= --system-site-packages
@@ -11,8 +19,9 @@ PY := $(VENV)/bin/python
 TORCH_PIP ?= torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
 BENCH_ARGS ?= --json benchmarks/results/latest.json --plot benchmarks/results/latest.png
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: bench bench-quick test env clean
+.PHONY: bench bench-quick test env clean gpu-check
 
 env: $(VENV)/.ready
 
@@ -32,6 +41,9 @@ bench-quick: env
 
 test: env
 	$(PY) -m pytest tests benchmarks -q $(PYTEST_ARGS)
+
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m fastmup.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -21,43 +21,46 @@ struct AdamOp : OpDefaults {
   static constexpr int kMaskFull = 0b111;
 
   struct Scalars {
-    float grad_scale;  // grad is divided by this (grad_scale, or 1: exact identity)
+    float grad_factor;    // +-1/grad_scale (exact), sign: maximize
+    float grad_divisor;   // +-grad_scale (a scale without an exact reciprocal)
     float decay;          // decoupled weight decay factor 1 - lr*wd, or 1 (exact identity)
     float wd;             // coupled weight decay (used when `coupled`)
-    float lerp_w;         // 1 - beta1
+    Lerp lerp_m;          // exp_avg.lerp_(grad, 1 - beta1)
     float beta2;
     float one_minus_beta2;
-    float bc2_sqrt;       // sqrt(1 - beta2^t)
+    Divisor bc2_sqrt;     // / sqrt(1 - beta2^t)
     float eps;
     float neg_step_size;  // -lr / (1 - beta1^t)
-    bool maximize;
     bool coupled;
     bool amsgrad;
   };
 
   // Per-tensor scalars from one row of the table and the tensor's step count.
-  FASTMUP_HD static Scalars prepare(const double* row, float step, float grad_scale) {
+  FASTMUP_HD static Scalars prepare(const double* row, float step, const Unscale& unscale) {
     const double lr = row[kLr], wd = row[kWeightDecay], beta1 = row[kBeta1], beta2 = row[kBeta2];
     const double t = static_cast<double>(step);
     const bool decoupled = row[kDecoupled] != 0.0;
     Scalars s;
-    s.grad_scale = grad_scale;
+    // -(g / scale) == g / -scale and -(g * f) == g * -f exactly: maximize's
+    // negation rides on the unscaling
+    const bool maximize = row[kMaximize] != 0.0;
+    s.grad_factor = maximize ? -unscale.factor : unscale.factor;
+    s.grad_divisor = maximize ? -unscale.divisor : unscale.divisor;
     s.decay = (wd != 0.0 && decoupled) ? static_cast<float>(1.0 - lr * wd) : 1.0f;
     s.coupled = wd != 0.0 && !decoupled;
     s.wd = static_cast<float>(wd);
-    s.lerp_w = static_cast<float>(1.0 - beta1);
+    s.lerp_m = Lerp::of(static_cast<float>(1.0 - beta1));
     s.beta2 = static_cast<float>(beta2);
     s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    s.bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, t)));
+    s.bc2_sqrt = Divisor::of(static_cast<float>(sqrt(1.0 - pow(beta2, t))));
     s.eps = static_cast<float>(row[kEps]);
     s.neg_step_size = static_cast<float>(-(lr / (1.0 - pow(beta1, t))));
-    s.maximize = row[kMaximize] != 0.0;
     s.amsgrad = row[kAmsgrad] != 0.0;
     return s;
   }
 
-  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, float grad_scale) {
-    return prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
+  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, const Unscale& unscale) {
+    return prepare(a.rows + t * a.ncols, a.steps[t], unscale);
   }
 
   FASTMUP_HD static int mask(const Scalars& s) { return s.amsgrad ? kMaskFull : kMaskBase; }
@@ -66,13 +69,10 @@ struct AdamOp : OpDefaults {
   // are read and written).
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    if (MASK & kGradScaled) g = g / s.grad_scale;  // grad / grad_scale
-    g = s.maximize ? -g : g;
+    g = unscaled<MASK>(g, s.grad_factor, s.grad_divisor);  // +-grad / grad_scale
     p = p * s.decay;                                  // param.mul_(1 - lr*wd)
     g = s.coupled ? g + s.wd * p : g;                 // grad.add(param, alpha=wd)
-    float m = st[kExpAvg];
-    const float diff = g - m;                         // exp_avg.lerp_(grad, 1 - beta1)
-    m = (s.lerp_w < 0.5f) ? m + s.lerp_w * diff : g - diff * (1.0f - s.lerp_w);
+    const float m = s.lerp_m(st[kExpAvg], g);         // exp_avg.lerp_(grad, 1 - beta1)
     float v = st[kExpAvgSq] * s.beta2;                // exp_avg_sq.mul_(beta2)
     v = v + s.one_minus_beta2 * g * g;                //   .addcmul_(grad, grad, value=1 - beta2)
     float vhat = v;
@@ -80,7 +80,7 @@ struct AdamOp : OpDefaults {
       vhat = max_propagate_nan(st[kMaxExpAvgSq], v);  // torch.maximum(max_sq, exp_avg_sq)
       st[kMaxExpAvgSq] = vhat;
     }
-    const float denom = sqrtf(vhat) / s.bc2_sqrt + s.eps;
+    const float denom = s.bc2_sqrt(sqrtf(vhat)) + s.eps;
     p = p + s.neg_step_size * (m / denom);            // param.addcdiv_(m, denom, value=-step_size)
     st[kExpAvg] = m;
     st[kExpAvgSq] = v;

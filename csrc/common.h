@@ -185,17 +185,135 @@ struct MultiTensorArgs {
   int hvp_step = 0;                           // ESGD-M: this step has Hessian-vector products
 };
 
+// Undoing the loss scale of the gradients (torch.amp's GradScaler): g / scale.
+// A scale that is a normal power of two (GradScaler's always are: 2^16, grown
+// and backed off by factors of 2), or no scale (1), has an exact reciprocal,
+// and then g * (1/scale) IS g / scale for every g, to the bit: both are the
+// exact quotient rounded once.  One multiply instead of an IEEE division,
+// which is the costliest instruction of an update on a CPU and some ten
+// instructions on a GPU.  Any other scale is divided by.
+struct Unscale {
+  float factor;   // 1/scale, exact (used when `exact`)
+  float divisor;  // scale
+  bool exact;
+};
+
+FASTMUP_HD FASTMUP_INLINE Unscale make_unscale(float scale) {
+  const uint32_t bits = float_bits(scale);
+  const uint32_t exponent = (bits >> 23) & 0xffu;
+  Unscale u;
+  u.divisor = scale;
+  // zero mantissa, exponent neither 0 (zero, subnormal) nor 255 (inf, NaN):
+  // +-2^k with k in [-126, 127], whose reciprocal 2^-k is a float (2^-127 a
+  // subnormal one), built from the bits (no division, no slow path)
+  u.exact = (bits & 0x7fffffu) == 0u && exponent != 0u && exponent != 0xffu;
+  const uint32_t inverse = exponent <= 253u ? (254u - exponent) << 23 : 0x00400000u;
+  u.factor = u.exact ? bits_float((bits & 0x80000000u) | inverse) : 1.0f;
+  return u;
+}
+
 // Defaults of the per-algorithm functor interface (Adam, SGD): the scalars
 // come from the row and the (already advanced) step; every state in the mask
 // is read and written; no scalar state is advanced by the launch.
 struct OpDefaults {
   static constexpr int kReadOnlyMask = 0;
   // Mask bit above the state bits: the gradient (and HVP) are divided by
-  // grad_scale.  Without it the division by 1 (an exact identity) is skipped:
-  // on a CPU a division is the costliest instruction of an update.
-  static constexpr int kGradScaled = 1 << 3;
+  // the loss scale; without it they are multiplied by its exact reciprocal
+  // (see Unscale; 1 when there is no scale, with maximize's sign).
+  static constexpr int kGradDivide = 1 << 3;
+  // Bits from kFirstOpFlag up are the algorithm's own compile-time variants
+  // (with_flags below).
+  static constexpr int kFirstOpFlag = 1 << 4;
   static constexpr bool kAdvancesScalars = false;
+  // The state slots an update with mask MASK stores: those it reads, less
+  // the read-only inputs.
+  template <int MASK>
+  static constexpr int stored() {
+    return MASK & 0b111 & ~kReadOnlyMask;
+  }
   FASTMUP_HD static FASTMUP_INLINE void store_advanced(const MultiTensorArgs&, int64_t) {}
+  // Calls f(std::integral_constant<int, MASK | flags>{}) with the algorithm's
+  // own variant flags for these scalars (none by default).
+  template <int MASK, class Scalars, class F>
+  FASTMUP_HD static FASTMUP_INLINE void with_flags(const Scalars&, const F& f) {
+    f(std::integral_constant<int, MASK>{});
+  }
+};
+
+// x / grad_scale in the variant MASK names (OpDefaults): the division or
+// the exact multiply.
+template <int MASK>
+FASTMUP_HD FASTMUP_INLINE float unscaled(float x, float factor, float divisor) {
+  return (MASK & OpDefaults::kGradDivide) ? x / divisor : x * factor;
+}
+
+// Calls f(std::integral_constant<int, MASK>{}) with the update variant of a
+// tensor: its state mask (Op::mask), how its gradient is unscaled, and the
+// algorithm's own flags.  The one place both drivers (host, CUDA) choose.
+template <class Op, class F>
+FASTMUP_HD FASTMUP_INLINE void dispatch_variant(const typename Op::Scalars& s, const Unscale& unscale, const F& f) {
+  constexpr int kFull = Op::kMaskFull, kBase = Op::kMaskBase, kDiv = OpDefaults::kGradDivide;
+  const bool full = Op::mask(s) == kFull;
+  if (!unscale.exact) {
+    if (full) Op::template with_flags<kFull | kDiv>(s, f);
+    else Op::template with_flags<kBase | kDiv>(s, f);
+  } else if (full) {
+    Op::template with_flags<kFull>(s, f);
+  } else {
+    Op::template with_flags<kBase>(s, f);
+  }
+}
+
+// x / c for a per-tensor divisor c with |c| < 2 (Adam's and ESGD-M's
+// sqrt(1 - beta2^t), in [0, 1]), rounded as the fp32 IEEE division rounds it:
+// one double multiply by RN64(1/c) and one rounding to fp32, in place of an
+// fp32 division (on a GPU some ten instructions and a slow path; the
+// reciprocal is computed once per tensor).
+//
+// Why the bits are the same.  Write q = x/c exactly and y = RN64(x RN64(1/c))
+// = q(1 + e), |e| < 2^-52 (two double roundings).  RN32(y) and RN32(q) can
+// differ only if an fp32 rounding boundary m (a midpoint between neighbours;
+// the overflow threshold is one) lies between y and q or at q.  Write x = X 2^a
+// and c = C 2^b, X and C < 2^24 integers, C odd, a >= -149.
+// * m in a normal binade [2^k, 2^(k+1)): m = M 2^(k-24), M odd in
+//   (2^24, 2^25).  x - m c = X 2^a - M C 2^(k-24+b) is not 0 (the odd part of
+//   M C has more than 24 bits) and is a multiple of 2^min(a, k-24+b), so
+//   |q - m| > 2^(k-48) > 2^-49 m whichever term is smaller.
+// * m in the subnormal range: m = M 2^-150, M odd.  As |c| < 2, b <= 0 and
+//   x - m c = 2^(b-150) (X 2^(a+150-b) - M C) is 2^(b-150) times an even minus
+//   an odd integer: |q - m| >= 2^(b-150) / c > 2^-174 > 2^-48 q.
+// Either way q is more than 2^-49 q from every boundary, farther than y: both
+// round alike.  0, inf and NaN give what the division gives (c = 0 included:
+// 1/c = inf, and x * inf is x / 0).  tests/ext/test_shared_math.py checks it.
+struct Divisor {
+  double inverse;  // RN64(1 / c)
+
+  FASTMUP_HD static FASTMUP_INLINE Divisor of(float c) { return Divisor{1.0 / static_cast<double>(c)}; }
+  FASTMUP_HD FASTMUP_INLINE float operator()(float x) const {
+    return static_cast<float>(static_cast<double>(x) * inverse);
+  }
+};
+
+// torch.lerp(a, b, w) for a per-tensor weight w in [0, 1] (a 1 - beta), as
+// torch evaluates it in fp32: a + w*(b - a) for w < 0.5, else
+// b - (b - a)*(1 - w).  Both are written as base + coef*(b - a)
+// (b - y*(1-w) == b + y*(-(1-w)) exactly: negation is exact), so the
+// per-element work is one select, one multiply and one add whichever branch
+// the weight picks.
+struct Lerp {
+  float coef;  // w, or -(1 - w)
+  bool from_a;  // the base is a (w < 0.5) or b
+
+  FASTMUP_HD static FASTMUP_INLINE Lerp of(float w) {
+    Lerp l;
+    l.from_a = w < 0.5f;
+    l.coef = l.from_a ? w : -(1.0f - w);
+    return l;
+  }
+  FASTMUP_HD FASTMUP_INLINE float operator()(float a, float b) const {
+    const float diff = b - a;
+    return (from_a ? a : b) + coef * diff;
+  }
 };
 
 // ---------------------------------------------------------------------------

@@ -6,9 +6,10 @@
 // one rounding per torch op of the reference, the HVP-step d-update fused into
 // the same pass.
 //
-// State slots (MultiTensorArgs::state_ptrs, all in the state dtype):
-//   0: exp_avg (m), 1: exp_avg_d (d), 2: the HVP of this step (read only; only
-//   on HVP steps, the launcher converts it to the state dtype losslessly).
+// State slots (MultiTensorArgs::state_ptrs): 0: exp_avg (m), 1: exp_avg_d (d),
+// both in the state dtype; 2: the HVP of this step, read only, in the
+// gradient's dtype (Slot2 in common.h), only on HVP steps.  A step without
+// HVPs reads d and does not store it.
 // Scalar state (MultiTensorArgs::scalar_state: three double [ntensors] columns,
 // bc1 = beta1^t, bc2 = beta2^k, cum = lr_warmup cumprod) and steps (float):
 // every chunk of a tensor reads the OLD values (prepare); the new values are
@@ -34,13 +35,14 @@ struct EsgdOp : OpDefaults {
   static constexpr bool kAdvancesScalars = true;
 
   struct Scalars {
-    float grad_scale;
-    float lerp_m;  // 1 - beta1
+    float grad_factor;   // 1/grad_scale (exact)
+    float grad_divisor;  // grad_scale (a scale without an exact reciprocal)
+    Lerp lerp_m;   // exp_avg.lerp_(grad, 1 - beta1)
     float beta2;
     float one_minus_beta2;
-    float bc2_sqrt;  // sqrt(1 - bc2) (ema), 1 (max)
+    Divisor bc2_sqrt;  // / sqrt(1 - bc2) (ema), / 1 (max)
     float eps;
-    float lerp_q;  // 1 - v
+    Lerp lerp_q;   // torch.lerp(exp_avg, grad, 1 - v)
     float decay;   // 1 - wd * step_size
     float coef;    // -step_size / (1 - bc1 * v)
     bool is_max;
@@ -70,28 +72,29 @@ struct EsgdOp : OpDefaults {
 
   // Per-tensor factors from one row and the tensor's OLD scalar state.
   FASTMUP_HD static Scalars prepare(const double* row, double bc1, double bc2, double cum, bool hvp_step,
-                                    float grad_scale) {
+                                    const Unscale& unscale) {
     const Advanced a = advance(row, bc1, bc2, cum, hvp_step);
     Scalars s;
-    s.grad_scale = grad_scale;
+    s.grad_factor = unscale.factor;
+    s.grad_divisor = unscale.divisor;
     s.is_max = a.is_max;
     s.hvp = hvp_step;
     s.started = a.bc2 != 1.0;
-    s.lerp_m = static_cast<float>(1.0 - row[kBeta1]);
+    s.lerp_m = Lerp::of(static_cast<float>(1.0 - row[kBeta1]));
     s.beta2 = static_cast<float>(row[kBeta2]);
     s.one_minus_beta2 = static_cast<float>(1.0 - row[kBeta2]);
-    s.bc2_sqrt = a.is_max ? 1.0f : static_cast<float>(sqrt(1.0 - a.bc2));
+    s.bc2_sqrt = Divisor::of(a.is_max ? 1.0f : static_cast<float>(sqrt(1.0 - a.bc2)));
     s.eps = static_cast<float>(row[kEps]);
-    s.lerp_q = static_cast<float>(1.0 - a.v);
+    s.lerp_q = Lerp::of(static_cast<float>(1.0 - a.v));
     s.decay = static_cast<float>(1.0 - row[kWeightDecay] * a.step_size);
     s.coef = static_cast<float>(-(a.step_size / (1.0 - a.bc1 * a.v)));
     return s;
   }
 
   // The launch description's view: scalar_state = {bc1, bc2, cum} columns.
-  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, float grad_scale) {
+  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, const Unscale& unscale) {
     return prepare(a.rows + t * a.ncols, a.scalar_state[0][t], a.scalar_state[1][t], a.scalar_state[2][t],
-                   a.hvp_step != 0, grad_scale);
+                   a.hvp_step != 0, unscale);
   }
 
   // Store tensor t's new scalar state (once per tensor, after every chunk of
@@ -107,26 +110,40 @@ struct EsgdOp : OpDefaults {
 
   FASTMUP_HD static int mask(const Scalars& s) { return s.hvp ? kMaskFull : kMaskBase; }
 
-  // torch.lerp(a, b, w) for a scalar weight, as torch evaluates it in fp32.
-  FASTMUP_HD static FASTMUP_INLINE float lerp(float a, float b, float w) {
-    const float diff = b - a;
-    return (w < 0.5f) ? a + w * diff : b - diff * (1.0f - w);
+  // Compile-time variant flag: the max rule of the d-update (only HVP steps
+  // have one), so that an update computes its own rule, not both.
+  static constexpr int kMaxRule = kFirstOpFlag;
+  template <int MASK, class F>
+  FASTMUP_HD static FASTMUP_INLINE void with_flags(const Scalars& s, const F& f) {
+    if constexpr ((MASK & (1 << kHvp)) != 0) {
+      if (s.is_max) {
+        f(std::integral_constant<int, MASK | kMaxRule>{});
+        return;
+      }
+    }
+    f(std::integral_constant<int, MASK>{});
+  }
+
+  // m always; d only on HVP steps (otherwise it is read and left as it is).
+  template <int MASK>
+  static constexpr int stored() {
+    return (MASK & (1 << kHvp)) ? 0b011 : 0b001;
   }
 
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    if (MASK & kGradScaled) g = g / s.grad_scale;  // grad / grad_scale
-    const float m = lerp(st[kExpAvg], g, s.lerp_m);  // exp_avg.lerp_(grad, 1 - beta1)
+    g = unscaled<MASK>(g, s.grad_factor, s.grad_divisor);  // grad / grad_scale
+    const float m = s.lerp_m(st[kExpAvg], g);        // exp_avg.lerp_(grad, 1 - beta1)
     float d = st[kExpAvgD];
     if (MASK & (1 << kHvp)) {
-      const float h = (MASK & kGradScaled) ? st[kHvp] / s.grad_scale : st[kHvp];  // hvp / grad_scale
+      const float h = unscaled<MASK>(st[kHvp], s.grad_factor, s.grad_divisor);  // hvp / grad_scale
       const float dd = d * s.beta2;             // exp_avg_d.mul_(beta2)
       const float hh = h * h;
       // max: torch.maximum(d*beta2, h*h); ema: .addcmul_(h, h, value=1 - beta2)
-      d = s.is_max ? max_propagate_nan(dd, hh) : dd + s.one_minus_beta2 * h * h;
+      d = (MASK & kMaxRule) ? max_propagate_nan(dd, hh) : dd + s.one_minus_beta2 * h * h;
     }
-    const float denom = sqrtf(d) / s.bc2_sqrt + s.eps;  // (d.sqrt() / sqrt(1 - bc2)).add_(eps)
-    const float m_est = lerp(m, g, s.lerp_q);            // torch.lerp(exp_avg, grad, 1 - v)
+    const float denom = s.bc2_sqrt(sqrtf(d)) + s.eps;  // (d.sqrt() / sqrt(1 - bc2)).add_(eps)
+    const float m_est = s.lerp_q(m, g);                  // torch.lerp(exp_avg, grad, 1 - v)
     const float updated = p * s.decay + s.coef * m_est / denom;  // p.mul_(decay).addcdiv_(m_est, denom, value=coef)
     p = s.started ? updated : p;
     st[kExpAvg] = m;

@@ -3,17 +3,26 @@
 //
 // * The batch's block map (TensorBatch.block_map(kBlock)) maps each entry b
 //   to (tensor t, first element start); a persistent grid, sized from the
-//   kernel's occupancy to fill every SM, walks the entries grid-stride.
-// * Per entry the block reads row t of the device hyperparameter table and
-//   the tensor's step, and computes the per-tensor scalars (double) once.
+//   kernel's occupancy to fill every SM, gives each thread block one
+//   contiguous run of entries (equal counts).  A tensor's entries are
+//   contiguous in the map, so a block computes a tensor's per-tensor scalars
+//   (double, from its row of the device hyperparameter table and its step)
+//   once per run, not once per entry: two pow() per thread are more
+//   instructions than a thread's share of an entry's elements.
 // * Element offsets are int64.  When every buffer of the tensor is 16-byte
-//   aligned, each thread moves VEC consecutive elements with 16-byte
-//   loads/stores (VEC = 16 / smallest element size); the tail of a tensor,
-//   and tensors with a misaligned buffer, take the scalar path.
+//   aligned, each thread moves VEC consecutive elements with 16-byte global
+//   loads/stores (VEC = 16 / smallest element size), straight from and to
+//   registers; the tail of a tensor, and tensors with a misaligned buffer,
+//   take the scalar path.
 // * found_inf and grad_scale are read on the device: no host sync, and the
-//   launch is capturable in a CUDA graph.
-// * Math is fp32 in the functors of adam_math.h / sgd_math.h, the same code
-//   the host backend runs.
+//   launch is capturable in a CUDA graph.  A power-of-two grad_scale (or
+//   none) is undone by an exact multiply, any other by a division
+//   (Unscale, common.h): bit-identical either way.
+// * Math is fp32 in the functors of adam_math.h / sgd_math.h / esgd_math.h,
+//   the same code the host backend runs.  The build compiles it with
+//   --fmad=false (fastmup/ext/build.py), as the host build uses
+//   -ffp-contract=off: every product is rounded before it is added, as in
+//   the reference, so the CUDA and host backends round identically.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,6 +31,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 
@@ -31,6 +41,10 @@ namespace cuda {
 constexpr int kThreads = 256;
 // Elements per block-map entry: 32 per thread, i.e. 4-8 vector iterations.
 constexpr int64_t kBlock = 8192;
+// The largest entry a launch may ask for, and the most entries: element
+// offsets inside an entry and entry indices are int.
+constexpr int64_t kMaxBlock = int64_t(1) << 28;
+constexpr int64_t kMaxEntries = int64_t(1) << 30;
 
 template <class A, class B, class C>
 struct VecWidth {
@@ -57,8 +71,19 @@ __device__ FASTMUP_INLINE void load_pack(const T* src, float (&out)[N]) {
   const uint4* w = reinterpret_cast<const uint4*>(src);
 #pragma unroll
   for (int k = 0; k < Pack<T, N>::kWords; ++k) pk.words[k] = w[k];
+  if constexpr (std::is_same<T, Bf16>::value) {
+    // bf16 is the top half of an fp32: each 32-bit word holds two, and one
+    // integer op apiece widens them (element 2j is the low half)
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(pk.words);
 #pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = to_float(pk.elems[j]);
+    for (int j = 0; j < N / 2; ++j) {
+      out[2 * j] = bits_float(u[j] << 16);
+      out[2 * j + 1] = bits_float(u[j] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(pk.elems[j]);
+  }
 }
 
 template <int N, class T>
@@ -71,10 +96,13 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
   for (int k = 0; k < Pack<T, N>::kWords; ++k) w[k] = pk.words[k];
 }
 
+// The tensor's buffer from an address table, as a pointer into global
+// memory: torch's CUDA tensors live there, and saying so lets the compiler
+// use global loads and stores rather than generic ones.
 template <class T>
 __device__ FASTMUP_INLINE T* tensor_ptr(const int64_t* table, int64_t t, int64_t start) {
   if (table == nullptr || table[t] == 0) return nullptr;
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(table[t])) + start;
+  return static_cast<T*>(__cvta_global_to_generic(static_cast<size_t>(table[t]))) + start;
 }
 
 __device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_cast<uintptr_t>(p); }
@@ -84,20 +112,20 @@ __device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_
 // the gradient's dtype (S2 = Slot2<Op, G, S>, csrc/common.h).
 template <class Op, int MASK, class P, class G, class S, class S2>
 __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
-                                            int64_t n) {
+                                            int n) {
   constexpr int VEC = VecWidth<P, G, S>::value;  // S2 is G or S: covered
-  constexpr int kStored = MASK & ~Op::kReadOnlyMask;  // read-only inputs (ESGD's HVP) are not stored
+  constexpr int kStored = Op::template stored<MASK>();
   S* st_ptr[2] = {s0, s1};
   uintptr_t misaligned = bits_of(p) | bits_of(g);
 #pragma unroll
   for (int k = 0; k < 2; ++k)
     if (MASK & (1 << k)) misaligned |= bits_of(st_ptr[k]);
   if (MASK & 4) misaligned |= bits_of(s2);
-  int64_t done = 0;
+  int done = 0;  // n <= kMaxBlock: int offsets, one multiply-add per address
   if ((misaligned & 15u) == 0) {
-    const int64_t nvec = n / VEC;
-    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int64_t i = v * VEC;
+    const int nvec = static_cast<int>(static_cast<unsigned>(n) / VEC);
+    for (int v = threadIdx.x; v < nvec; v += kThreads) {
+      const int i = v * VEC;
       float pf[VEC], gf[VEC], sf[kMaxStates][VEC];
       load_pack<VEC>(p + i, pf);
       load_pack<VEC>(g + i, gf);
@@ -123,7 +151,11 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
     }
     done = nvec * VEC;
   }
-  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+  // The tail (under VEC elements), or every element of a tensor with a
+  // misaligned buffer (rare: a view at an odd offset).  Not unrolled: it
+  // would only add registers to the kernel.
+#pragma unroll 1
+  for (int i = done + threadIdx.x; i < n; i += kThreads) {
     float pf = to_float(p[i]);
     float st[kMaxStates];
 #pragma unroll
@@ -140,52 +172,69 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
 
 // The per-tensor scalar-state advance in the same launch (ESGD-M), the
 // last-block write-back of kernels/esgd.py: every entry of tensor t read the
-// OLD scalars in Op::prepare; after the whole block has (the __syncthreads),
-// thread 0 takes a ticket; the entry drawing the last ticket of the tensor
-// (entries: max(1, ceil(numel / block)), the launcher's block map gives even
-// an empty tensor one entry) is the last to have read, so it alone stores the
-// new values and resets the counter to 0 for the next launch.  The atomic is
+// OLD scalars in Op::prepare; once the whole block has (the __syncthreads),
+// thread 0 takes one ticket per entry of t in the block's run; the block
+// whose tickets complete the tensor's count (entries: max(1, ceil(numel /
+// block)); the launcher's block map gives even an empty tensor one entry) is
+// the last to have read, so it alone stores the new values and resets the
+// counter to 0 for the next launch.  A block never comes back to a tensor
+// after its run of it, so nothing it reads later can be stale.  The atomic is
 // preceded by a fence so that no store can be ordered before another entry's
 // loads.  found_inf set: the kernel returns before any ticket, nothing moves.
 template <class Op>
-__device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t t) {
+__device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t t, int count) {
   __syncthreads();
   if (threadIdx.x == 0) {
     const int64_t numel = a.numels[t];
     const int64_t entries = numel > 0 ? (numel + a.block - 1) / a.block : 1;
     __threadfence();
-    const int ticket = atomicAdd(a.tickets + t, 1);
-    if (ticket == entries - 1) {
+    const int ticket = atomicAdd(a.tickets + t, count);
+    if (ticket + count == entries) {
       __threadfence();
       Op::store_advanced(a, t);
       a.tickets[t] = 0;
     }
   }
-  __syncthreads();  // the block's next entry may be of the same tensor: keep its reads after nothing stale
+}
+
+// One entry, in the variant its scalars and the launch's unscaling ask for.
+template <class Op, class P, class G, class S>
+__device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const typename Op::Scalars& s,
+                                               const Unscale& unscale, int64_t b, int64_t t) {
+  const int64_t start = a.start_of_block[b];
+  const int n = static_cast<int>(min(a.block, a.numels[t] - start));
+  P* p = tensor_ptr<P>(a.param_ptrs, t, start);
+  const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
+  S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
+  S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
+  Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
+  dispatch_variant<Op>(s, unscale, [&](auto mask) { update_entry<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n); });
 }
 
 template <class Op, class P, class G, class S>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTensorArgs a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: inf/NaN grads, skip the step
-  const float grad_scale = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
-  for (int64_t b = blockIdx.x; b < a.nblocks; b += gridDim.x) {
-    const int64_t t = a.tensor_of_block[b];
-    const int64_t start = a.start_of_block[b];
-    const int64_t n = min(a.block, a.numels[t] - start);
-    const typename Op::Scalars s = Op::prepare(a, t, grad_scale);
-    P* p = tensor_ptr<P>(a.param_ptrs, t, start);
-    const G* g = tensor_ptr<const G>(a.grad_ptrs, t, start);
-    S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
-    S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
-    Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-    // Always divided by grad_scale: memory bound, a GPU does not notice the
-    // division, and one variant fewer keeps the build small.
-    if (Op::mask(s) == Op::kMaskFull)
-      update_entry<Op, Op::kMaskFull | Op::kGradScaled>(s, p, g, s0, s1, s2, n);
-    else
-      update_entry<Op, Op::kMaskBase | Op::kGradScaled>(s, p, g, s0, s1, s2, n);
-    if (Op::kAdvancesScalars) advance_scalars<Op>(a, t);
+  const Unscale unscale = make_unscale(a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
+  // at most kMaxEntries entries (launch checks): 32-bit bounds
+  const int nblocks = static_cast<int>(a.nblocks);
+  const int per_block = static_cast<int>((static_cast<unsigned>(nblocks) + gridDim.x - 1) / gridDim.x);
+  const int first = static_cast<int>(blockIdx.x) * per_block;
+  const int last = min(nblocks, first + per_block);
+  int t = -1;   // the tensor of the current run
+  int run = 0;  // entries of t seen in this run
+  typename Op::Scalars s;
+  for (int b = first; b < last; ++b) {
+    const int tb = a.tensor_of_block[b];
+    if (tb != t) {
+      if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
+      t = tb;
+      run = 0;
+      s = Op::prepare(a, t, unscale);
+    }
+    update_entry_of<Op, P, G, S>(a, s, unscale, b, t);
+    ++run;
   }
+  if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
 }
 
 inline void check(cudaError_t err, const char* what) {
@@ -245,6 +294,10 @@ template <class Op>
 void launch(const MultiTensorArgs& a, int device, uintptr_t stream) {
   check_columns<Op>(a);
   if (a.nblocks <= 0) return;
+  if (a.block > kMaxBlock || a.nblocks > kMaxEntries)
+    throw std::invalid_argument("fastmup: a block map of " + std::to_string(a.nblocks) + " entries of " +
+                                std::to_string(a.block) + " elements; at most 2^30 entries of " +
+                                std::to_string(kMaxBlock));
   if (Op::kAdvancesScalars && (a.scalar_state[0] == nullptr || a.scalar_state[1] == nullptr || a.scalar_state[2] == nullptr || a.steps_out == nullptr || a.tickets == nullptr))
     throw std::invalid_argument("fastmup: this algorithm needs its scalar state, step and ticket tables");
   DeviceGuard guard(device);

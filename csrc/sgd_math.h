@@ -19,21 +19,23 @@ struct SgdOp : OpDefaults {
   static constexpr int kMaskFull = 0b1;  // momentum != 0
 
   struct Scalars {
-    float grad_scale;  // grad is divided by this (grad_scale, or 1)
+    float grad_factor;   // +-1/grad_scale (exact), sign: maximize
+    float grad_divisor;  // +-grad_scale (a scale without an exact reciprocal)
     float wd;
     float momentum;
     float one_minus_dampening;
     float neg_lr;
-    bool maximize;
     bool has_wd;
     bool nesterov;
     bool first;           // step == 1: the buffer is seeded with the gradient
     bool has_momentum;
   };
 
-  FASTMUP_HD static Scalars prepare(const double* row, float step, float grad_scale) {
+  FASTMUP_HD static Scalars prepare(const double* row, float step, const Unscale& unscale) {
     Scalars s;
-    s.grad_scale = grad_scale;
+    const bool maximize = row[kMaximize] != 0.0;  // folded into the unscaling, as in AdamOp
+    s.grad_factor = maximize ? -unscale.factor : unscale.factor;
+    s.grad_divisor = maximize ? -unscale.divisor : unscale.divisor;
     s.wd = static_cast<float>(row[kWeightDecay]);
     s.has_wd = row[kWeightDecay] != 0.0;
     s.momentum = static_cast<float>(row[kMomentum]);
@@ -41,21 +43,19 @@ struct SgdOp : OpDefaults {
     s.one_minus_dampening = static_cast<float>(1.0 - row[kDampening]);
     s.neg_lr = static_cast<float>(-row[kLr]);
     s.nesterov = row[kNesterov] != 0.0;
-    s.maximize = row[kMaximize] != 0.0;
     s.first = step == 1.0f;
     return s;
   }
 
-  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, float grad_scale) {
-    return prepare(a.rows + t * a.ncols, a.steps[t], grad_scale);
+  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, const Unscale& unscale) {
+    return prepare(a.rows + t * a.ncols, a.steps[t], unscale);
   }
 
   FASTMUP_HD static int mask(const Scalars& s) { return s.has_momentum ? kMaskFull : kMaskBase; }
 
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    if (MASK & kGradScaled) g = g / s.grad_scale;  // grad / grad_scale
-    g = s.maximize ? -g : g;
+    g = unscaled<MASK>(g, s.grad_factor, s.grad_divisor);  // +-grad / grad_scale
     g = s.has_wd ? g + s.wd * p : g;                 // grad.add(param, alpha=wd)
     if (MASK & (1 << kMomentumBuffer)) {
       const float decayed = st[kMomentumBuffer] * s.momentum;          // buf.mul_(momentum)

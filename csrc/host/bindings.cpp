@@ -48,6 +48,28 @@ void cast_to_float(int code, uint64_t src, uint64_t dst, int64_t n) {
   });
 }
 
+// The per-tensor helpers of common.h the functors use, exposed so that tests
+// can check their exactness claims on many inputs.
+void divide_by(float c, uint64_t src, uint64_t dst, int64_t n) {
+  const float* in = address<const float>(src);
+  float* out = address<float>(dst);
+  const Divisor divide = Divisor::of(c);
+  for (int64_t i = 0; i < n; ++i) out[i] = divide(in[i]);
+}
+
+py::tuple unscale_of(float scale) {
+  const Unscale u = make_unscale(scale);
+  return py::make_tuple(u.exact, u.factor, u.divisor);
+}
+
+void lerp_by(float w, uint64_t a, uint64_t b, uint64_t dst, int64_t n) {
+  const float* x = address<const float>(a);
+  const float* y = address<const float>(b);
+  float* out = address<float>(dst);
+  const Lerp lerp = Lerp::of(w);
+  for (int64_t i = 0; i < n; ++i) out[i] = lerp(x[i], y[i]);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_fastmup_cpu, m) {
@@ -75,4 +97,10 @@ PYBIND11_MODULE(_fastmup_cpu, m) {
         "Round n fp32 values to the storage dtype `code` (the backend's own conversion).");
   m.def("cast_to_float", &cast_to_float, py::arg("code"), py::arg("src"), py::arg("dst"), py::arg("n"),
         "Widen n values of storage dtype `code` to fp32.");
+  m.def("divide_by", &divide_by, py::arg("c"), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "n fp32 values divided by c as the functors divide by a per-tensor constant (Divisor).");
+  m.def("unscale_of", &unscale_of, py::arg("scale"),
+        "(exact, factor, divisor): how the functors undo a loss scale (Unscale).");
+  m.def("lerp_by", &lerp_by, py::arg("w"), py::arg("a"), py::arg("b"), py::arg("dst"), py::arg("n"),
+        "torch.lerp(a, b, w) of n fp32 pairs as the functors compute it (Lerp).");
 }

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastmup.bench import environment, impls as impl_registry, models as model_sets, optimizers as opt_registry, report
-from fastmup.bench.runner import Config, run
+from fastmup.bench.runner import Config, Results, run
 from fastmup.bench.timing import copy_bandwidth, inplace_bandwidth
 
 __all__ = ["main", "build_parser", "TOLERANCE"]
@@ -200,8 +200,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threads_note:
         notes.insert(0, threads_note)
     progress = _Progress(len(model_names) * len(optimizers) * len(impls), enabled=not args.no_progress)
+    results = Results()
+
+    def checkpoint(done: Results) -> None:
+        """The JSON so far after each case: a run that dies later keeps them."""
+        if args.json:
+            report.write_json(args.json, {**meta, "partial": True, "rows": done.rows, "skipped": done.skipped,
+                                          "finished_cases": done.finished, "notes": notes})
+
     try:
-        results = run(model_names, optimizers, impls, cfg, bw["best_GBps"], lambda: environment.free_memory(device), progress)
+        run(model_names, optimizers, impls, cfg, bw["best_GBps"], lambda: environment.free_memory(device), progress,
+            results, checkpoint)
+    except KeyboardInterrupt:
+        # an interrupted run (Ctrl-C, or a supervisor's SIGINT at its time
+        # limit) still reports and writes the cases it finished
+        notes.append("INTERRUPTED: the run was stopped before every case finished; the cases below are those that did")
+        meta["interrupted"] = True
     finally:
         progress.close()
 
@@ -247,7 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nwall time {meta['wall_s']:.1f} s", flush=True)
 
     if args.json:
-        document = {**meta, "rows": results.rows, "skipped": results.skipped, "notes": notes}
+        document = {**meta, "rows": results.rows, "skipped": results.skipped, "finished_cases": results.finished,
+                    "notes": notes}
         report.write_json(args.json, document)
         print(f"wrote {args.json}")
     if args.plot:

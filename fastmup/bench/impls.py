@@ -14,7 +14,7 @@ import torch
 
 from fastmup.bench.optimizers import OptimizerSpec, fastmup_class
 
-__all__ = ["Impl", "IMPLS", "REFERENCE", "BASELINE", "get", "mup_module"]
+__all__ = ["Impl", "IMPLS", "REFERENCE", "BASELINE", "get", "mup_module", "mup_param_groups"]
 
 REFERENCE = "fastmup-eager"  # correctness reference
 BASELINE = "torch-fused"  # speed-up baseline
@@ -25,6 +25,39 @@ def mup_module():
         return importlib.import_module("mup")
     except Exception:
         return None
+
+
+def mup_param_groups(params: Sequence[torch.Tensor], rule: str, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """The param groups mup 1.0's ``MuAdam`` (``rule="adam"``) or ``MuSGD``
+    (``"sgd"``) hands to the torch optimizer, for a machine without mup (a
+    GPU image, say): the same partition, order and per-group lr / weight
+    decay, so the torch baselines run as a mup user runs them.
+
+    adam: hidden matrices (two infinite dims) grouped by width multiplier m,
+    lr/m and wd·m; everything else one group.  sgd: matrices grouped by
+    fan-in/fan-out multiplier ratio r (lr/r, wd·r), vectors (one infinite
+    dim) by m (lr·m, wd/m), finite tensors one group.  Matrix groups come
+    first, in order of appearance, as mup orders them.
+    """
+    if rule not in ("adam", "sgd"):
+        raise ValueError(f"no mup splitting rule {rule!r}")
+    matrices: dict[float, list] = {}
+    vectors: dict[float, list] = {}
+    rest: list = []
+    for p in params:
+        inf = p.infshape
+        if inf.ninf() > 2:
+            raise NotImplementedError("more than 2 inf dimensions")
+        if inf.ninf() == 2:
+            key = inf.width_mult() if rule == "adam" else inf.fanin_fanout_mult_ratio()
+            matrices.setdefault(key, []).append(p)
+        elif inf.ninf() == 1 and rule == "sgd":
+            vectors.setdefault(inf.width_mult(), []).append(p)
+        else:
+            rest.append(p)
+    groups = [dict(params=ps, lr=lr / k, weight_decay=weight_decay * k) for k, ps in matrices.items()]
+    groups += [dict(params=ps, lr=lr * m, weight_decay=weight_decay / m) for m, ps in vectors.items()]
+    return groups + [dict(params=rest, lr=lr, weight_decay=weight_decay)]
 
 
 _LOAD_ERRORS: dict[str, str] = {}  # device type -> why fastmup.ext failed to load in this process
@@ -57,6 +90,8 @@ class Impl:
     def prepare(self, device: torch.device) -> Optional[str]:
         """Load (building on first use) what this implementation needs, outside
         any timing; returns a note for the output, or None."""
+        if self.kind == "torch" and mup_module() is None:
+            return f"{self.name}: mup is not installed; its μP param groups are rebuilt by fastmup.bench.impls.mup_param_groups"
         if self.kind != "fastmup" or self.backend not in ("cuda", "cpu") or device.type != self.backend:
             return None
         if _extension_reason(self.backend) is not None:
@@ -96,8 +131,6 @@ class Impl:
         if self.kind == "torch":
             if opt.torch_name is None or opt.mup_splitter is None:
                 return f"torch has no equivalent of {opt.label}"
-            if mup is None:
-                return "mup is not importable (needed for its μP param-group splitting)"
             return None
         if self.kind == "mup":
             if mup is None:
@@ -121,6 +154,11 @@ class Impl:
         if self.kind == "torch":
             torch_cls = getattr(torch.optim, opt.torch_name)
             flags = dict(self.flags)
+            if mup is None:
+                rule = {"MuAdam": "adam", "MuSGD": "sgd"}[opt.mup_splitter]
+                hparams = dict(opt.hparams)
+                groups = mup_param_groups(params, rule, hparams.pop("lr"), hparams.pop("weight_decay", 0.0))
+                return torch_cls(groups, **flags, **hparams)
             split = getattr(mup, opt.mup_splitter)
             return split(params, impl=lambda groups, **kw: torch_cls(groups, **flags, **kw), **opt.hparams)
         return getattr(mup, opt.mup_name)(params, **opt.hparams)

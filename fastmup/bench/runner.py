@@ -297,6 +297,7 @@ class Instance:
 class Results:
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    finished: list[tuple[str, str]] = field(default_factory=list)  # (model, optimizer) cases done
 
     def skip(self, model: str, optimizer: str, impl: str, reason: str) -> None:
         self.skipped.append({"model": model, "optimizer": optimizer, "impl": impl, "reason": reason})
@@ -310,12 +311,23 @@ def run(
     copy_bw_GBps: float,
     free_bytes: Callable[[], int],
     progress: Optional[Callable[[str], None]] = None,
+    out: Optional[Results] = None,
+    checkpoint: Optional[Callable[[Results], None]] = None,
 ) -> Results:
     """Time and check every model × optimizer × implementation.
 
     ``progress(label)`` is called once per (model, optimizer, impl) triple.
+    Rows go into ``out`` (a fresh :class:`Results` by default) as each case
+    finishes, so that a caller interrupted mid-run keeps the finished cases;
+    ``checkpoint(out)`` is called after each case (e.g. to save them).
     """
-    out = Results()
+    out = Results() if out is None else out
+
+    def finish(model: str, opt: OptimizerSpec) -> None:
+        out.finished.append((model, opt.name))
+        if checkpoint is not None:
+            checkpoint(out)
+
     tick = progress or (lambda label: None)
     began = time.perf_counter()
     left = [len(model_names) * len(optimizers) * len(impls)]  # triples not yet timed
@@ -338,6 +350,7 @@ def run(
                 for impl in impls:
                     out.skip(model, opt.name, impl.name, f"fastmup has no {opt.fastmup_name} yet")
                     done(f"{model} {opt.name} {impl.name}")
+                finish(model, opt)
                 continue
             case = Case(pset, opt, cfg)
             n_copies, reason = case.plan_copies(free_bytes())
@@ -351,10 +364,12 @@ def run(
                     out.skip(model, opt.name, impl.name, reason)
                     done(f"{model} {opt.name} {impl.name}")
                 case.close()
+                finish(model, opt)
                 continue
             case_rows = _time_case(case, impls, n_copies, budget, done, out, copy_bw_GBps, free_bytes)
             out.rows += case_rows
             case.close()
+            finish(model, opt)
     return out
 
 

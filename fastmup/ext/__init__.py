@@ -235,9 +235,11 @@ class _Plan:
 
 def host_block(largest: int, total: int, threads: int) -> int:
     """Elements per block-map entry of the host backend: the extension's
-    largest (long runs keep the hardware prefetchers streaming), halved while
-    that would leave fewer than 32 entries per thread to balance (the last
-    entries decide when the step ends: a thread idles up to one entry)."""
+    largest, halved while that would leave fewer than 32 entries per thread
+    to balance.  Threads take contiguous runs of entries (long ones first,
+    csrc/host/multi_tensor_host.h), so small entries cost no streaming; the
+    last runs are single entries, and they decide when the step ends: a
+    thread idles up to one entry."""
     block = largest
     while block > 4096 and total < 32 * max(threads, 1) * block:
         block //= 2

@@ -75,7 +75,19 @@ _CXX_FLAGS = (
     "-fno-math-errno",
     "-fno-trapping-math",
 )
-_NVCC_FLAGS = ("-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden")
+# --fmad=false: nvcc contracts a*b + c into one fused multiply-add by default;
+#   the reference rounds the product first, and so does the host build
+#   (-ffp-contract=off above), so the CUDA and host backends round alike.
+_NVCC_FLAGS = (
+    "-std=c++17",
+    "-O3",
+    "--expt-relaxed-constexpr",
+    "--fmad=false",
+    "-Xcompiler",
+    "-fPIC",
+    "-Xcompiler",
+    "-fvisibility=hidden",
+)
 DEFAULT_CUDA_ARCHS = ("sm_80", "sm_90")
 
 

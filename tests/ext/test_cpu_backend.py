@@ -89,16 +89,16 @@ def _infinite_shapes(size: int, kind: str):
     return shape, base, tuple(d + 1 for d in base)
 
 
-def make_params(specs, seed: int, misalign: bool = False):
+def make_params(specs, seed: int, misalign: bool = False, device="cpu"):
     """specs: list of (size, kind, dtype).  Returns the list of Parameters with infshape."""
     g = torch.Generator().manual_seed(seed)
     tensors, base, delta = [], {}, {}
     for i, (size, kind, dtype) in enumerate(specs):
         shape, b, d = _infinite_shapes(size, kind)
-        values = torch.randn(shape, generator=g).to(dtype)
+        values = torch.randn(shape, generator=g).to(dtype).to(device)
         if misalign and size > 0:
             # a view at an odd element offset: addresses not 16-byte aligned
-            storage = torch.empty(size + 1, dtype=dtype)
+            storage = torch.empty(size + 1, dtype=dtype, device=device)
             values = storage[1:].view(shape).copy_(values)
         tensors.append(values)
         base[f"p.{i}"], delta[f"p.{i}"] = torch.Size(b), torch.Size(d)
@@ -179,8 +179,9 @@ SMALL_SIZES = [0, 1, 2, 3, 5, 17, 255, 1023, 1025]
 
 
 @st.composite
-def tensor_specs(draw, dtype_mode):
-    block = host_block()
+def tensor_specs(draw, dtype_mode, block=None):
+    """Tensor sizes around the backend's block-map entry (default: the host's)."""
+    block = block or host_block()
     sizes = SMALL_SIZES + [block - 1, block, block + 1, 2 * block + 7]
     n = draw(st.integers(1, 6))
     specs = []
@@ -228,9 +229,11 @@ def sgd_group(draw):
 amp_mode = st.sampled_from(["none", "none", "scale", "scale+skip"])
 
 
-def run_against_eager(cls, specs, groups, assignment, state_dtype, amp, seed, misalign, nsteps=3):
-    params_ref = make_params(specs, seed, misalign)
-    params_cpu = make_params(specs, seed, misalign)  # identical values (and offsets)
+def run_against_eager(cls, specs, groups, assignment, state_dtype, amp, seed, misalign, nsteps=3, backend="cpu"):
+    """``backend`` (on its device) against the eager reference on the same device."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    params_ref = make_params(specs, seed, misalign, device)
+    params_cpu = make_params(specs, seed, misalign, device)  # identical values (and offsets)
 
     def param_groups(params):
         out = []
@@ -241,8 +244,8 @@ def run_against_eager(cls, specs, groups, assignment, state_dtype, amp, seed, mi
         return out
 
     opt_ref = cls(param_groups(params_ref), backend="eager", state_dtype=state_dtype)
-    opt_cpu = cls(param_groups(params_cpu), backend="cpu", state_dtype=state_dtype)
-    assert opt_cpu.backend == "cpu"
+    opt_cpu = cls(param_groups(params_cpu), backend=backend, state_dtype=state_dtype)
+    assert opt_cpu.backend == backend
     gen = torch.Generator().manual_seed(seed + 1)
     coupled = {
         i: groups[assignment[i]].get("weight_decay", 0) != 0 and cls is MuAdam for i in range(len(specs))
@@ -255,17 +258,17 @@ def run_against_eager(cls, specs, groups, assignment, state_dtype, amp, seed, mi
             if coupled[i]:
                 # same sign as wd*p after `maximize`: g + wd*p never cancels (module docstring)
                 maximize = groups[assignment[i]]["maximize"]
-                g = g.abs() * torch.where(pr.detach().float() >= 0, 1.0, -1.0) * (-1.0 if maximize else 1.0)
+                g = g.abs() * torch.where(pr.detach().float().cpu() >= 0, 1.0, -1.0) * (-1.0 if maximize else 1.0)
             if scale is not None:
                 g = g * scale
             if skip and g.numel():
                 g.view(-1)[0] = float("inf")
-            pr.grad = g.to(pr.dtype)
+            pr.grad = g.to(pr.dtype).to(device)
             pc.grad = pr.grad.clone()
         for opt in (opt_ref, opt_cpu):
             if amp != "none":
-                opt.grad_scale = torch.tensor([scale], dtype=torch.float32)
-                opt.found_inf = torch.tensor([1.0 if skip else 0.0], dtype=torch.float32)
+                opt.grad_scale = torch.tensor([scale], dtype=torch.float32, device=device)
+                opt.found_inf = torch.tensor([1.0 if skip else 0.0], dtype=torch.float32, device=device)
         before = snapshot(opt_ref, params_ref)
         opt_ref.step()
         opt_cpu.step()
