@@ -1,21 +1,38 @@
 """Small pieces shared by the fused optimizer kernels.
 
-* :func:`bias_correction` computes ``1 - β^t`` in float64 inside a kernel.
-* :func:`upcast` / :func:`downcast` convert between storage dtypes and the
-  fp32 math type, with round-to-nearest-even stores.
+jit helpers (the common prologue and the tile I/O of every kernel):
+
+* :func:`block_extent`: which tensor and which elements a program owns;
+  :func:`skip_on_found_inf` empties it when AMP found inf/nan.
 * :func:`tensor_ptr` turns an entry of a batch's pointer table into a typed
   pointer.
+* :func:`load_tile` / :func:`store_tile` move ``TILE`` elements of one
+  buffer as an ``[TILE // 8, 8]`` fp32 tile, in the storage dtype's own
+  layout (see their docstrings), with round-to-nearest-even stores.
+* :func:`upcast` / :func:`downcast` convert between storage dtypes and the
+  fp32 math type.
+* :func:`lerp_coefficients` / :func:`lerp`: ``torch.lerp`` with a scalar weight.
+* :func:`bias_correction` computes ``1 - β^t`` in float64 inside a kernel.
+
+host side:
+
 * :func:`build_plan` checks a batch once and gathers everything a launch
   needs besides the per-step values (:class:`Plan`); :func:`plan_for` caches
   it per batch.  ``LAUNCHES`` counts kernel launches per algorithm (tests
   assert "one step = one launch per dtype signature" with it).
 * :func:`scalar_inputs` prepares the AMP tensors (``grad_scale``,
   ``found_inf``) so a launch never syncs with the host.
+
+Every launch passes ``enable_fp_fusion=False``: the eager reference rounds
+each torch op on its own, so the compiler must not contract a multiply and an
+add into an FMA; the FMAs torch does compute (``lerp``, ``addcmul``,
+``add(.., alpha=)``) are written as ``tl.fma``.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import weakref
 from typing import Callable, NamedTuple, Optional, Sequence, TypeVar
 
@@ -24,15 +41,22 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "FP_FUSION",
     "LAUNCHES",
     "Plan",
     "bias_correction",
+    "block_extent",
     "build_plan",
     "check_device",
     "device_guard",
     "downcast",
+    "lerp",
+    "lerp_coefficients",
+    "load_tile",
     "plan_for",
     "scalar_inputs",
+    "skip_on_found_inf",
+    "store_tile",
     "tensor_ptr",
     "tl_dtype",
     "upcast",
@@ -43,6 +67,23 @@ LAUNCHES: collections.Counter = collections.Counter()
 
 # Alignment, in bytes, that lets full tiles use 16-byte vector accesses.
 ALIGNMENT = 16
+
+#: the ``enable_fp_fusion`` every launch passes (module docstring)
+FP_FUSION = False
+
+
+def _interpreted() -> bool:
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Whether this import of the kernels runs under Triton's interpreter (the
+# same choice triton.jit made for the kernels below, at the same moment).
+# The interpreter truncates fp32 -> bf16 conversions, so under it the
+# rounding is done on the bits; compiled code uses the GPU's conversion.
+INTERPRETED = tl.constexpr(_interpreted())
 
 
 # ----------------------------------------------------------------------
@@ -82,13 +123,14 @@ def upcast(x, DTYPE: tl.constexpr):
 def downcast(x, DTYPE: tl.constexpr):
     """fp32 -> storage dtype, rounding to nearest even (torch's ``copy_``).
 
-    For bfloat16 the rounding is written out on the bits (add 0x7FFF plus the
-    lowest kept bit, keep the top half; nan -> 0x7FC0 like torch): Triton's
-    interpreter truncates fp32 -> bf16 instead of rounding, so ``.to()`` would
-    make the CPU tests disagree with the GPU.  The bit form is exact on both
-    and costs a few integer ops in a memory-bound kernel.
+    Compiled, this is the GPU's conversion (``cvt.rn.bf16x2.f32`` /
+    ``cvt.rn.f16x2.f32``: two elements per instruction, round to nearest
+    even, subnormals kept, nan to the canonical nan, as torch's CUDA
+    conversion).  Under Triton's interpreter, which truncates fp32 -> bf16,
+    bfloat16 rounding is written out on the bits (add 0x7FFF plus the lowest
+    kept bit, keep the top half; nan -> 0x7FC0): the same values.
     """
-    if DTYPE == tl.bfloat16:
+    if DTYPE == tl.bfloat16 and INTERPRETED:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded)
@@ -108,6 +150,105 @@ def tensor_ptr(ptrs_ptr, role, n_tensors, i, DTYPE: tl.constexpr, ALIGNED: tl.co
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK: tl.constexpr):
+    """``(i, start, n)``: this program owns elements ``[start, start + n)`` of tensor ``i``.
+
+    ``start`` is int64: tensors may exceed 2**31 elements.  Blocks start at
+    multiples of ``BLOCK``, which the compiler needs to know to vectorise.
+    """
+    pid = tl.program_id(0)
+    i = tl.load(tensor_of_block_ptr + pid).to(tl.int64)
+    start = tl.multiple_of(tl.load(start_of_block_ptr + pid), BLOCK)
+    # n <= BLOCK: int32, so that the tile loops count in 32 bits.
+    n = tl.minimum(tl.load(numels_ptr + i) - start, BLOCK).to(tl.int32)
+    return i, start, n
+
+
+@triton.jit
+def skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """``n``, or 0 when AMP's ``found_inf`` is set: the step is skipped on
+    the device, without a host sync, by giving the program nothing to do."""
+    if HAS_FOUND_INF:
+        n = tl.where(tl.load(found_inf_ptr) != 0.0, 0, n)
+    return n
+
+
+@triton.jit
+def lerp_coefficients(w):
+    """``(coeff, small)`` of ``torch.lerp(a, b, w)`` for an fp32 scalar weight:
+    torch computes ``a + w·(b-a)`` for ``w < 0.5``, else ``b - (1-w)·(b-a)``,
+    both ``fma(coeff, b-a, base)`` (``w - 1`` is exact for ``w >= 0.5``)."""
+    small = w < 0.5
+    return tl.where(small, w, w - 1.0), small
+
+
+@triton.jit
+def lerp(a, b, coeff, small):
+    """``torch.lerp(a, b, w)`` from :func:`lerp_coefficients` ``(w)``."""
+    return tl.fma(coeff, b - a, tl.where(small, a, b))
+
+
+# Tiles are [TILE // 8, 8]: each row is 8 consecutive elements, held by one
+# thread.  A 16-bit buffer moves a row with one 16-byte access, a 32-bit one
+# with two (the row's halves, joined in registers).  Every buffer of a
+# kernel, whatever its dtype, so maps elements to threads alike and no tile
+# is converted between layouts (through shared memory) on the way from
+# loads to stores.  Without 16-byte alignment no access can be wider than
+# an element: then tiles are flat, one layout for every dtype as well.
+@triton.jit
+def _row_offsets(WIDTH: tl.constexpr, ROWS: tl.constexpr):
+    return tl.arange(0, ROWS)[:, None] * 8 + tl.arange(0, WIDTH)[None, :]
+
+
+@triton.jit
+def _load(ptr, offs, limit, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=offs < limit, other=0.0)
+    else:
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _store(ptr, offs, x, limit, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, x, mask=offs < limit)
+    else:
+        tl.store(ptr + offs, x)
+
+
+@triton.jit
+def load_tile(ptr, limit, DTYPE: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    """Elements ``[0, TILE)`` of ``ptr`` as an fp32 tile, ``[TILE // 8, 8]``
+    (``ALIGNED``) or ``[TILE]`` (``MASKED``: those below ``limit``, others 0)."""
+    ROWS: tl.constexpr = TILE // 8
+    if not ALIGNED:
+        return upcast(_load(ptr, tl.arange(0, TILE), limit, MASKED), DTYPE)
+    elif DTYPE.primitive_bitwidth == 16:
+        return upcast(_load(ptr, _row_offsets(8, ROWS), limit, MASKED), DTYPE)
+    else:
+        offs = _row_offsets(4, ROWS)
+        lo = upcast(_load(ptr, offs, limit, MASKED), DTYPE)
+        hi = upcast(_load(ptr + 4, offs, limit - 4, MASKED), DTYPE)
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (ROWS, 8))
+
+
+@triton.jit
+def store_tile(ptr, x, limit, DTYPE: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    """Store the fp32 tile ``x`` of :func:`load_tile` to elements ``[0, TILE)``
+    of ``ptr`` (``MASKED``: those below ``limit``), rounded once to ``DTYPE``."""
+    ROWS: tl.constexpr = TILE // 8
+    if not ALIGNED:
+        _store(ptr, tl.arange(0, TILE), downcast(x, DTYPE), limit, MASKED)
+    elif DTYPE.primitive_bitwidth == 16:
+        _store(ptr, _row_offsets(8, ROWS), downcast(x, DTYPE), limit, MASKED)
+    else:
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (ROWS, 2, 4)), (0, 2, 1)))
+        offs = _row_offsets(4, ROWS)
+        _store(ptr, offs, downcast(lo, DTYPE), limit, MASKED)
+        _store(ptr + 4, offs, downcast(hi, DTYPE), limit - 4, MASKED)
 
 
 # ----------------------------------------------------------------------
@@ -252,55 +393,3 @@ def device_guard(device: torch.device):
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
-
-
-def launch_elementwise(
-    kernel,
-    algorithm: str,
-    batch,
-    grad_scale: Optional[torch.Tensor],
-    found_inf: Optional[torch.Tensor],
-    *,
-    columns: Sequence[str],
-    block: int,
-    tile: int,
-    num_warps: int,
-    state: Sequence[str],
-    optional: str,
-    flag: str,
-    has_optional: str,
-) -> None:
-    """Launch a per-element update kernel (Adam, SGD) over ``batch``: one
-    program per block-map entry, the plan (:func:`build_plan`) built on the
-    first call and reused.  The kernels share one signature; ``has_optional``
-    names the constexpr that says whether the ``optional`` buffer exists."""
-    plan = plan_for(batch, algorithm, lambda: build_plan(
-        batch, algorithm, kernel, columns=columns, block=block, state=state, optional=optional, flag=flag,
-    ))
-    if plan.nblocks == 0:
-        return
-    scale, inf = scalar_inputs(batch, grad_scale, found_inf)
-    with device_guard(batch.device):
-        kernel[(plan.nblocks,)](
-            batch.device_rows(),
-            plan.pointers,
-            batch.steps,
-            plan.numels,
-            plan.tensor_of_block,
-            plan.start_of_block,
-            scale,
-            inf,
-            plan.n_tensors,
-            NCOLS=len(columns),
-            PARAM=plan.param,
-            GRAD=plan.grad,
-            STATE=plan.state,
-            HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=plan.aligned,
-            BLOCK=block,
-            TILE=tile,
-            num_warps=num_warps,
-            **{has_optional: plan.has_optional},
-        )
-    LAUNCHES[algorithm] += 1

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import bias_correction, downcast, tensor_ptr, upcast
+from ._common import bias_correction, block_extent, skip_on_found_inf, lerp, lerp_coefficients, load_tile, store_tile, tensor_ptr
 
 __all__ = ["adam_kernel", "launch", "BLOCK", "TILE"]
 
@@ -50,14 +50,18 @@ __all__ = ["adam_kernel", "launch", "BLOCK", "TILE"]
 # programs for an H100's 132 SMs; there is no cap on the grid: big models
 # simply get more programs.
 BLOCK = 4096
-# Elements per inner iteration: 1024 over 4 warps is 8 per thread per array
-# (two 16-byte accesses in fp32), which keeps Adam's ~6 live arrays in registers.
+# Elements per inner iteration: 1024 over 4 warps is one row of 8 per thread
+# per array (one 16-byte access in bf16/fp16, two in fp32; see
+# _common.load_tile), which keeps Adam's ~6 live arrays in registers.
 TILE = 1024
 NUM_WARPS = 4
 
 # Order of the columns of ``batch.rows`` (fastmup.optim.adam.COLUMNS).
 COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
 NCOLS = len(COLUMNS)
+# State buffers every tensor has, and the one only amsgrad tensors have.
+STATE = ("exp_avg", "exp_avg_sq")
+OPTIONAL = "max_exp_avg_sq"
 
 
 @triton.jit
@@ -82,16 +86,8 @@ def adam_kernel(
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    i = tl.load(tensor_of_block_ptr + pid).to(tl.int64)
-    # int64 offsets: tensors may exceed 2**31 elements.  Blocks start at
-    # multiples of BLOCK, which the compiler needs to know to vectorise.
-    start = tl.multiple_of(tl.load(start_of_block_ptr + pid), BLOCK)
-    n = tl.minimum(tl.load(numels_ptr + i) - start, BLOCK)  # elements of this program
-    if HAS_FOUND_INF:
-        # AMP found inf/nan in the grads: the step is skipped on device, with
-        # no host sync, by giving every program nothing to do.
-        n = tl.where(tl.load(found_inf_ptr) != 0.0, 0, n)
+    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
 
     # ---- this tensor's hyperparameters (float64) --------------------------
     row = rows_ptr + i * NCOLS
@@ -112,24 +108,20 @@ def adam_kernel(
     # AdamW multiplies p by (1 - lr·wd); Adam adds wd·p to the gradient.
     decay = tl.where(decoupled, 1.0 - lr * wd, 1.0).to(tl.float32)
     coupled_wd = tl.where(decoupled, 0.0, wd).to(tl.float32)
-    # m.lerp_(g, w) as torch computes it: m + w·(g-m) for w < 0.5, else
-    # g - (1-w)·(g-m); both are fma(coeff, g-m, base) (w-1 is exact for w >= 0.5).
-    w = (1.0 - beta1).to(tl.float32)
-    small = w < 0.5
-    lerp_coeff = tl.where(small, w, w - 1.0)
+    lerp_coeff, small = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     beta2_32 = beta2.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr)
 
-    # ---- this tensor's buffers --------------------------------------------
-    param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED)
-    grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED)
-    exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED)
-    exp_avg_sq_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED)
+    # ---- this tensor's buffers, at this program's first element -----------
+    param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
+    grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
+    exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
+    exp_avg_sq_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED) + start
     if HAS_AMSGRAD:
         # Address 0 for tensors without amsgrad: only touched when the row says so.
-        max_sq_ptr = tensor_ptr(ptrs_ptr, 4, n_tensors, i, STATE, ALIGNED)
+        max_sq_ptr = tensor_ptr(ptrs_ptr, 4, n_tensors, i, STATE, ALIGNED) + start
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
@@ -140,15 +132,12 @@ def adam_kernel(
         else:
             first_tile, end_tile = 0, n_full
         for tile in range(first_tile, end_tile):
-            offs = start + tile * TILE + tl.arange(0, TILE)
-            if masked:
-                mask = offs < start + n
-            else:
-                mask = None
-            p = upcast(tl.load(param_ptr + offs, mask=mask), PARAM)
-            g = upcast(tl.load(grad_ptr + offs, mask=mask), GRAD)
-            m = upcast(tl.load(exp_avg_ptr + offs, mask=mask), STATE)
-            v = upcast(tl.load(exp_avg_sq_ptr + offs, mask=mask), STATE)
+            at = tile * TILE
+            left = n - at
+            p = load_tile(param_ptr + at, left, PARAM, TILE, masked, ALIGNED)
+            g = load_tile(grad_ptr + at, left, GRAD, TILE, masked, ALIGNED)
+            m = load_tile(exp_avg_ptr + at, left, STATE, TILE, masked, ALIGNED)
+            v = load_tile(exp_avg_sq_ptr + at, left, STATE, TILE, masked, ALIGNED)
 
             if HAS_SCALE:
                 g = tl.div_rn(g, scale)
@@ -157,22 +146,22 @@ def adam_kernel(
             g = tl.where(coupled_wd != 0.0, tl.fma(coupled_wd, p, g), g)
             p = p * decay
 
-            m = tl.fma(lerp_coeff, g - m, tl.where(small, m, g))
+            m = lerp(m, g, lerp_coeff, small)
             v = tl.fma(one_minus_beta2 * g, g, v * beta2_32)
             v_hat = v
             if HAS_AMSGRAD:
                 if amsgrad:  # uniform over the program: a branch, not a mask
-                    v_max = upcast(tl.load(max_sq_ptr + offs, mask=mask), STATE)
+                    v_max = load_tile(max_sq_ptr + at, left, STATE, TILE, masked, ALIGNED)
                     v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
-                    tl.store(max_sq_ptr + offs, downcast(v_hat, STATE), mask=mask)
+                    store_tile(max_sq_ptr + at, v_hat, left, STATE, TILE, masked, ALIGNED)
 
             # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).
             denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps32
             p = p + tl.div_rn(neg_step_size * m, denom)
 
-            tl.store(param_ptr + offs, downcast(p, PARAM), mask=mask)
-            tl.store(exp_avg_ptr + offs, downcast(m, STATE), mask=mask)
-            tl.store(exp_avg_sq_ptr + offs, downcast(v, STATE), mask=mask)
+            store_tile(param_ptr + at, p, left, PARAM, TILE, masked, ALIGNED)
+            store_tile(exp_avg_ptr + at, m, left, STATE, TILE, masked, ALIGNED)
+            store_tile(exp_avg_sq_ptr + at, v, left, STATE, TILE, masked, ALIGNED)
 
 
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
@@ -183,8 +172,34 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
     write nothing.  Neither is read on the host.  The pointer table, block
     map and dtype checks are built on the first call for a batch and reused.
     """
-    _common.launch_elementwise(
-        adam_kernel, "adam", batch, grad_scale, found_inf,
-        columns=COLUMNS, block=BLOCK, tile=TILE, num_warps=NUM_WARPS,
-        state=("exp_avg", "exp_avg_sq"), optional="max_exp_avg_sq", flag="amsgrad", has_optional="HAS_AMSGRAD",
-    )
+    plan = _common.plan_for(batch, "adam", lambda: _common.build_plan(
+        batch, "adam", adam_kernel, columns=COLUMNS, block=BLOCK, state=STATE, optional=OPTIONAL, flag="amsgrad",
+    ))
+    if plan.nblocks == 0:
+        return
+    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
+    with _common.device_guard(batch.device):
+        adam_kernel[(plan.nblocks,)](
+            rows_ptr=batch.device_rows(),
+            ptrs_ptr=plan.pointers,
+            steps_ptr=batch.steps,
+            numels_ptr=plan.numels,
+            tensor_of_block_ptr=plan.tensor_of_block,
+            start_of_block_ptr=plan.start_of_block,
+            grad_scale_ptr=scale,
+            found_inf_ptr=inf,
+            n_tensors=plan.n_tensors,
+            NCOLS=NCOLS,
+            PARAM=plan.param,
+            GRAD=plan.grad,
+            STATE=plan.state,
+            HAS_AMSGRAD=plan.has_optional,
+            HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=plan.aligned,
+            BLOCK=BLOCK,
+            TILE=TILE,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=_common.FP_FUSION,
+        )
+    _common.LAUNCHES["adam"] += 1

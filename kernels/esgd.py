@@ -25,7 +25,8 @@ For tensor ``i`` of the batch, with its row of the hyperparameter table
                                                  (only once the tensor has seen an HVP)
 
   with one rounding per stored tensor (the HVP is read and ``d`` written on
-  HVP steps only: ``HVP`` is a constexpr, two compiled variants).
+  HVP steps only: ``HVP`` is a constexpr, two compiled variants; ``p`` is
+  neither read nor written before the tensor's first HVP).
 
 The scalar state in the same launch
 -----------------------------------
@@ -43,7 +44,9 @@ every tensor of the batch advance, as in the eager reference.  When AMP's
 ``found_inf`` is set nothing is written (the tickets still reset).
 
 Launch layout as in :mod:`fastmup.kernels.adam`: one program per ``BLOCK``
-elements of one tensor; every group value (betas, v, warm-up, variant) is a
+elements of one tensor, full tiles without a mask (16-byte vector accesses
+when every address of the batch and of the step's HVPs is aligned), then at
+most one masked tile; every group value (betas, v, warm-up, variant) is a
 table value, so one compiled kernel and one launch cover a dtype signature.
 """
 from __future__ import annotations
@@ -56,7 +59,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import downcast, upcast
+from ._common import block_extent, skip_on_found_inf, lerp, lerp_coefficients, load_tile, store_tile, tensor_ptr
 
 __all__ = ["esgd_kernel", "launch", "BLOCK", "TILE"]
 
@@ -71,6 +74,60 @@ NUM_WARPS = 4
 COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "v", "lr_warmup", "eps", "variant")
 NCOLS = len(COLUMNS)
 POINTERS = ("param", "grad", "exp_avg", "exp_avg_d")
+
+
+@triton.jit
+def _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.constexpr):
+    """Tensor ``i``'s old step and its new ``bc1``, ``bc2``, ``cum`` (float64),
+    and ``v``: the first part of ``fastmup.optim.esgd.tensor_scalars``."""
+    beta1 = tl.load(row + 2)
+    beta2 = tl.load(row + 3)
+    lr_warmup = tl.load(row + 5)
+    is_max = tl.load(row + 7) != 0.0
+    v = tl.where(is_max, beta1, tl.load(row + 4))  # the max variant is Nesterov only
+    bc1 = tl.load(bc1_ptr + i) * beta1
+    bc2 = tl.load(bc2_ptr + i)
+    cum = tl.load(cum_ptr + i)
+    if HVP:
+        bc2 = bc2 * beta2
+        cum = cum * lr_warmup
+    else:
+        cum = tl.where(is_max, cum, cum * lr_warmup)  # max: warm-up counts HVP steps only
+    return tl.load(step_ptr + i), bc1, bc2, cum, v
+
+
+@triton.jit
+def _tile(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, at, left,
+    scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HAS_SCALE: tl.constexpr,
+    UPDATE_P: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """One tile of ``_single_tensor_esgd`` (elements ``at`` on, ``left`` of them valid)."""
+    g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
+    m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
+    d = load_tile(exp_avg_d_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
+    if HAS_SCALE:
+        g = tl.div_rn(g, scale)
+    m = lerp(m, g, coeff_m, small_m)  # exp_avg.lerp_(g, 1-β1)
+    store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
+    if HVP:
+        h = load_tile(hvp_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
+        if HAS_SCALE:
+            h = tl.div_rn(h, scale)
+        if is_max:  # uniform over the program: a branch, not a select
+            d = tl.maximum(d * beta2, h * h, propagate_nan=tl.PropagateNan.ALL)  # torch.maximum
+        else:
+            d = tl.fma(one_minus_beta2 * h, h, d * beta2)  # d.mul_(β2).addcmul_(h, h, value=1-β2)
+        store_tile(exp_avg_d_ptr + at, d, left, STATE, TILE, MASKED, ALIGNED)
+    if UPDATE_P:
+        p = load_tile(param_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
+        # IEEE sqrt and division (tl.sqrt / "/" may be approximate on GPUs).
+        denom = tl.div_rn(tl.sqrt_rn(d), bc2_sqrt) + eps
+        m_est = lerp(m, g, coeff_q, small_q)  # torch.lerp(m, g, 1-v)
+        # p.mul_(decay).addcdiv_(m̃, denom, value=coef): (coef·m̃)/denom, added last, unfused
+        p = p * decay + tl.div_rn(coef * m_est, denom)
+        store_tile(param_ptr + at, p, left, PARAM, TILE, MASKED, ALIGNED)
 
 
 @triton.jit
@@ -96,43 +153,23 @@ def esgd_kernel(
     HVP: tl.constexpr,  # this step updates d
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address (HVPs included) is 16-byte aligned
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    i = tl.load(tensor_of_block_ptr + pid).to(tl.int64)
-    start = tl.load(start_of_block_ptr + pid)
-    numel = tl.load(numels_ptr + i)
-    end = tl.minimum(start + BLOCK, numel)
-    n_blocks = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
-    if HAS_FOUND_INF:
-        # AMP found inf/nan: every program gets an empty range, no host sync.
-        end = tl.where(tl.load(found_inf_ptr) != 0.0, start, end)
+    # An empty tensor's one program gets n = 0: it only advances the scalars.
+    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
 
-    # ---- this tensor's row and old scalar state (float64) ------------------
+    # ---- this tensor's row and scalar state: tensor_scalars ----------------
     row = rows_ptr + i * NCOLS
     lr = tl.load(row + 0)
     wd = tl.load(row + 1)
     beta1 = tl.load(row + 2)
     beta2 = tl.load(row + 3)
-    v = tl.load(row + 4)
-    lr_warmup = tl.load(row + 5)
     eps = tl.load(row + 6)
     is_max = tl.load(row + 7) != 0.0
-    v = tl.where(is_max, beta1, v)  # the max variant is Nesterov only
-    step = tl.load(step_ptr + i)
-    bc1 = tl.load(bc1_ptr + i)
-    bc2 = tl.load(bc2_ptr + i)
-    cum = tl.load(cum_ptr + i)
-
-    # ---- fastmup.optim.esgd.tensor_scalars ---------------------------------
-    bc1 = bc1 * beta1
-    if HVP:
-        bc2 = bc2 * beta2
-        cum = cum * lr_warmup
-    else:
-        cum = tl.where(is_max, cum, cum * lr_warmup)  # max: warm-up counts HVP steps only
-    started = bc2 != 1.0  # no update before the tensor's first HVP
+    _, bc1, bc2, cum, v = _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
     step_size = lr * (1.0 - cum)
     bc2_sqrt = tl.where(is_max, 1.0, tl.sqrt(1.0 - bc2)).to(tl.float32)  # float64 sqrt is IEEE-rounded
     decay = (1.0 - wd * step_size).to(tl.float32)
@@ -140,52 +177,45 @@ def esgd_kernel(
     eps32 = eps.to(tl.float32)
     beta2_32 = beta2.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
-    # lerp(a, b, w) as torch computes it: a + w·(b-a) for w < 0.5, else
-    # b - (1-w)·(b-a); both are fma(coeff, b-a, base) (w-1 is exact for w >= 0.5).
-    w_m = (1.0 - beta1).to(tl.float32)
-    small_m = w_m < 0.5
-    coeff_m = tl.where(small_m, w_m, w_m - 1.0)
-    w_q = (1.0 - v).to(tl.float32)
-    small_q = w_q < 0.5
-    coeff_q = tl.where(small_q, w_q, w_q - 1.0)
-    if HAS_SCALE:
-        scale = tl.load(grad_scale_ptr)
+    coeff_m, small_m = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
+    coeff_q, small_q = lerp_coefficients((1.0 - v).to(tl.float32))  # torch.lerp(m, g, 1-v)
+    scale = tl.load(grad_scale_ptr) if HAS_SCALE else 1.0
 
-    # ---- this tensor's buffers ----------------------------------------------
-    param_ptr = tl.load(ptrs_ptr + 0 * n_tensors + i).to(tl.pointer_type(PARAM))
-    grad_ptr = tl.load(ptrs_ptr + 1 * n_tensors + i).to(tl.pointer_type(GRAD))
-    exp_avg_ptr = tl.load(ptrs_ptr + 2 * n_tensors + i).to(tl.pointer_type(STATE))
-    exp_avg_d_ptr = tl.load(ptrs_ptr + 3 * n_tensors + i).to(tl.pointer_type(STATE))
-    if HVP:
-        hvp_ptr = tl.load(hvp_ptrs_ptr + i).to(tl.pointer_type(PARAM))
-
-    for off in range(start, end, TILE):
-        offs = off + tl.arange(0, TILE).to(tl.int64)
-        mask = offs < end
-        p = upcast(tl.load(param_ptr + offs, mask=mask, other=0.0), PARAM)
-        g = upcast(tl.load(grad_ptr + offs, mask=mask, other=0.0), GRAD)
-        m = upcast(tl.load(exp_avg_ptr + offs, mask=mask, other=0.0), STATE)
-        d = upcast(tl.load(exp_avg_d_ptr + offs, mask=mask, other=0.0), STATE)
-        if HAS_SCALE:
-            g = tl.div_rn(g, scale)
-        m = tl.fma(coeff_m, g - m, tl.where(small_m, m, g))  # exp_avg.lerp_(g, 1-β1)
+    # Full tiles first, without a mask, so that their accesses vectorise;
+    # then at most one masked partial tile.  (static_range: compiled twice.)
+    n_full = n // TILE
+    for masked in tl.static_range(2):
+        if masked:
+            first_tile, end_tile = n_full, tl.cdiv(n, TILE)
+        else:
+            first_tile, end_tile = 0, n_full
+        # This tensor's buffers at this program's first element, looked up
+        # for each pass rather than kept in registers through the first.
+        param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
+        grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
+        exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
+        exp_avg_d_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED) + start
+        hvp_ptr = grad_ptr  # never read unless HVP
         if HVP:
-            h = upcast(tl.load(hvp_ptr + offs, mask=mask, other=0.0), PARAM)
-            if HAS_SCALE:
-                h = tl.div_rn(h, scale)
-            d_max = tl.maximum(d * beta2_32, h * h, propagate_nan=tl.PropagateNan.ALL)  # torch.maximum
-            d_ema = tl.fma(one_minus_beta2 * h, h, d * beta2_32)  # d.mul_(β2).addcmul_(h, h, value=1-β2)
-            d = tl.where(is_max, d_max, d_ema)
-            tl.store(exp_avg_d_ptr + offs, downcast(d, STATE), mask=mask)
-        # IEEE sqrt and division (tl.sqrt / "/" may be approximate on GPUs).
-        denom = tl.div_rn(tl.sqrt_rn(d), bc2_sqrt) + eps32
-        m_est = tl.fma(coeff_q, g - m, tl.where(small_q, m, g))  # torch.lerp(m, g, 1-v)
-        # p.mul_(decay).addcdiv_(m̃, denom, value=coef): (coef·m̃)/denom, added last, unfused
-        p = tl.where(started, p * decay + tl.div_rn(coef * m_est, denom), p)
-        tl.store(param_ptr + offs, downcast(p, PARAM), mask=mask)
-        tl.store(exp_avg_ptr + offs, downcast(m, STATE), mask=mask)
+            hvp_ptr = tensor_ptr(hvp_ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
+        # Before its first HVP a tensor does not move: p is neither read nor
+        # written.  Decided per pass, outside the loop (a flag tested in the
+        # loop would keep bc2 in registers through it); the common case first.
+        for skip_p in tl.static_range(2):
+            if (bc2 == 1.0) == skip_p:
+                for tile in range(first_tile, end_tile):
+                    _tile(
+                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
+                        scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2, is_max,
+                        bc2_sqrt, eps32, decay, coef,
+                        PARAM, GRAD, STATE, HVP, HAS_SCALE, not skip_p, TILE, masked, ALIGNED,
+                    )
 
     # ---- the new scalar state: stored by the last program of the tensor ----
+    # Read again rather than kept live through the loop (registers), and
+    # unchanged: no program stores before every program has its ticket.
+    step, bc1, bc2, cum, v = _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
+    n_blocks = tl.maximum(tl.cdiv(tl.load(numels_ptr + i), BLOCK), 1)
     # The barrier keeps every warp's loads of the old scalars before the
     # ticket; acq_rel orders this program's ticket after them for the others.
     tl.debug_barrier()
@@ -214,6 +244,7 @@ class _Plan(NamedTuple):
     param: object
     grad: object
     state: object
+    aligned: bool  # every param, grad and state address is a multiple of ALIGNMENT bytes
 
 
 def block_map(numels: Sequence[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -255,7 +286,12 @@ def _build_plan(batch) -> _Plan:
         param=_common.tl_dtype(sig.param_dtype),
         grad=_common.tl_dtype(sig.grad_dtype),
         state=_common.tl_dtype(sig.state_dtype),
+        aligned=_aligned([*batch.params, *batch.grads, *(t for name in POINTERS[2:] for t in batch.state[name])]),
     )
+
+
+def _aligned(tensors) -> bool:
+    return all(t.data_ptr() % _common.ALIGNMENT == 0 for t in tensors)
 
 
 def launch(
@@ -276,6 +312,7 @@ def launch(
     plan = _common.plan_for(batch, "esgd", lambda: _build_plan(batch))
     if plan.nblocks == 0:
         return
+    aligned = plan.aligned
     if hvps is not None:
         if len(hvps) != len(batch):
             raise ValueError(f"esgd kernel: {len(hvps)} HVPs for {len(batch)} tensors")
@@ -283,26 +320,27 @@ def launch(
             if h.dtype != p.dtype or h.shape != p.shape or not h.is_contiguous() or h.device != p.device:
                 raise ValueError(f"esgd kernel: the HVP of tensor {i} must be a contiguous {p.dtype} tensor like its param")
         hvp_ptrs = torch.tensor([h.data_ptr() for h in hvps], dtype=torch.int64).to(batch.device)
+        aligned = aligned and _aligned(hvps)
     else:
         hvp_ptrs = plan.numels  # placeholder, never read
     scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
     s = batch.scalars
     with _common.device_guard(batch.device):
         esgd_kernel[(plan.nblocks,)](
-            batch.device_rows(),
-            plan.pointers,
-            hvp_ptrs,
-            s["step"],
-            s["exp_avg_bias_corr"],
-            s["exp_avg_d_bias_corr"],
-            s["lr_warmup_cumprod"],
-            plan.tickets,
-            plan.numels,
-            plan.tensor_of_block,
-            plan.start_of_block,
-            scale,
-            inf,
-            plan.n_tensors,
+            rows_ptr=batch.device_rows(),
+            ptrs_ptr=plan.pointers,
+            hvp_ptrs_ptr=hvp_ptrs,
+            step_ptr=s["step"],
+            bc1_ptr=s["exp_avg_bias_corr"],
+            bc2_ptr=s["exp_avg_d_bias_corr"],
+            cum_ptr=s["lr_warmup_cumprod"],
+            tickets_ptr=plan.tickets,
+            numels_ptr=plan.numels,
+            tensor_of_block_ptr=plan.tensor_of_block,
+            start_of_block_ptr=plan.start_of_block,
+            grad_scale_ptr=scale,
+            found_inf_ptr=inf,
+            n_tensors=plan.n_tensors,
             NCOLS=NCOLS,
             PARAM=plan.param,
             GRAD=plan.grad,
@@ -310,8 +348,10 @@ def launch(
             HVP=hvps is not None,
             HAS_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=aligned,
             BLOCK=BLOCK,
             TILE=TILE,
             num_warps=NUM_WARPS,
+            enable_fp_fusion=_common.FP_FUSION,
         )
     _common.LAUNCHES["esgd"] += 1

@@ -8,17 +8,17 @@ counter-based hash of :mod:`fastmup.optim.rademacher`::
 
 The per-draw prefix ``H(seed, counter)`` is computed on the host (four mixes,
 once per draw) and passed as one 32-bit word; each program derives its
-tensor's key from it (two mixes), then each element hashes its word (two
-mixes: integer ops are nearly free in this store-bound kernel, so the 32
-elements of a word recompute it rather than share it).  All of it is uint32
-arithmetic, which wraps modulo ``2**32`` exactly like the torch path's
-masked int64 arithmetic, so both backends draw identical probes.
+tensor's key from it (two mixes), then each word of 32 elements is hashed
+(two mixes) once per thread that holds some of its elements, and the signs
+are set on the bits of ±1.  All of it is uint32 arithmetic, which wraps
+modulo ``2**32`` exactly like the torch path's masked int64 arithmetic, so
+both backends draw identical probes.
 
 The probes of a batch are written into one flat buffer of the grads' dtype
-(tensor ``i`` at ``offsets[i]``); the caller hands out per-tensor views as the
-``grad_outputs`` of the Hessian-vector product.  Layout as in
-:mod:`fastmup.kernels.adam`: one program per ``BLOCK`` elements of one tensor
-through the batch's block map.
+(tensor ``i`` at ``offsets[i]``, a multiple of ``PAD`` elements); the caller
+hands out per-tensor views as the ``grad_outputs`` of the Hessian-vector
+product.  Layout as in :mod:`fastmup.kernels.adam`: one program per
+``BLOCK`` elements of one tensor through the batch's block map.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import block_extent
 
 __all__ = ["rademacher_kernel", "launch", "BLOCK", "TILE"]
 
@@ -38,6 +39,9 @@ __all__ = ["rademacher_kernel", "launch", "BLOCK", "TILE"]
 BLOCK = 4096
 TILE = 1024
 NUM_WARPS = 4
+# Each tensor's probes start at a multiple of PAD elements of the flat
+# buffer: 16 bytes in bf16/fp16, so full tiles store with 16-byte accesses.
+PAD = 8
 
 # The hash constants of fastmup.optim.rademacher (constexpr: read inside the jit functions).
 GOLDEN = tl.constexpr(0x9E3779B9)
@@ -56,10 +60,24 @@ def mix32(x):
     return x
 
 
+@triton.jit
+def _signs(bits, TILE: tl.constexpr, OUT: tl.constexpr):
+    """``[TILE // 32, 32]`` tile of ±1 in ``OUT`` from one hash word per row:
+    ``-1`` where bit ``j`` of the row's word is set.  Built on the bits (sign
+    bit over the pattern of 1.0): no float arithmetic, no select."""
+    bit = (bits[:, None] >> tl.arange(0, 32)[None, :].to(tl.uint32)) & 1
+    if OUT.primitive_bitwidth == 32:
+        return (0x3F800000 | (bit << 31)).to(OUT, bitcast=True)
+    elif OUT == tl.bfloat16:
+        return (0x3F80 | (bit << 15)).to(tl.uint16).to(OUT, bitcast=True)
+    else:
+        return (0x3C00 | (bit << 15)).to(tl.uint16).to(OUT, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["prefix"])
 def rademacher_kernel(
     out_ptr,  # OUT [total]: the batch's flat probe buffer
-    offsets_ptr,  # int64 [n]: where tensor i starts in out
+    offsets_ptr,  # int64 [n]: where tensor i starts in out (a multiple of 8)
     ids_ptr,  # int64 [n]: the tensor ids (positions in the optimizer's parameter list)
     numels_ptr,  # int64 [n]
     tensor_of_block_ptr,  # int32 [nblocks]
@@ -69,11 +87,10 @@ def rademacher_kernel(
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    i = tl.load(tensor_of_block_ptr + pid).to(tl.int64)
-    start = tl.load(start_of_block_ptr + pid)
-    end = tl.minimum(start + BLOCK, tl.load(numels_ptr + i))
-    base = tl.load(offsets_ptr + i)
+    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+    # Each tensor's probes start 16-byte aligned in the flat buffer (the
+    # launcher pads every tensor to a multiple of 8 elements).
+    out = tl.multiple_of(out_ptr + tl.multiple_of(tl.load(offsets_ptr + i), 8), 16) + start
 
     h = prefix.to(tl.uint32, bitcast=True)
     tid = tl.load(ids_ptr + i).to(tl.uint32)  # int64 -> uint32 keeps the low word
@@ -81,16 +98,27 @@ def rademacher_kernel(
     key = mix32(key ^ (start >> 37).to(tl.uint32))  # the word index's high half, constant over a block
     key2 = mix32(key ^ GOLDEN)
 
-    for off in range(start, end, TILE):
-        # int64 offsets (the interpreter's loop variable is a Python int, which
-        # would otherwise take the int32 type of tl.arange).
-        offs = off + tl.arange(0, TILE).to(tl.int64)
-        mask = offs < end
-        word = (offs >> 5).to(tl.uint32)  # the word index's low half
-        bits = mix32(mix32(word ^ key) ^ key2)
-        bit = (bits >> (offs & 31).to(tl.uint32)) & 1
-        z = tl.where(bit != 0, -1.0, 1.0)
-        tl.store(out_ptr + base + offs, z.to(OUT), mask=mask)
+    # A tile is [TILE // 32, 32]: one row per hash word, hashed once (each
+    # thread holds 8 or 4 consecutive elements of a row, so a word is hashed
+    # by 4 or 8 threads, not by 32).  Full tiles without a mask (vector
+    # stores), then at most one masked tile.
+    WORDS: tl.constexpr = TILE // 32
+    offs = tl.arange(0, WORDS)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    n_full = n // TILE
+    for masked in tl.static_range(2):
+        if masked:
+            first_tile, end_tile = n_full, tl.cdiv(n, TILE)
+        else:
+            first_tile, end_tile = 0, n_full
+        for tile in range(first_tile, end_tile):
+            at = tile * TILE
+            # the word index's low half: (start + at) / 32 + row
+            word = ((start + at) >> 5).to(tl.uint32) + tl.arange(0, WORDS).to(tl.uint32)
+            z = _signs(mix32(mix32(word ^ key) ^ key2), TILE, OUT)
+            if masked:
+                tl.store(out + at + offs, z, mask=offs < n - at)
+            else:
+                tl.store(out + at + offs, z)
 
 
 class _Plan(NamedTuple):
@@ -102,13 +130,15 @@ class _Plan(NamedTuple):
     nblocks: int
     total: int
     out: object
+    starts: list  # host copy of offsets
 
 
 def _build_plan(batch) -> _Plan:
     sig = batch.signature
     _common.check_device(rademacher_kernel, sig.device)
     numel = np.array([p.numel() for p in batch.params], dtype=np.int64)
-    offsets = np.cumsum(numel) - numel
+    room = (numel + PAD - 1) // PAD * PAD  # every tensor's probes start 16-byte aligned
+    offsets = np.cumsum(room) - room
     tensor_of_block, start_of_block, nblocks = batch.block_map(BLOCK)
     return _Plan(
         offsets=torch.from_numpy(offsets).to(sig.device),
@@ -117,8 +147,9 @@ def _build_plan(batch) -> _Plan:
         tensor_of_block=tensor_of_block,
         start_of_block=start_of_block,
         nblocks=nblocks,
-        total=int(numel.sum()),
+        total=int(room.sum()),
         out=_common.tl_dtype(sig.grad_dtype),
+        starts=[int(o) for o in offsets],
     )
 
 
@@ -137,22 +168,18 @@ def launch(batch, *, prefix: int, grad_scale=None, found_inf=None) -> list[torch
         word = word - (1 << 32) if word >= (1 << 31) else word  # its int32 bit pattern
         with _common.device_guard(batch.device):
             rademacher_kernel[(plan.nblocks,)](
-                flat,
-                plan.offsets,
-                plan.ids,
-                plan.numels,
-                plan.tensor_of_block,
-                plan.start_of_block,
-                word,
+                out_ptr=flat,
+                offsets_ptr=plan.offsets,
+                ids_ptr=plan.ids,
+                numels_ptr=plan.numels,
+                tensor_of_block_ptr=plan.tensor_of_block,
+                start_of_block_ptr=plan.start_of_block,
+                prefix=word,
                 OUT=plan.out,
                 BLOCK=BLOCK,
                 TILE=TILE,
                 num_warps=NUM_WARPS,
+                enable_fp_fusion=_common.FP_FUSION,
             )
         _common.LAUNCHES["rademacher"] += 1
-    views, offset = [], 0
-    for g in batch.grads:
-        n = g.numel()
-        views.append(flat[offset : offset + n].view(g.shape))
-        offset += n
-    return views
+    return [flat[start : start + g.numel()].view(g.shape) for start, g in zip(plan.starts, batch.grads)]

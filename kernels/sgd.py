@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import downcast, tensor_ptr, upcast
+from ._common import block_extent, load_tile, skip_on_found_inf, store_tile, tensor_ptr
 
 __all__ = ["sgd_kernel", "launch", "BLOCK", "TILE"]
 
@@ -44,6 +44,8 @@ NUM_WARPS = 4
 # Order of the columns of ``batch.rows`` (fastmup.optim.sgd.COLUMNS).
 COLUMNS = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
 NCOLS = len(COLUMNS)
+# The state buffer only tensors with momentum != 0 have.
+OPTIONAL = "momentum_buffer"
 
 
 @triton.jit
@@ -68,15 +70,8 @@ def sgd_kernel(
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    i = tl.load(tensor_of_block_ptr + pid).to(tl.int64)
-    # int64 offsets (tensors may exceed 2**31 elements); blocks start at
-    # multiples of BLOCK, which the compiler needs to know to vectorise.
-    start = tl.multiple_of(tl.load(start_of_block_ptr + pid), BLOCK)
-    n = tl.minimum(tl.load(numels_ptr + i) - start, BLOCK)  # elements of this program
-    if HAS_FOUND_INF:
-        # AMP found inf/nan in the grads: skip on device, no host sync.
-        n = tl.where(tl.load(found_inf_ptr) != 0.0, 0, n)
+    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
 
     # ---- this tensor's hyperparameters, as fp32 scalars --------------------
     row = rows_ptr + i * NCOLS
@@ -95,11 +90,11 @@ def sgd_kernel(
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr)
 
-    param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED)
-    grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED)
+    param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
+    grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
     if HAS_MOMENTUM:
         # Address 0 for tensors with momentum 0: only touched when the row says so.
-        buf_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED)
+        buf_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
@@ -110,13 +105,10 @@ def sgd_kernel(
         else:
             first_tile, end_tile = 0, n_full
         for tile in range(first_tile, end_tile):
-            offs = start + tile * TILE + tl.arange(0, TILE)
-            if masked:
-                mask = offs < start + n
-            else:
-                mask = None
-            p = upcast(tl.load(param_ptr + offs, mask=mask), PARAM)
-            g = upcast(tl.load(grad_ptr + offs, mask=mask), GRAD)
+            at = tile * TILE
+            left = n - at
+            p = load_tile(param_ptr + at, left, PARAM, TILE, masked, ALIGNED)
+            g = load_tile(grad_ptr + at, left, GRAD, TILE, masked, ALIGNED)
 
             if HAS_SCALE:
                 g = tl.div_rn(g, scale)  # IEEE division, as the eager path's g / scale
@@ -129,16 +121,16 @@ def sgd_kernel(
                     if first:
                         b = g  # the old buffer is not even read
                     else:
-                        b = upcast(tl.load(buf_ptr + offs, mask=mask), STATE)
+                        b = load_tile(buf_ptr + at, left, STATE, TILE, masked, ALIGNED)
                         b = tl.fma(one_minus_dampening, g, b * mu)
-                    tl.store(buf_ptr + offs, downcast(b, STATE), mask=mask)
+                    store_tile(buf_ptr + at, b, left, STATE, TILE, masked, ALIGNED)
                     if nesterov:
                         g = tl.fma(mu, b, g)
                     else:
                         g = b
 
             p = tl.fma(neg_lr, g, p)
-            tl.store(param_ptr + offs, downcast(p, PARAM), mask=mask)
+            store_tile(param_ptr + at, p, left, PARAM, TILE, masked, ALIGNED)
 
 
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
@@ -149,8 +141,34 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
     write nothing.  Neither is read on the host.  The pointer table, block
     map and dtype checks are built on the first call for a batch and reused.
     """
-    _common.launch_elementwise(
-        sgd_kernel, "sgd", batch, grad_scale, found_inf,
-        columns=COLUMNS, block=BLOCK, tile=TILE, num_warps=NUM_WARPS,
-        state=(), optional="momentum_buffer", flag="momentum", has_optional="HAS_MOMENTUM",
-    )
+    plan = _common.plan_for(batch, "sgd", lambda: _common.build_plan(
+        batch, "sgd", sgd_kernel, columns=COLUMNS, block=BLOCK, state=(), optional=OPTIONAL, flag="momentum",
+    ))
+    if plan.nblocks == 0:
+        return
+    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
+    with _common.device_guard(batch.device):
+        sgd_kernel[(plan.nblocks,)](
+            rows_ptr=batch.device_rows(),
+            ptrs_ptr=plan.pointers,
+            steps_ptr=batch.steps,
+            numels_ptr=plan.numels,
+            tensor_of_block_ptr=plan.tensor_of_block,
+            start_of_block_ptr=plan.start_of_block,
+            grad_scale_ptr=scale,
+            found_inf_ptr=inf,
+            n_tensors=plan.n_tensors,
+            NCOLS=NCOLS,
+            PARAM=plan.param,
+            GRAD=plan.grad,
+            STATE=plan.state,
+            HAS_MOMENTUM=plan.has_optional,
+            HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=plan.aligned,
+            BLOCK=BLOCK,
+            TILE=TILE,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=_common.FP_FUSION,
+        )
+    _common.LAUNCHES["sgd"] += 1
