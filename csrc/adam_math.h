@@ -10,11 +10,15 @@
 namespace fastmup {
 
 struct AdamOp : OpDefaults {
-  // Column order of TensorBatch.rows (fastmup.optim.adam.COLUMNS).
+  // Column order of TensorBatch.rows: fastmup.optim.adam.SPEC.columns
+  // (kColumnNames is checked against it in CI).
   enum Col { kLr = 0, kWeightDecay, kBeta1, kBeta2, kEps, kAmsgrad, kMaximize, kDecoupled, kNumCols };
-  // State buffers, in the order the launcher passes them.
+  static constexpr const char* kColumnNames[kNumCols] = {
+      "lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay"};
+  // State buffers, in the order the launcher passes them: SPEC.buffers.
   enum State { kExpAvg = 0, kExpAvgSq = 1, kMaxExpAvgSq = 2 };
   static constexpr int kNumStates = 3;
+  static constexpr const char* kStateNames[kNumStates] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
   // Which state buffers an update touches (bit k: state k): the two
   // variants every backend specialises on (here: without / with amsgrad).
   static constexpr int kMaskBase = 0b011;

@@ -53,6 +53,19 @@ inline MultiTensorArgs make_args(int64_t ntensors, int64_t nblocks, int64_t bloc
   return a;
 }
 
+// A functor's layout, as Python reads it: its columns and its state slots,
+// by name (tests compare them with the algorithm's AlgorithmSpec).
+template <class Op>
+inline pybind11::dict layout_of() {
+  pybind11::list columns, states;
+  for (const char* c : Op::kColumnNames) columns.append(c);
+  for (const char* s : Op::kStateNames) states.append(s);
+  pybind11::dict d;
+  d["columns"] = columns;
+  d["states"] = states;
+  return d;
+}
+
 #define FASTMUP_ARGS_SIGNATURE                                                                                 \
   int64_t ntensors, int64_t nblocks, int64_t block, uint64_t tensor_of_block, uint64_t start_of_block,         \
       uint64_t numels, uint64_t param_ptrs, uint64_t grad_ptrs, const std::vector<uint64_t>&state_ptrs,         \

@@ -1,7 +1,10 @@
 // The `cuda` backend module: fastmup/ext loads it as _fastmup_cuda.  Built by
 // the host C++ compiler and linked with the nvcc-compiled kernels; the CUDA
 // stream and device come from Python (torch.cuda.current_stream()).
+#include "adam_math.h"
 #include "bindings_common.h"
+#include "esgd_math.h"
+#include "sgd_math.h"
 #include "cuda_api.h"
 
 namespace py = pybind11;
@@ -33,6 +36,13 @@ void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_sta
 PYBIND11_MODULE(_fastmup_cuda, m) {
   m.doc() = "fastmup multi-tensor optimizer kernels (the `cuda` backend)";
   m.attr("BLOCK") = py::int_(cuda::block_size());
+  // Each functor's columns and state slots, by name: CI checks them against
+  // the algorithms' specs, so a column added on one side only fails a test.
+  py::dict layouts;
+  layouts["AdamOp"] = layout_of<AdamOp>();
+  layouts["SgdOp"] = layout_of<SgdOp>();
+  layouts["EsgdOp"] = layout_of<EsgdOp>();
+  m.attr("LAYOUTS") = layouts;
   m.def("adam", &launch<cuda::adam>, FASTMUP_ARGS_NAMES, py::arg("device"), py::arg("stream"),
         "One Adam/AdamW launch over a batch (asynchronous, on `stream`).");
   m.def("sgd", &launch<cuda::sgd>, FASTMUP_ARGS_NAMES, py::arg("device"), py::arg("stream"),

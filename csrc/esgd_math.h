@@ -25,10 +25,14 @@
 namespace fastmup {
 
 struct EsgdOp : OpDefaults {
-  // Column order of TensorBatch.rows (fastmup.optim.esgd.COLUMNS).
+  // Column order of TensorBatch.rows: fastmup.optim.esgd.SPEC.columns
+  // (kColumnNames is checked against it in CI).
   enum Col { kLr = 0, kWeightDecay, kBeta1, kBeta2, kV, kLrWarmup, kEps, kVariant, kNumCols };
+  static constexpr const char* kColumnNames[kNumCols] = {"lr", "weight_decay", "beta1", "beta2", "v", "lr_warmup", "eps", "variant"};
+  // State slots: SPEC.buffers, then SPEC.inputs (the step's HVP, read only).
   enum State { kExpAvg = 0, kExpAvgD = 1, kHvp = 2 };
   static constexpr int kNumStates = 3;
+  static constexpr const char* kStateNames[kNumStates] = {"exp_avg", "exp_avg_d", "hvp"};
   static constexpr int kMaskBase = 0b011;  // no HVP this step: d is read, not written
   static constexpr int kMaskFull = 0b111;  // HVP step: the HVP is read, d updated
   static constexpr int kReadOnlyMask = 0b100;  // the HVP slot is never stored

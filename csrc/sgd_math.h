@@ -10,10 +10,14 @@
 namespace fastmup {
 
 struct SgdOp : OpDefaults {
-  // Column order of TensorBatch.rows (fastmup.optim.sgd.COLUMNS).
+  // Column order of TensorBatch.rows: fastmup.optim.sgd.SPEC.columns
+  // (kColumnNames is checked against it in CI).
   enum Col { kLr = 0, kWeightDecay, kMomentum, kDampening, kNesterov, kMaximize, kNumCols };
+  static constexpr const char* kColumnNames[kNumCols] = {"lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize"};
+  // State buffers, in the order the launcher passes them: SPEC.buffers.
   enum State { kMomentumBuffer = 0 };
   static constexpr int kNumStates = 1;
+  static constexpr const char* kStateNames[kNumStates] = {"momentum_buffer"};
   // The two variants every backend specialises on (bit k: state k in use).
   static constexpr int kMaskBase = 0b0;  // momentum == 0: no buffer
   static constexpr int kMaskFull = 0b1;  // momentum != 0

@@ -17,9 +17,7 @@ depend on PyTorch's C++ ABI.
 """
 from __future__ import annotations
 
-import functools
 import threading
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from fastmup.ext import build as _build  # noqa: F401  (the submodule fastmup.ext.build)
@@ -119,118 +117,18 @@ def _dtype_codes():
     return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-@dataclass(frozen=True)
-class _Algorithm:
-    columns: tuple[str, ...]
-    states: tuple[str, ...]  # in the order of the C++ functor's state slots
-    flag_state: tuple[tuple[str, str], ...]  # (column, state): a nonzero column value needs that buffer
-
-
 #: the algorithms with a C++ functor (the batch's spec names which)
 _FUNCTORS = {"AdamOp": "adam", "SgdOp": "sgd", "EsgdOp": "esgd"}
 
 
-def _algorithm(spec) -> _Algorithm:
-    """What the launch reads of ``spec``.  The HVP input of ESGD-M is the
-    functor's slot after its state buffers, passed per launch."""
-    flags = ((spec.optional.gate, spec.optional.name),) if spec.optional is not None else ()
-    return _Algorithm(spec.columns, spec.buffers, flags)
-
-
-class _Plan:
-    """Everything about a batch that does not change between steps (cached on it)."""
-
-    def __init__(self, algorithm: str, spec: _Algorithm, batch, module) -> None:
-        import numpy as np
-        import torch
-
-        device = batch.device
-        sig = batch.signature
-        codes = _dtype_codes()
-        for what, dtype in (("param", sig.param_dtype), ("grad", sig.grad_dtype), ("state", sig.state_dtype)):
-            if dtype not in codes:
-                raise TypeError(
-                    f"fastmup backend {device.type!r} supports float32, bfloat16 and float16 {what}s, got {dtype}; "
-                    "use backend='eager' for other dtypes"
-                )
-        if tuple(batch.columns) != spec.columns:
-            raise ValueError(f"fastmup.ext {algorithm!r}: batch columns {batch.columns} != expected {spec.columns}")
-        n = len(batch)
-        for name in spec.states:
-            if name in batch.state and len(batch.state[name]) != n:
-                raise ValueError(f"fastmup.ext: state {name!r} has {len(batch.state[name])} entries for {n} tensors")
-        for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
-            tensors = [("param", p, sig.param_dtype)]
-            if g is not None:  # None: no gradient this step (address 0, numel 0 in the table)
-                tensors.append(("grad", g, sig.grad_dtype))
-            tensors += [
-                (name, batch.state[name][i], sig.state_dtype)
-                for name in spec.states
-                if name in batch.state and batch.state[name][i] is not None
-            ]
-            for what, t, dtype in tensors:
-                if t.device != device or t.dtype != dtype or t.numel() != p.numel() or not t.is_contiguous():
-                    raise RuntimeError(
-                        f"fastmup backend {device.type!r}: tensor #{i} of the batch: its {what} must be a contiguous "
-                        f"{dtype} tensor of {p.numel()} elements on {device}, got {t.dtype} {tuple(t.shape)} on "
-                        f"{t.device} (contiguous={t.is_contiguous()})"
-                    )
-        self.algorithm = algorithm
-        self.run = getattr(module, algorithm)
-        self.n = n
-        self.block = int(module.BLOCK)
-        if device.type == "cpu":
-            self.block = host_block(self.block, sum(p.numel() for p in batch.params), torch.get_num_threads())
-        if algorithm == "esgd":
-            # every tensor gets at least one entry: on CUDA the entries of a
-            # tensor advance its scalar state (the last ticket stores it)
-            self.tensor_of_block, self.start_of_block, self.nblocks = _block_map_at_least_one(batch, self.block)
-            for key, dtype in _ESGD_SCALARS:
-                col = batch.scalars.get(key)
-                if col is None or col.dtype != dtype or tuple(col.shape) != (n,) or not col.is_contiguous() or col.device != device:
-                    raise RuntimeError(
-                        f"fastmup backend {device.type!r} esgd: scalar state {key!r} must be a contiguous {dtype} "
-                        f"column of {n} entries on {device}"
-                    )
-            self.tickets = torch.zeros(n, dtype=torch.int32, device=device)
-        else:
-            self.tensor_of_block, self.start_of_block, self.nblocks = batch.block_map(self.block)
-        self.numels = batch.numels()
-        present = [name for name in spec.states if name in batch.state]
-        names = ("param", "grad", *present)
-        self.pointers = batch.pointers(names)
-        if self.pointers.dtype != torch.int64 or not self.pointers.is_contiguous():
-            self.pointers = self.pointers.to(torch.int64).contiguous()
-        base, row_bytes = self.pointers.data_ptr(), n * 8
-        self.param_ptrs, self.grad_ptrs = base, base + row_bytes
-        self.state_ptrs = [base + (2 + present.index(name)) * row_bytes if name in present else 0 for name in spec.states]
-        # host copies of the address rows, to check the flag -> buffer rule each step
-        host_ptrs = self.pointers.cpu().numpy()
-        empty = np.array([p.numel() == 0 for p in batch.params], dtype=bool)  # data_ptr() 0, and no block
-        self.flag_checks = []
-        for column, state in spec.flag_state:
-            col = batch.col(column)
-            have = (host_ptrs[2 + present.index(state)] != 0) | empty if state in present else empty
-            self.flag_checks.append((column, state, col, have))
-        self.codes = (codes[sig.param_dtype], codes[sig.grad_dtype], codes[sig.state_dtype])
-        self.ncols = len(spec.columns)
-        self.device = device
-        # keep the tables alive as long as the plan
-        self.keep = (self.tensor_of_block, self.start_of_block, self.numels, self.pointers)
-
-    def check_flags(self, rows) -> None:
-        import numpy as np
-
-        for column, state, col, have in self.flag_checks:
-            needs = rows[:, col] != 0
-            if not needs.any():
-                continue
-            missing = needs & ~have
-            if missing.any():
-                i = int(np.flatnonzero(missing)[0])
-                raise RuntimeError(
-                    f"fastmup: tensor #{i} of the batch has {column}={rows[i, col]} but no {state!r} buffer"
-                )
+def _dtype_code(dtype, what: str, device) -> int:
+    code = _dtype_codes().get(dtype)
+    if code is None:
+        raise TypeError(
+            f"fastmup backend {device.type!r} supports float32, bfloat16 and float16 {what}s, got {dtype}; "
+            "use backend='eager' for other dtypes"
+        )
+    return code
 
 
 def host_block(largest: int, total: int, threads: int) -> int:
@@ -246,24 +144,7 @@ def host_block(largest: int, total: int, threads: int) -> int:
     return block
 
 
-_ESGD_SCALARS = None  # set lazily (needs torch): ((key, dtype), ...) of ESGD-M's per-tensor scalar state
-
-
-def _block_map_at_least_one(batch, block: int):
-    """Like ``TensorBatch.block_map`` but with one entry even for an empty tensor."""
-    import numpy as np
-    import torch
-
-    numel = np.asarray([p.numel() for p in batch.params], dtype=np.int64)
-    nblocks = np.maximum((numel + block - 1) // block, 1)
-    tensor_of_block = np.repeat(np.arange(len(numel), dtype=np.int32), nblocks)
-    first = np.cumsum(nblocks) - nblocks
-    start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * block
-    device = batch.device
-    return torch.from_numpy(tensor_of_block).to(device), torch.from_numpy(start).to(device), int(nblocks.sum())
-
-
-def _esgd_hvp_pointers(plan: "_Plan", batch, hvps):
+def _esgd_hvp_pointers(batch, hvps):
     """(address of an int64 [n] table of HVP addresses, keep-alive objects).
 
     The functor reads the HVP in the gradient's dtype (csrc/common.h,
@@ -272,8 +153,8 @@ def _esgd_hvp_pointers(plan: "_Plan", batch, hvps):
     import torch
 
     sig = batch.signature
-    if len(hvps) != plan.n:
-        raise ValueError(f"fastmup esgd: {len(hvps)} HVPs for a batch of {plan.n} tensors")
+    if len(hvps) != len(batch):
+        raise ValueError(f"fastmup esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
     out = []
     for i, (h, p) in enumerate(zip(hvps, batch.params)):
         if h is None:
@@ -326,41 +207,36 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     import numpy as np
     import torch
 
-    global _ESGD_SCALARS
-    if _ESGD_SCALARS is None:
-        _ESGD_SCALARS = (
-            ("step", torch.float32),
-            ("exp_avg_bias_corr", torch.float64),
-            ("exp_avg_d_bias_corr", torch.float64),
-            ("lr_warmup_cumprod", torch.float64),
-        )
-    hvps = kwargs.pop("hvps", None) if algorithm == "esgd" else None
+    from fastmup.plan.launch import check_gates
 
+    hvps = kwargs.pop("hvps", None) if algorithm == "esgd" else None
     device = batch.device
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"fastmup.ext has no backend for tensors on {device}")
-    if batch.spec is None or _FUNCTORS.get(batch.spec.functor) != algorithm:
+    spec = batch.spec
+    if spec is None or _FUNCTORS.get(spec.functor) != algorithm:
         raise NotImplementedError(
             f"fastmup backend {device.type!r} has no {algorithm!r} kernel (it has {sorted(_FUNCTORS.values())}); "
             "use backend='eager'"
         )
-    spec = _algorithm(batch.spec)
     if kwargs:
         raise TypeError(f"fastmup.ext.launch({algorithm!r}) got unexpected arguments {sorted(kwargs)}")
     if len(batch) == 0:
         return
-    cache = batch.__dict__.setdefault("_fastmup_ext_plans", {})
-    plan = cache.get(algorithm)
-    if plan is None:
-        plan = _Plan(algorithm, spec, batch, load(device.type))
-        cache[algorithm] = plan
+    sig = batch.signature
+    codes = [_dtype_code(d, what, device) for what, d in (("param", sig.param_dtype), ("grad", sig.grad_dtype), ("state", sig.state_dtype))]
+    module = load(device.type)
+    block = int(module.BLOCK)
+    if device.type == "cpu":
+        block = host_block(block, int(batch.numel_counts().sum()), torch.get_num_threads())
+    plan = batch.launch_plan(block)
     if plan.nblocks == 0:
         return  # only empty tensors
     host_rows = np.ascontiguousarray(batch.rows, dtype=np.float64)
-    plan.check_flags(host_rows)
+    check_gates(plan, spec, host_rows)
     scale_ptr, scale_keep = _scalar_arg(grad_scale, device, "grad_scale")
     inf_ptr, inf_keep = _scalar_arg(found_inf, device, "found_inf")
-    steps = batch.scalars["step"] if algorithm == "esgd" else batch.steps
+    steps = batch.scalars["step"] if spec.advances_scalars else batch.steps
     if steps.dtype != torch.float32 or steps.device != device or not steps.is_contiguous():
         raise RuntimeError(f"fastmup: batch.steps must be a contiguous float32 tensor on {device}")
     if device.type == "cpu":
@@ -369,38 +245,39 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         rows_keep = batch.device_rows()
         rows_ptr = rows_keep.data_ptr()
     args = dict(
-        ntensors=plan.n,
+        ntensors=plan.n_tensors,
         nblocks=plan.nblocks,
         block=plan.block,
         tensor_of_block=plan.tensor_of_block.data_ptr(),
         start_of_block=plan.start_of_block.data_ptr(),
         numels=plan.numels.data_ptr(),
-        param_ptrs=plan.param_ptrs,
-        grad_ptrs=plan.grad_ptrs,
-        state_ptrs=plan.state_ptrs,
+        param_ptrs=plan.row_address("param"),
+        grad_ptrs=plan.row_address("grad"),
+        state_ptrs=[plan.row_address(name) for name in spec.buffers],
         rows=rows_ptr,
-        ncols=plan.ncols,
+        ncols=len(spec.columns),
         steps=steps.data_ptr(),
         grad_scale=scale_ptr,
         found_inf=inf_ptr,
-        param_dtype=plan.codes[0],
-        grad_dtype=plan.codes[1],
-        state_dtype=plan.codes[2],
+        param_dtype=codes[0],
+        grad_dtype=codes[1],
+        state_dtype=codes[2],
     )
     hvp_keep = None
     if algorithm == "esgd":
         hvp_table = 0
         if hvps is not None:
-            hvp_table, hvp_keep = _esgd_hvp_pointers(plan, batch, hvps)
-        args["state_ptrs"] = [*plan.state_ptrs, hvp_table]
-        args["scalar_state"] = [batch.scalars[k].data_ptr() for k, _ in _ESGD_SCALARS[1:]]
+            hvp_table, hvp_keep = _esgd_hvp_pointers(batch, hvps)
+        args["state_ptrs"] = [*args["state_ptrs"], hvp_table]
+        args["scalar_state"] = [batch.scalars[s.name].data_ptr() for s in spec.scalars[1:]]
         args["hvp_step"] = int(hvps is not None)
         if device.type != "cpu":
             args["tickets"] = plan.tickets.data_ptr()
+    run = getattr(module, algorithm)
     if device.type == "cpu":
-        plan.run(**args, nthreads=torch.get_num_threads())
+        run(**args, nthreads=torch.get_num_threads())
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(index).cuda_stream
-        plan.run(**args, device=index, stream=stream)
+        run(**args, device=index, stream=stream)
     del scale_keep, inf_keep, rows_keep, hvp_keep

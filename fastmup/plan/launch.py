@@ -35,7 +35,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from fastmup.plan.batch import TensorBatch
 
-__all__ = ["ALIGNMENT", "LaunchPlan", "build_launch_plan", "block_map"]
+__all__ = ["ALIGNMENT", "LaunchPlan", "block_map", "build_launch_plan", "check_gates"]
 
 #: bytes: addresses that are multiples of this allow 128-bit vector accesses
 ALIGNMENT = 16
@@ -59,10 +59,18 @@ class LaunchPlan:
     aligned: bool
     has_optional: bool
     tickets: Optional[Tensor]
+    #: which tensors have each buffer, by role (host; for per-step checks of the gates)
+    present: dict
 
     def row(self, role: str) -> int:
         """The row of ``pointers`` that holds ``role``'s addresses."""
         return self.roles.index(role)
+
+    def row_address(self, role: str) -> int:
+        """The device address of ``role``'s row of ``pointers`` (0: no such row)."""
+        if role not in self.roles:
+            return 0
+        return self.pointers.data_ptr() + self.roles.index(role) * self.n_tensors * self.pointers.element_size()
 
 
 def block_map(numels: np.ndarray, block: int, *, at_least_one: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +131,11 @@ def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
     tensor_of_block, start = block_map(batch.numel_counts(), block, at_least_one=spec.advances_scalars)
     device = batch.device
     sig = batch.signature
+    empty = batch.numel_counts() == 0  # address 0, and nothing to read
+    present = {
+        role: np.array([t is not None for t in batch.state[role]], dtype=bool) | empty
+        for role in roles[2:]
+    }
     return LaunchPlan(
         roles=roles,
         pointers=batch.pointers(roles),
@@ -138,4 +151,23 @@ def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
         aligned=all(t.data_ptr() % ALIGNMENT == 0 for t in tensors),
         has_optional=has_optional,
         tickets=torch.zeros(len(batch), dtype=torch.int32, device=device) if spec.advances_scalars else None,
+        present=present,
     )
+
+
+def check_gates(plan: LaunchPlan, spec, rows: np.ndarray) -> None:
+    """Every tensor whose row asks for the optional buffer has it (a step's
+    rows may change after the plan was built; the plan's addresses not)."""
+    if spec.optional is None:
+        return
+    needs = rows[:, spec.columns.index(spec.optional.gate)] != 0
+    if not needs.any():
+        return
+    have = plan.present.get(spec.optional.name)
+    missing = needs if have is None else needs & ~have
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise RuntimeError(
+            f"fastmup: tensor #{i} of the batch has {spec.optional.gate}={rows[i, spec.col(spec.optional.gate)]} "
+            f"but no {spec.optional.name!r} buffer"
+        )
