@@ -3,7 +3,8 @@
 jit helpers (the common prologue and the tile I/O of every kernel):
 
 * :func:`block_extent`: which tensor and which elements a program owns;
-  :func:`skip_on_found_inf` empties it when AMP found inf/nan.
+  :func:`skip_on_found_inf` empties it when AMP found inf/nan;
+  :func:`tile_range`: its full tiles, then its partial one.
 * :func:`tensor_ptr` turns an entry of a batch's pointer table into a typed
   pointer.
 * :func:`load_tile` / :func:`store_tile` move ``TILE`` elements of one
@@ -12,6 +13,10 @@ jit helpers (the common prologue and the tile I/O of every kernel):
 * :func:`upcast` / :func:`downcast` convert between storage dtypes and the
   fp32 math type.
 * :func:`lerp_coefficients` / :func:`lerp`: ``torch.lerp`` with a scalar weight.
+* :func:`scale_reciprocal` / :func:`unscale`: AMP's ``g / grad_scale``, as an
+  exact multiplication when the scale is a power of two.  The kernels run
+  their tile loops once for each case (that one first), so neither loop
+  tests it per tile.
 * :func:`bias_correction` computes ``1 - β^t`` in float64 inside a kernel.
 
 host side:
@@ -55,10 +60,13 @@ __all__ = [
     "load_tile",
     "plan_for",
     "scalar_inputs",
+    "scale_reciprocal",
     "skip_on_found_inf",
     "store_tile",
     "tensor_ptr",
+    "tile_range",
     "tl_dtype",
+    "unscale",
     "upcast",
 ]
 
@@ -168,12 +176,48 @@ def block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK: tl.
 
 
 @triton.jit
+def tile_range(n, TILE: tl.constexpr, MASKED: tl.constexpr):
+    """The tiles of a pass over ``n`` elements: the full ones (unmasked), or
+    the partial one at the end (``MASKED``: none when ``TILE`` divides ``n``)."""
+    n_full = n // TILE
+    if MASKED:
+        return n_full, tl.cdiv(n, TILE)
+    else:
+        return 0, n_full
+
+
+@triton.jit
 def skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
     """``n``, or 0 when AMP's ``found_inf`` is set: the step is skipped on
     the device, without a host sync, by giving the program nothing to do."""
     if HAS_FOUND_INF:
         n = tl.where(tl.load(found_inf_ptr) != 0.0, 0, n)
     return n
+
+
+@triton.jit
+def scale_reciprocal(scale):
+    """``(1/scale, exact)`` of AMP's fp32 ``grad_scale``.
+
+    ``exact``: ``scale`` is ± a power of two whose reciprocal is an fp32
+    number (GradScaler's scales are powers of two unless its factors are
+    not).  Then ``g * (1/scale)`` is ``g / scale`` bit for bit, subnormal
+    results included: both are the same real number, rounded once.
+    """
+    bits = scale.to(tl.uint32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF
+    exact = ((bits & 0x7FFFFF) == 0) & (exponent >= 1) & (exponent <= 254)
+    return tl.div_rn(1.0, scale), exact
+
+
+@triton.jit
+def unscale(g, scale, inv_scale, BY_RECIPROCAL: tl.constexpr):
+    """``g / scale`` (IEEE division), as a multiplication by ``inv_scale``
+    when :func:`scale_reciprocal` found it exact."""
+    if BY_RECIPROCAL:
+        return g * inv_scale
+    else:
+        return tl.div_rn(g, scale)
 
 
 @triton.jit

@@ -40,7 +40,19 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import bias_correction, block_extent, skip_on_found_inf, lerp, lerp_coefficients, load_tile, store_tile, tensor_ptr
+from ._common import (
+    bias_correction,
+    block_extent,
+    lerp,
+    lerp_coefficients,
+    load_tile,
+    scale_reciprocal,
+    skip_on_found_inf,
+    store_tile,
+    tensor_ptr,
+    tile_range,
+    unscale,
+)
 
 __all__ = ["adam_kernel", "launch", "BLOCK", "TILE"]
 
@@ -65,6 +77,46 @@ OPTIONAL = "max_exp_avg_sq"
 
 
 @triton.jit
+def _tile(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, at, left,
+    scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
+    amsgrad, bc2_sqrt, eps, neg_step_size,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """One tile of ``_single_tensor_adam`` (elements ``at`` on, ``left`` of them valid)."""
+    p = load_tile(param_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
+    g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
+    m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
+    v = load_tile(exp_avg_sq_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
+
+    if HAS_SCALE:
+        g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
+    g = tl.where(maximize, -g, g)
+    # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
+    g = tl.where(coupled_wd != 0.0, tl.fma(coupled_wd, p, g), g)
+    p = p * decay
+
+    m = lerp(m, g, lerp_coeff, small)
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    v_hat = v
+    if HAS_AMSGRAD:
+        if amsgrad:  # uniform over the program: a branch, not a mask
+            v_max = load_tile(max_sq_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
+            v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
+            store_tile(max_sq_ptr + at, v_hat, left, STATE, TILE, MASKED, ALIGNED)
+
+    # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).
+    denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+
+    store_tile(param_ptr + at, p, left, PARAM, TILE, MASKED, ALIGNED)
+    store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
+    store_tile(exp_avg_sq_ptr + at, v, left, STATE, TILE, MASKED, ALIGNED)
+
+
+@triton.jit
 def adam_kernel(
     rows_ptr,  # float64 [n, NCOLS]: per-tensor hyperparameters
     ptrs_ptr,  # int64 [4 or 5, n]: data_ptr() of param, grad, exp_avg, exp_avg_sq(, max_exp_avg_sq)
@@ -86,8 +138,7 @@ def adam_kernel(
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
+    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
 
     # ---- this tensor's hyperparameters (float64) --------------------------
     row = rows_ptr + i * NCOLS
@@ -111,58 +162,37 @@ def adam_kernel(
     lerp_coeff, small = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     beta2_32 = beta2.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
+    scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr)
-
-    # ---- this tensor's buffers, at this program's first element -----------
-    param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
-    grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
-    exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
-    exp_avg_sq_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED) + start
-    if HAS_AMSGRAD:
-        # Address 0 for tensors without amsgrad: only touched when the row says so.
-        max_sq_ptr = tensor_ptr(ptrs_ptr, 4, n_tensors, i, STATE, ALIGNED) + start
+        inv_scale, exact = scale_reciprocal(scale)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
-    n_full = n // TILE
     for masked in tl.static_range(2):
-        if masked:
-            first_tile, end_tile = n_full, tl.cdiv(n, TILE)
-        else:
-            first_tile, end_tile = 0, n_full
-        for tile in range(first_tile, end_tile):
-            at = tile * TILE
-            left = n - at
-            p = load_tile(param_ptr + at, left, PARAM, TILE, masked, ALIGNED)
-            g = load_tile(grad_ptr + at, left, GRAD, TILE, masked, ALIGNED)
-            m = load_tile(exp_avg_ptr + at, left, STATE, TILE, masked, ALIGNED)
-            v = load_tile(exp_avg_sq_ptr + at, left, STATE, TILE, masked, ALIGNED)
-
-            if HAS_SCALE:
-                g = tl.div_rn(g, scale)
-            g = tl.where(maximize, -g, g)
-            # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
-            g = tl.where(coupled_wd != 0.0, tl.fma(coupled_wd, p, g), g)
-            p = p * decay
-
-            m = lerp(m, g, lerp_coeff, small)
-            v = tl.fma(one_minus_beta2 * g, g, v * beta2_32)
-            v_hat = v
-            if HAS_AMSGRAD:
-                if amsgrad:  # uniform over the program: a branch, not a mask
-                    v_max = load_tile(max_sq_ptr + at, left, STATE, TILE, masked, ALIGNED)
-                    v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
-                    store_tile(max_sq_ptr + at, v_hat, left, STATE, TILE, masked, ALIGNED)
-
-            # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).
-            denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps32
-            p = p + tl.div_rn(neg_step_size * m, denom)
-
-            store_tile(param_ptr + at, p, left, PARAM, TILE, masked, ALIGNED)
-            store_tile(exp_avg_ptr + at, m, left, STATE, TILE, masked, ALIGNED)
-            store_tile(exp_avg_sq_ptr + at, v, left, STATE, TILE, masked, ALIGNED)
-
+        # The program's extent and buffers, read again for each pass rather
+        # than kept in registers through the first pass's loop.
+        i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+        n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
+        first_tile, end_tile = tile_range(n, TILE, masked)
+        param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
+        grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
+        exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
+        exp_avg_sq_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED) + start
+        max_sq_ptr = exp_avg_sq_ptr  # never touched unless HAS_AMSGRAD
+        if HAS_AMSGRAD:
+            # Address 0 for tensors without amsgrad: only touched when the row says so.
+            max_sq_ptr = tensor_ptr(ptrs_ptr, 4, n_tensors, i, STATE, ALIGNED) + start
+        # With a grad_scale: the pass for a power of two first, else the dividing one.
+        for divide in tl.static_range(2):
+            if exact == (divide == 0):
+                for tile in range(first_tile, end_tile):
+                    _tile(
+                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, tile * TILE, n - tile * TILE,
+                        scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
+                        amsgrad, bc2_sqrt, eps32, neg_step_size,
+                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                    )
 
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
     """One fused Adam step for every tensor of ``batch`` (one kernel launch).

@@ -59,7 +59,18 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import block_extent, skip_on_found_inf, lerp, lerp_coefficients, load_tile, store_tile, tensor_ptr
+from ._common import (
+    block_extent,
+    lerp,
+    lerp_coefficients,
+    load_tile,
+    scale_reciprocal,
+    skip_on_found_inf,
+    store_tile,
+    tensor_ptr,
+    tile_range,
+    unscale,
+)
 
 __all__ = ["esgd_kernel", "launch", "BLOCK", "TILE"]
 
@@ -69,6 +80,11 @@ BLOCK = 4096
 # Elements per inner iteration; ESGD-M has about Adam's live arrays.
 TILE = 1024
 NUM_WARPS = 4
+# Misaligned batches move every element with its own access; half the warps
+# give each thread 16 elements per tile, over which the loop's address
+# arithmetic is spread (an AMP step of a misaligned bf16 batch would
+# otherwise need 80% of an H200's instruction issue at full bandwidth).
+NUM_WARPS_UNALIGNED = 2
 
 # Order of the columns of ``batch.rows`` (fastmup.optim.esgd.COLUMNS).
 COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "v", "lr_warmup", "eps", "variant")
@@ -99,22 +115,23 @@ def _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.const
 @triton.jit
 def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, at, left,
-    scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
+    scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HAS_SCALE: tl.constexpr,
-    UPDATE_P: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+    BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_esgd`` (elements ``at`` on, ``left`` of them valid)."""
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     d = load_tile(exp_avg_d_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     if HAS_SCALE:
-        g = tl.div_rn(g, scale)
+        g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
     m = lerp(m, g, coeff_m, small_m)  # exp_avg.lerp_(g, 1-β1)
     store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
     if HVP:
         h = load_tile(hvp_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
         if HAS_SCALE:
-            h = tl.div_rn(h, scale)
+            h = unscale(h, scale, inv_scale, BY_RECIPROCAL)
         if is_max:  # uniform over the program: a branch, not a select
             d = tl.maximum(d * beta2, h * h, propagate_nan=tl.PropagateNan.ALL)  # torch.maximum
         else:
@@ -158,8 +175,7 @@ def esgd_kernel(
     TILE: tl.constexpr,
 ):
     # An empty tensor's one program gets n = 0: it only advances the scalars.
-    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
+    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
 
     # ---- this tensor's row and scalar state: tensor_scalars ----------------
     row = rows_ptr + i * NCOLS
@@ -179,18 +195,19 @@ def esgd_kernel(
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
     coeff_m, small_m = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     coeff_q, small_q = lerp_coefficients((1.0 - v).to(tl.float32))  # torch.lerp(m, g, 1-v)
-    scale = tl.load(grad_scale_ptr) if HAS_SCALE else 1.0
+    scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
+    if HAS_SCALE:
+        scale = tl.load(grad_scale_ptr)
+        inv_scale, exact = scale_reciprocal(scale)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
-    n_full = n // TILE
     for masked in tl.static_range(2):
-        if masked:
-            first_tile, end_tile = n_full, tl.cdiv(n, TILE)
-        else:
-            first_tile, end_tile = 0, n_full
-        # This tensor's buffers at this program's first element, looked up
-        # for each pass rather than kept in registers through the first.
+        # The program's extent and buffers, read again for each pass rather
+        # than kept in registers through the first pass's loop.
+        i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+        n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
+        first_tile, end_tile = tile_range(n, TILE, masked)
         param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
         grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
         exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
@@ -201,20 +218,24 @@ def esgd_kernel(
         # Before its first HVP a tensor does not move: p is neither read nor
         # written.  Decided per pass, outside the loop (a flag tested in the
         # loop would keep bc2 in registers through it); the common case first.
+        _, _, bc2_now, _, _ = _advanced_scalars(rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
+        # With a grad_scale: the pass for a power of two first, else the dividing one.
         for skip_p in tl.static_range(2):
-            if (bc2 == 1.0) == skip_p:
-                for tile in range(first_tile, end_tile):
-                    _tile(
-                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
-                        scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2, is_max,
-                        bc2_sqrt, eps32, decay, coef,
-                        PARAM, GRAD, STATE, HVP, HAS_SCALE, not skip_p, TILE, masked, ALIGNED,
-                    )
+            if (bc2_now == 1.0) == skip_p:
+                for divide in tl.static_range(2):
+                    if exact == (divide == 0):
+                        for tile in range(first_tile, end_tile):
+                            _tile(
+                                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
+                                scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
+                                is_max, bc2_sqrt, eps32, decay, coef,
+                                PARAM, GRAD, STATE, HVP, HAS_SCALE, divide == 0, not skip_p, TILE, masked, ALIGNED,
+                            )
 
     # ---- the new scalar state: stored by the last program of the tensor ----
     # Read again rather than kept live through the loop (registers), and
     # unchanged: no program stores before every program has its ticket.
-    step, bc1, bc2, cum, v = _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
+    step, bc1, bc2, cum, v = _advanced_scalars(rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
     n_blocks = tl.maximum(tl.cdiv(tl.load(numels_ptr + i), BLOCK), 1)
     # The barrier keeps every warp's loads of the old scalars before the
     # ticket; acq_rel orders this program's ticket after them for the others.
@@ -351,7 +372,7 @@ def launch(
             ALIGNED=aligned,
             BLOCK=BLOCK,
             TILE=TILE,
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS if aligned else NUM_WARPS_UNALIGNED,
             enable_fp_fusion=_common.FP_FUSION,
         )
     _common.LAUNCHES["esgd"] += 1

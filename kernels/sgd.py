@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import block_extent, load_tile, skip_on_found_inf, store_tile, tensor_ptr
+from ._common import block_extent, load_tile, scale_reciprocal, skip_on_found_inf, store_tile, tensor_ptr, tile_range, unscale
 
 __all__ = ["sgd_kernel", "launch", "BLOCK", "TILE"]
 
@@ -46,6 +46,41 @@ COLUMNS = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize"
 NCOLS = len(COLUMNS)
 # The state buffer only tensors with momentum != 0 have.
 OPTIONAL = "momentum_buffer"
+
+
+@triton.jit
+def _tile(
+    param_ptr, grad_ptr, buf_ptr, at, left,
+    scale, inv_scale, maximize, wd, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """One tile of ``_single_tensor_sgd`` (elements ``at`` on, ``left`` of them valid)."""
+    p = load_tile(param_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
+    g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
+
+    if HAS_SCALE:
+        g = unscale(g, scale, inv_scale, BY_RECIPROCAL)  # the eager path's g / scale
+    g = tl.where(maximize, -g, g)
+    # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
+    g = tl.where(wd != 0.0, tl.fma(wd, p, g), g)
+
+    if HAS_MOMENTUM:
+        if has_buf:  # uniform over the program: branches, not masks
+            if first:
+                b = g  # the old buffer is not even read
+            else:
+                b = load_tile(buf_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
+                b = tl.fma(one_minus_dampening, g, b * mu)
+            store_tile(buf_ptr + at, b, left, STATE, TILE, MASKED, ALIGNED)
+            if nesterov:
+                g = tl.fma(mu, b, g)
+            else:
+                g = b
+
+    p = tl.fma(neg_lr, g, p)
+    store_tile(param_ptr + at, p, left, PARAM, TILE, MASKED, ALIGNED)
 
 
 @triton.jit
@@ -70,8 +105,7 @@ def sgd_kernel(
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
+    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
 
     # ---- this tensor's hyperparameters, as fp32 scalars --------------------
     row = rows_ptr + i * NCOLS
@@ -87,51 +121,34 @@ def sgd_kernel(
     one_minus_dampening = (1.0 - dampening).to(tl.float32)
     has_buf = momentum != 0.0
     first = tl.load(steps_ptr + i) == 1.0  # torch seeds the buffer with g on the first step
+    scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr)
-
-    param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
-    grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
-    if HAS_MOMENTUM:
-        # Address 0 for tensors with momentum 0: only touched when the row says so.
-        buf_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
+        inv_scale, exact = scale_reciprocal(scale)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
-    n_full = n // TILE
     for masked in tl.static_range(2):
-        if masked:
-            first_tile, end_tile = n_full, tl.cdiv(n, TILE)
-        else:
-            first_tile, end_tile = 0, n_full
-        for tile in range(first_tile, end_tile):
-            at = tile * TILE
-            left = n - at
-            p = load_tile(param_ptr + at, left, PARAM, TILE, masked, ALIGNED)
-            g = load_tile(grad_ptr + at, left, GRAD, TILE, masked, ALIGNED)
-
-            if HAS_SCALE:
-                g = tl.div_rn(g, scale)  # IEEE division, as the eager path's g / scale
-            g = tl.where(maximize, -g, g)
-            # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
-            g = tl.where(wd32 != 0.0, tl.fma(wd32, p, g), g)
-
-            if HAS_MOMENTUM:
-                if has_buf:  # uniform over the program: branches, not masks
-                    if first:
-                        b = g  # the old buffer is not even read
-                    else:
-                        b = load_tile(buf_ptr + at, left, STATE, TILE, masked, ALIGNED)
-                        b = tl.fma(one_minus_dampening, g, b * mu)
-                    store_tile(buf_ptr + at, b, left, STATE, TILE, masked, ALIGNED)
-                    if nesterov:
-                        g = tl.fma(mu, b, g)
-                    else:
-                        g = b
-
-            p = tl.fma(neg_lr, g, p)
-            store_tile(param_ptr + at, p, left, PARAM, TILE, masked, ALIGNED)
-
+        # The program's extent and buffers, read again for each pass rather
+        # than kept in registers through the first pass's loop.
+        i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+        n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
+        first_tile, end_tile = tile_range(n, TILE, masked)
+        param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
+        grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
+        buf_ptr = grad_ptr  # never touched unless HAS_MOMENTUM
+        if HAS_MOMENTUM:
+            # Address 0 for tensors with momentum 0: only touched when the row says so.
+            buf_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
+        # With a grad_scale: the pass for a power of two first, else the dividing one.
+        for divide in tl.static_range(2):
+            if exact == (divide == 0):
+                for tile in range(first_tile, end_tile):
+                    _tile(
+                        param_ptr, grad_ptr, buf_ptr, tile * TILE, n - tile * TILE,
+                        scale, inv_scale, maximize, wd32, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr,
+                        PARAM, GRAD, STATE, HAS_MOMENTUM, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                    )
 
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
     """One fused SGD step for every tensor of ``batch`` (one kernel launch).

@@ -210,6 +210,19 @@ def test_grad_scale_divides_grads():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("scale", [3.0, 1000.0])
+def test_any_grad_scale_matches_eager(scale):
+    """A grad_scale that is not a power of two takes the kernel's dividing
+    pass (powers of two multiply by the exact reciprocal): eager's results."""
+    params, eager_params, fused, eager = _pair(lr=0.01, weight_decay=0.1, amsgrad=True)
+    for step in range(STEPS):
+        set_grads([params, eager_params], seed=step, scales=[scale] * len(params))
+        fused.grad_scale = eager.grad_scale = torch.tensor(scale, device=DEVICE)
+        fused.step()
+        eager.step()
+    compare_optimizers(fused, eager, params, eager_params, KEYS)
+
+
 def test_found_inf_skips_everything_on_device():
     params, eager_params, fused, eager = _pair(lr=0.01, weight_decay=0.1, amsgrad=True)
     for step in range(2):
