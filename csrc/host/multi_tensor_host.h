@@ -1,7 +1,7 @@
 // The host (cpu backend) multi-tensor driver: the same per-element functors
 // as the CUDA kernels, run over the block map of a TensorBatch by a pool of
-// threads (OpenMP when the compiler has it, else std::thread) taking
-// contiguous runs of entries, one pass over memory with a contiguous,
+// threads (OpenMP when the compiler has it, else std::thread), each walking
+// a contiguous share of the entries, one pass over memory with a contiguous,
 // vectorisable inner loop.  The loops
 // (kernels.inc) are compiled for the baseline ISA and, on x86-64, for AVX2,
 // picked at run time: portable flags, no -march=native.
@@ -39,9 +39,8 @@ namespace fastmup {
 namespace host {
 
 // Elements per block-map entry, at most (the plan halves it for small
-// batches, fastmup.ext.host_block, so that the last runs of parallel_runs
-// are short): the unit the threads share the work in, in contiguous runs
-// of entries that keep the hardware prefetchers streaming.
+// batches, fastmup.ext.host_block, so that the entries left at the end are
+// short): the unit the threads share the work in (parallel_entries).
 constexpr int64_t kBlock = int64_t(1) << 18;
 
 // ---------------------------------------------------------------------------
@@ -85,18 +84,21 @@ inline T* tensor_ptr(const int64_t* table, int64_t t, int64_t start) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(table[t])) + start;
 }
 
-// A run of block-map entries [begin, end): the per-tensor scalars are
-// computed when the tensor changes (a tensor's entries are contiguous in the
-// map), not for every entry.
+// The entries of one thread, one at a time: the per-tensor scalars are
+// computed when the tensor changes (a thread's entries are mostly
+// consecutive, and a tensor's entries are contiguous in the map).
 template <class K, class Op, class P, class G, class S>
-void update_run(const MultiTensorArgs& a, int64_t begin, int64_t end, const Unscale& unscale) {
+struct EntryUpdater {
+  const MultiTensorArgs& a;
+  const Unscale& unscale;
   int64_t t = -1;
   typename Op::Scalars s;
-  for (int64_t b = begin; b < end; ++b) {
+
+  void operator()(int64_t b) {
     const int64_t tb = a.tensor_of_block[b];
     const int64_t start = a.start_of_block[b];
     const int64_t n = std::min(a.block, a.numels[tb] - start);
-    if (n <= 0) continue;
+    if (n <= 0) return;
     if (tb != t) {
       t = tb;
       s = Op::prepare(a, t, unscale);
@@ -108,42 +110,60 @@ void update_run(const MultiTensorArgs& a, int64_t begin, int64_t end, const Unsc
     Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
     dispatch_variant<Op>(s, unscale, [&](auto mask) { K::template update_range<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n); });
   }
-}
+};
 
-// Run f(begin, end) over [0, n) in contiguous runs on up to nthreads
-// threads, guided: each grab takes 1/(2 nthreads) of what is left, so runs
-// start long and shrink toward the end.  Long runs keep each thread
-// streaming through consecutive memory (a thread that took every other
-// entry, as one-entry dynamic scheduling does, restarts the hardware
-// prefetchers at each of them: measured 7-17% slower on GPT-2-mini and
-// ResNet-50-quarter); the short last runs keep the threads finishing together.
-template <class F>
-void parallel_runs(int64_t n, int nthreads, const F& f) {
+// [lo, hi) of entries packed in one word, so that its owner (taking from
+// the front) and a thief (taking from the back) agree with one CAS.
+struct alignas(64) EntryRange {
+  std::atomic<uint64_t> bounds{0};
+
+  static uint64_t pack(int64_t lo, int64_t hi) { return (static_cast<uint64_t>(hi) << 32) | static_cast<uint64_t>(lo); }
+  // The next entry from the front (back: from the back), or -1 when empty.
+  int64_t take(bool back) {
+    uint64_t cur = bounds.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t lo = static_cast<int64_t>(cur & 0xffffffffu), hi = static_cast<int64_t>(cur >> 32);
+      if (lo >= hi) return -1;
+      const uint64_t next = back ? pack(lo, hi - 1) : pack(lo + 1, hi);
+      if (bounds.compare_exchange_weak(cur, next, std::memory_order_relaxed)) return back ? hi - 1 : lo;
+    }
+  }
+};
+
+// Run make_worker()(b) for every entry b in [0, n) on up to nthreads threads.
+// Each thread owns one contiguous share of the entries and walks it from the
+// front, so its streams run through consecutive memory (one-entry dynamic
+// scheduling gave two threads every other entry, restarting the hardware
+// prefetchers at each: 7-17% slower SGD steps on GPT-2-mini and
+// ResNet-50-quarter); a thread done with its share takes entries one at a
+// time from the back of the others' (so a thread that is descheduled, on a
+// shared machine, holds up the step by at most the entry it is in).
+template <class MakeWorker>
+void parallel_entries(int64_t n, int nthreads, const MakeWorker& make_worker) {
   nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
   if (nthreads == 1) {
-    if (n > 0) f(int64_t(0), n);
+    auto work = make_worker();
+    for (int64_t b = 0; b < n; ++b) work(b);
     return;
   }
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    int64_t begin = next.load(std::memory_order_relaxed);
-    for (;;) {
-      if (begin >= n) return;
-      const int64_t chunk = std::max<int64_t>(1, (n - begin) / (2 * nthreads));
-      if (next.compare_exchange_weak(begin, begin + chunk, std::memory_order_relaxed)) {
-        f(begin, std::min(n, begin + chunk));
-        begin = next.load(std::memory_order_relaxed);
-      }
+  std::vector<EntryRange> ranges(nthreads);
+  for (int i = 0; i < nthreads; ++i) ranges[i].bounds.store(EntryRange::pack(n * i / nthreads, n * (i + 1) / nthreads));
+  auto run = [&](int me) {
+    auto work = make_worker();
+    for (int64_t b = ranges[me].take(false); b >= 0; b = ranges[me].take(false)) work(b);
+    for (int k = 1; k < nthreads; ++k) {  // then help the others, nearest first
+      EntryRange& other = ranges[(me + k) % nthreads];
+      for (int64_t b = other.take(true); b >= 0; b = other.take(true)) work(b);
     }
   };
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nthreads)
-  worker();
+  run(omp_get_thread_num() % nthreads);  // fewer threads than asked: the shares left over are taken by the others
 #else
   std::vector<std::thread> threads;
   threads.reserve(nthreads - 1);
-  for (int i = 1; i < nthreads; ++i) threads.emplace_back(worker);
-  worker();
+  for (int i = 1; i < nthreads; ++i) threads.emplace_back(run, i);
+  run(0);
   for (auto& th : threads) th.join();
 #endif
 }
@@ -154,11 +174,11 @@ void run_typed(const MultiTensorArgs& a, int nthreads) {
   const Unscale unscale = make_unscale(a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
 #if FASTMUP_HAVE_AVX2
   if (use_avx2()) {
-    parallel_runs(a.nblocks, nthreads, [&](int64_t b, int64_t e) { update_run<avx2::Kernels, Op, P, G, S>(a, b, e, unscale); });
+    parallel_entries(a.nblocks, nthreads, [&] { return EntryUpdater<avx2::Kernels, Op, P, G, S>{a, unscale}; });
   } else
 #endif
   {
-    parallel_runs(a.nblocks, nthreads, [&](int64_t b, int64_t e) { update_run<generic::Kernels, Op, P, G, S>(a, b, e, unscale); });
+    parallel_entries(a.nblocks, nthreads, [&] { return EntryUpdater<generic::Kernels, Op, P, G, S>{a, unscale}; });
   }
   // The scalar-state advance (ESGD-M): every chunk has read the old values,
   // so the new ones are stored once per tensor, empty tensors included.

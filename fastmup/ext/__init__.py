@@ -134,10 +134,10 @@ def _dtype_code(dtype, what: str, device) -> int:
 def host_block(largest: int, total: int, threads: int) -> int:
     """Elements per block-map entry of the host backend: the extension's
     largest, halved while that would leave fewer than 32 entries per thread
-    to balance.  Threads take contiguous runs of entries (long ones first,
-    csrc/host/multi_tensor_host.h), so small entries cost no streaming; the
-    last runs are single entries, and they decide when the step ends: a
-    thread idles up to one entry."""
+    to balance.  Each thread walks a contiguous share of the entries and then
+    takes single entries from the others' (csrc/host/multi_tensor_host.h), so
+    small entries cost no streaming, and the step ends at most one entry
+    after the first thread runs out of work."""
     block = largest
     while block > 4096 and total < 32 * max(threads, 1) * block:
         block //= 2
