@@ -31,5 +31,5 @@ setup(
         "bench": ["rich", "matplotlib", "tqdm", "pytest-benchmark"],
         "ext": ["pybind11", "ninja"],
     },
-    entry_points={"console_scripts": ["fastmup-bench=fastmup.bench:main"]},
+    entry_points={"console_scripts": ["fastmup-bench=fastmup.bench:main", "fastmup-inspect=fastmup.inspect.__main__:main"]},
 )
