@@ -35,5 +35,5 @@ setup(
         # these versions resolve beside an installed torch without replacing it.
         "hf": ["transformers==5.24.0", "accelerate==1.15.0"],
     },
-    entry_points={"console_scripts": ["fastmup-bench=fastmup.bench:main"]},
+    entry_points={"console_scripts": ["fastmup-bench=fastmup.bench:main", "fastmup-inspect=fastmup.inspect.__main__:main"]},
 )

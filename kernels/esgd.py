@@ -233,8 +233,9 @@ def esgd_kernel(
                             )
 
     # ---- the new scalar state: stored by the last program of the tensor ----
-    # Read again rather than kept live through the loop (registers), and
+    # Read again rather than kept live through the loops (registers), and
     # unchanged: no program stores before every program has its ticket.
+    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
     step, bc1, bc2, cum, v = _advanced_scalars(rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
     n_blocks = tl.maximum(tl.cdiv(tl.load(numels_ptr + i), BLOCK), 1)
     # The barrier keeps every warp's loads of the old scalars before the

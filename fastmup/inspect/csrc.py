@@ -1,0 +1,215 @@
+"""The CUDA kernels of ``csrc/``, compiled with nvcc for sm_80 / sm_90 and read.
+
+:func:`inspect_csrc` compiles every ``csrc/*.cu`` with the extension build's
+nvcc flags (:func:`nvcc_command`, the one place this module's compile flags
+are made), to PTX once more with ``--fmad=false`` when those flags allow
+contraction (to count the FMAs the source writes), disassembles the objects
+with ``cuobjdump`` and returns one record (:mod:`fastmup.inspect.records`)
+per kernel instantiation, loop role and architecture.
+
+The kernel ``multi_tensor_kernel<Op, P, G, S>`` is instantiated for every
+dtype combination; records cover those with ``G == P`` (autograd gives a
+parameter a gradient of its own dtype, so those are the ones a launch meets).
+Each instantiation runs ``update_entry`` for two state masks (``base``, and
+``full``: amsgrad, momentum, an HVP step), each with a 16-byte vector loop
+(every buffer aligned) and a scalar loop (the tail, or every element of a
+misaligned tensor).  Loop roles are read off the SASS: innermost loops with
+128-bit accesses are the vector loops (``aligned: True``), the others scalar;
+within each kind the loop moving fewer bytes per element is ``base``.  One copy
+of a loop body handles the vector width (``VecWidth`` of multi_tensor.cuh:
+16 bytes of the narrowest dtype) or, in a scalar loop, one element.
+
+Record fields are those of :mod:`fastmup.inspect.records`; ``variant`` is
+``{"param", "grad", "state", "mask", "aligned"}``, ``options`` the nvcc flags.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import records, sass, targets, toolchain
+
+__all__ = ["inspect_csrc", "nvcc_command", "OPS"]
+
+_DTYPES = {"float": ("fp32", 4), "fastmup::Bf16": ("bf16", 2), "fastmup::Fp16": ("fp16", 2)}
+_KERNEL = re.compile(r"fastmup::cuda::multi_tensor_kernel<fastmup::(\w+), ([\w:]+), ([\w:]+), ([\w:]+)>")
+
+#: Op -> (kernel name, streams of the base mask, streams the full mask adds);
+#: a stream is (name, role, reads, writes), role: P, G or S (its dtype).
+OPS = {
+    "AdamOp": ("adam", [("param", "P", 1, 1), ("grad", "G", 1, 0), ("exp_avg", "S", 1, 1), ("exp_avg_sq", "S", 1, 1)],
+               [("max_exp_avg_sq", "S", 1, 1)]),
+    "SgdOp": ("sgd", [("param", "P", 1, 1), ("grad", "G", 1, 0)], [("momentum_buffer", "S", 1, 1)]),
+    # base: a plain step reads d; full: an HVP step also writes d and reads the HVP (grad dtype)
+    "EsgdOp": ("esgd", [("param", "P", 1, 1), ("grad", "G", 1, 0), ("exp_avg", "S", 1, 1), ("exp_avg_d", "S", 1, 0)],
+               [("exp_avg_d", "S", 0, 1), ("hvp", "G", 1, 0)]),
+}
+
+
+def nvcc_command(source: Path, archs: Sequence[int], out: Path, *, contraction: bool = True, ptx_only: bool = False) -> list[str]:
+    """nvcc compiling ``source`` to ``out`` as the extension build does, with
+    SASS and PTX for each of ``archs``; ``contraction=False`` adds
+    ``--fmad=false``; ``ptx_only``: just the PTX of the single arch."""
+    from fastmup.ext import build
+
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        raise toolchain.ToolError("nvcc not found (set $CUDA_HOME or put nvcc on PATH)")
+    flags = list(build._NVCC_FLAGS) + [f"-I{build.csrc_dir()}"]
+    flags += shlex.split(os.environ.get("FASTMUP_NVCCFLAGS", ""))
+    if ptx_only:
+        (arch,) = archs
+        flags += [f"-arch=compute_{arch}", "-ptx"]
+    else:
+        for arch in archs:
+            flags += ["-gencode", f"arch=compute_{arch},code=[sm_{arch},compute_{arch}]"]
+    if not contraction:
+        flags.append("--fmad=false")
+    return [nvcc, *flags, *([] if ptx_only else ["-c"]), str(source), "-o", str(out)]
+
+
+def _contracts(cmd: Sequence[str]) -> bool:
+    """Whether nvcc may contract under these flags (its default is --fmad=true)."""
+    fmad = [a for a in cmd if a.startswith(("--fmad", "-fmad"))]
+    return not fmad or fmad[-1].split("=")[-1] not in ("false", "0")
+
+
+def _demangle(names: Sequence[str]) -> dict[str, str]:
+    tool = shutil.which("c++filt")
+    if tool is None:
+        raise toolchain.ToolError("c++filt (binutils) not found: needed to read the csrc kernel names")
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=True).stdout.splitlines()
+    return dict(zip(names, out))
+
+
+def _compile_all(sources: Sequence[Path], archs: Sequence[int], tmp: Path, **kw) -> dict[Path, Path]:
+    def one(src: Path) -> tuple[Path, Path]:
+        out = tmp / f"{src.stem}{'.ptx' if kw.get('ptx_only') else '.o'}"
+        cmd = nvcc_command(src, archs, out, **kw)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise toolchain.ToolError(f"nvcc failed on {src.name}:\n{shlex.join(cmd)}\n{r.stderr[-4000:]}")
+        return src, out
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+        return dict(pool.map(one, sources))
+
+
+def _ptx(obj: Path, arch: int) -> dict[str, str]:
+    text = subprocess.run([toolchain.cuobjdump(), "-ptx", "-arch", f"sm_{arch}", str(obj)], capture_output=True, text=True).stdout
+    return sass.ptx_functions(text)
+
+
+def _streams(op: str, mask: str, sizes: dict[str, int]) -> list[records.Stream]:
+    _, base, extra = OPS[op]
+    merged: dict[str, list] = {}
+    for name, role, r, w in base + (extra if mask == "full" else []):
+        entry = merged.setdefault(name, [sizes[role], 0, 0])
+        entry[1] |= r
+        entry[2] |= w
+    return [records.Stream(name, b, r, w) for name, (b, r, w) in merged.items()]
+
+
+def _roles(loops: list[dict]) -> list[tuple[int, str, bool]]:
+    """(loop index, mask, aligned) for the loops of one kernel function."""
+    out = []
+    for aligned in (True, False):
+        kind = [k for k, loop in enumerate(loops) if (loop["loads_128"] + loop["stores_128"] > 0) == aligned]
+        if len(kind) == 2:
+            a, b = kind
+            base, full = (a, b) if loops[a]["bytes"] <= loops[b]["bytes"] else (b, a)
+            out += [(base, "base", aligned), (full, "full", aligned)]
+        else:
+            out += [(k, f"loop{n}", aligned) for n, k in enumerate(kind)]
+    return out
+
+
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return f"nvcc {m.group(1) if m else '?'}"
+
+
+def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="fastmup-inspect-") as tmp:
+        tmp = Path(tmp)
+        objs = _compile_all(sources, archs, tmp)
+        probe = nvcc_command(sources[0], archs, tmp / "x.o")
+        # The FMAs the source writes: the PTX compiled with contraction off
+        # (nvcc contracts before code generation, so one arch's PTX serves).
+        plain = {}
+        if _contracts(probe):
+            plain_dir = tmp / "plain"
+            plain_dir.mkdir()
+            plain = {src: sass.ptx_functions(path.read_text())
+                     for src, path in _compile_all(sources, [max(archs)], plain_dir, contraction=False, ptx_only=True).items()}
+        compiler = _nvcc_version(probe[0])
+        out = []
+        for src in sources:
+            for arch in archs:
+                fns = {f.name: f for f in sass.parse_sass(toolchain.sass_listing(objs[src], arch))}
+                usage = toolchain.resource_usage(objs[src], arch)
+                ptx = _ptx(objs[src], arch)
+                plain_ptx = plain.get(src, ptx)
+                names = _demangle(sorted(fns))
+                for mangled, fn in sorted(fns.items()):
+                    m = _KERNEL.search(names[mangled])
+                    if not m or m.group(1) not in OPS:
+                        continue
+                    op, p, g, s = m.groups()
+                    if g != p:
+                        continue
+                    facts = records.binary_facts(fn, usage.get(mangled, {}))
+                    sizes = {"P": _DTYPES[p][1], "G": _DTYPES[g][1], "S": _DTYPES[s][1]}
+                    fma = dict(
+                        ptx=sass.ptx_fma_count(ptx.get(mangled, "")),
+                        ptx_uncontracted=sass.ptx_fma_count(plain_ptx.get(mangled, "")),
+                        contractible=sass.ptx_contractible_count(ptx.get(mangled, "")),
+                    )
+                    for index, mask, aligned in _roles(facts["loops"]):
+                        variant = dict(param=_DTYPES[p][0], grad=_DTYPES[g][0], state=_DTYPES[s][0], mask=mask, aligned=aligned)
+                        streams = _streams(op, mask if mask in ("base", "full") else "full", sizes)
+                        out.append(
+                            records.make_record(
+                                source="csrc",
+                                kernel=OPS[op][0],
+                                function=mangled,
+                                arch=arch,
+                                variant=variant,
+                                facts=facts,
+                                shared_bytes=0,
+                                elements_per_iteration=16 // min(sizes.values()) if aligned else 1,
+                                streams=streams,
+                                default=aligned and (mask == "base" or op != "AdamOp"),
+                                fma=fma,
+                                options={"nvcc": shlex.join(probe[1:-4])},
+                                compiler=compiler,
+                                loop_index=index,
+                            )
+                        )
+        return out
+
+
+def inspect_csrc(archs: Sequence[int] = targets.ARCHS, sources: Optional[Sequence[Path]] = None) -> list[dict]:
+    """Records of every csrc kernel (see the module docstring), cached by the
+    sources, nvcc's version and the flags."""
+    from fastmup.ext import build
+
+    root = build.csrc_dir()
+    sources = sorted(root.glob("*.cu")) if sources is None else [Path(s) for s in sources]
+    probe = nvcc_command(sources[0], archs, Path("x.o"))
+    version = subprocess.run([probe[0], "--version"], capture_output=True, text=True).stdout
+    key = [records.analysis_key(), Path(__file__).read_text(), version, shlex.join(probe[1:-4]), toolchain.cuobjdump()]
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".h", ".cuh", ".cu")):
+        key += [str(path.relative_to(root)), hashlib.sha256(path.read_bytes()).hexdigest()]
+    key += [s.name for s in sources]
+    result = toolchain.cached("csrc", key, lambda: {"records": _analyse(sources, archs)})
+    return result["records"]
