@@ -18,11 +18,12 @@ installed and no network, run from the source tree (``PYTHONPATH=.``):
    versions, the commit, each phase's outcome and every timing.
 
 Everything runs within ``--budget`` seconds (default 450: under 8 minutes
-with start-up).  Each phase, test suite and benchmark case runs in a child
-process with a share of the time left; one that overruns its share gets
-SIGINT (pytest and the benchmark then report what they finished) and is
-killed ``GRACE_S`` later.  A failure is recorded and the run goes on: one
-case cannot lose the others.  The exit status is 0 when the build worked,
+with start-up).  The build, each test suite and each parameter set's
+benchmark cases run in a child process with a share of the time left; one
+that overruns its share gets SIGINT (pytest and the benchmark then report
+what they finished) and is killed ``GRACE_S`` later.  A failure is recorded
+and the run goes on: a benchmark process that dies loses only the case it
+was in (:func:`run_cases`).  The exit status is 0 when the build worked,
 every suite passed and every case ran.
 
 ``--dry-run`` runs the same phases on the CPU with the tiny parameter sets

@@ -20,6 +20,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
+import weakref
+
+import numpy as np
+
 from fastmup.ext import build as _build  # noqa: F401  (the submodule fastmup.ext.build)
 from fastmup.ext.build import (  # noqa: F401  (re-exported)
     BuildError,
@@ -144,6 +148,38 @@ def host_block(largest: int, total: int, threads: int) -> int:
     return block
 
 
+# Per launch plan (weakly: a re-plan drops them), what every launch of it
+# passes unchanged.
+_fixed_args: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _launch_args(plan, batch) -> dict:
+    sig, spec, device = batch.signature, batch.spec, batch.device
+    codes = [_dtype_code(d, what, device) for what, d in (("param", sig.param_dtype), ("grad", sig.grad_dtype), ("state", sig.state_dtype))]
+    optional = spec.optional
+    # only where some tensor lacks the optional buffer is there a gate to check each step
+    lacking = optional is not None and (optional.name not in plan.present or not plan.present[optional.name].all())
+    return {
+        "args": dict(
+            ntensors=plan.n_tensors,
+            nblocks=plan.nblocks,
+            block=plan.block,
+            tensor_of_block=plan.tensor_of_block.data_ptr(),
+            start_of_block=plan.start_of_block.data_ptr(),
+            numels=plan.numels.data_ptr(),
+            param_ptrs=plan.row_address("param"),
+            grad_ptrs=plan.row_address("grad"),
+            state_ptrs=[plan.row_address(name) for name in spec.buffers],
+            ncols=len(spec.columns),
+            param_dtype=codes[0],
+            grad_dtype=codes[1],
+            state_dtype=codes[2],
+        ),
+        "lacking": lacking,
+        "steps_checked": None,
+    }
+
+
 def _esgd_hvp_pointers(batch, hvps):
     """(address of an int64 [n] table of HVP addresses, keep-alive objects).
 
@@ -223,8 +259,6 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         raise TypeError(f"fastmup.ext.launch({algorithm!r}) got unexpected arguments {sorted(kwargs)}")
     if len(batch) == 0:
         return
-    sig = batch.signature
-    codes = [_dtype_code(d, what, device) for what, d in (("param", sig.param_dtype), ("grad", sig.grad_dtype), ("state", sig.state_dtype))]
     module = load(device.type)
     block = int(module.BLOCK)
     if device.type == "cpu":
@@ -232,37 +266,29 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     plan = batch.launch_plan(block)
     if plan.nblocks == 0:
         return  # only empty tensors
-    host_rows = np.ascontiguousarray(batch.rows, dtype=np.float64)
-    check_gates(plan, spec, host_rows)
+    fixed = _fixed_args.get(plan)
+    if fixed is None:
+        fixed = _fixed_args[plan] = _launch_args(plan, batch)
+    # The per-step work here is a few attribute reads: on a CPU a step of a
+    # few million parameters takes about a millisecond.
+    host_rows = batch.rows
+    if host_rows.dtype != np.float64 or not host_rows.flags.c_contiguous:
+        host_rows = np.ascontiguousarray(host_rows, dtype=np.float64)
+    if fixed["lacking"]:  # some tensor lacks the optional buffer: its gate must be 0
+        check_gates(plan, spec, host_rows)
     scale_ptr, scale_keep = _scalar_arg(grad_scale, device, "grad_scale")
     inf_ptr, inf_keep = _scalar_arg(found_inf, device, "found_inf")
     steps = batch.scalars["step"] if spec.advances_scalars else batch.steps
-    if steps.dtype != torch.float32 or steps.device != device or not steps.is_contiguous():
-        raise RuntimeError(f"fastmup: batch.steps must be a contiguous float32 tensor on {device}")
+    if steps is not fixed["steps_checked"]:
+        if steps.dtype != torch.float32 or steps.device != device or not steps.is_contiguous():
+            raise RuntimeError(f"fastmup: batch.steps must be a contiguous float32 tensor on {device}")
+        fixed["steps_checked"] = steps
     if device.type == "cpu":
         rows_ptr, rows_keep = host_rows.ctypes.data, host_rows
     else:
         rows_keep = batch.device_rows()
         rows_ptr = rows_keep.data_ptr()
-    args = dict(
-        ntensors=plan.n_tensors,
-        nblocks=plan.nblocks,
-        block=plan.block,
-        tensor_of_block=plan.tensor_of_block.data_ptr(),
-        start_of_block=plan.start_of_block.data_ptr(),
-        numels=plan.numels.data_ptr(),
-        param_ptrs=plan.row_address("param"),
-        grad_ptrs=plan.row_address("grad"),
-        state_ptrs=[plan.row_address(name) for name in spec.buffers],
-        rows=rows_ptr,
-        ncols=len(spec.columns),
-        steps=steps.data_ptr(),
-        grad_scale=scale_ptr,
-        found_inf=inf_ptr,
-        param_dtype=codes[0],
-        grad_dtype=codes[1],
-        state_dtype=codes[2],
-    )
+    args = dict(fixed["args"], rows=rows_ptr, steps=steps.data_ptr(), grad_scale=scale_ptr, found_inf=inf_ptr)
     hvp_keep = None
     if algorithm == "esgd":
         hvp_table = 0

@@ -41,7 +41,7 @@ __all__ = ["ALIGNMENT", "LaunchPlan", "block_map", "build_launch_plan", "check_g
 ALIGNMENT = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LaunchPlan:
     """See the module docstring."""
 
