@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# mup's names (star-imports match mup's); get_depth_coord_data is public too
 __all__ = [
     "FDICT",
     "cov",
     "covoffdiag",
     "convert_fdict",
     "get_coord_data",
-    "get_depth_coord_data",
     "plot_coord_data",
     "example_plot_coord_check",
 ]

@@ -160,6 +160,8 @@ class MuAdam(MuOptimizer):
             batch.rows[:, col] = batch.rows[:, col] * scale[0] / scale[1]
 
     def tensor_hyperparameters(self) -> dict[Tensor, dict[str, float]]:
+        """As :meth:`MuOptimizer.tensor_hyperparameters`, with ``eps`` scaled
+        where the group has ``eps_scaling``."""
         out = super().tensor_hyperparameters()
         for p, m in getattr(self, "_eps_mults", {}).items():
             if p in out:
