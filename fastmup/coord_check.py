@@ -22,6 +22,7 @@ from torch import nn
 
 from fastmup.sharpness import model_device
 
+# mup's names (star-imports match mup's); get_depth_coord_data is public too
 __all__ = [
     "FDICT",
     "cov",
@@ -104,12 +105,19 @@ def _stats_into(records: list, row: dict, x: Any, fdict: Mapping[str, Callable])
             _stats_into(records, {**row, "module": f"{row['module']}[{k}]"}, xi, fdict)
 
 
-def _record_hook(records: list, width: Any, name: str, t: int, output_fdict, input_fdict, param_fdict):
+def _record_hook(
+    records: list, width: Any, name: str, t: int, output_fdict, input_fdict, param_fdict, delta_fdict=None, initial=None
+):
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         row = {"width": width, "module": name, "t": t}
         with torch.no_grad():
             if isinstance(output, torch.Tensor):
-                _stats_into(records, row, output, output_fdict)
+                fdict = output_fdict
+                if delta_fdict:
+                    # how far the output moved since t=1 (the same batch every step)
+                    x0 = initial.setdefault(name, output.detach().clone())
+                    fdict = {**output_fdict, **{f"delta_{k}": (lambda x, f=f: f(x - x0)) for k, f in delta_fdict.items()}}
+                _stats_into(records, row, output, fdict)
             elif isinstance(output, (tuple, list, Mapping)):
                 items = output.items() if isinstance(output, Mapping) else enumerate(output)
                 for k, out in items:
@@ -177,11 +185,15 @@ def _get_coord_data(
     param_fdict=None,
     show_progress: bool = True,
     one_hot_target: Optional[bool] = None,
+    delta_fdict=None,
 ):
     pd = _require("pandas", "the coord-check DataFrame")
     output_fdict = convert_fdict(output_fdict) if output_fdict is not None else {"l1": FDICT["l1"]}
     input_fdict = convert_fdict(input_fdict) if input_fdict else {}
     param_fdict = convert_fdict(param_fdict) if param_fdict else {}
+    delta_fdict = convert_fdict(delta_fdict) if delta_fdict else {}
+    if delta_fdict and not fix_data:
+        raise ValueError("delta_fdict compares outputs on the same batch: it needs fix_data=True")
     if fix_data:
         batch = next(iter(dataloader))
         dataloader = [batch] * nsteps
@@ -202,10 +214,13 @@ def _get_coord_data(
                     model = model.cuda()
                 device = model_device(model)
                 optimizer = optcls(model)
+                initial: dict = {}  # each module's output at t=1, for delta_fdict
                 for t, batch in enumerate(dataloader, 1):
                     handles = [
                         module.register_forward_hook(
-                            _record_hook(records, width, name, t, output_fdict, input_fdict, param_fdict)
+                            _record_hook(
+                                records, width, name, t, output_fdict, input_fdict, param_fdict, delta_fdict, initial
+                            )
                         )
                         for name, module in model.named_modules()
                         if filter_module_by_name is None or filter_module_by_name(name)
@@ -284,6 +299,9 @@ def get_coord_data(
         output_fdict, input_fdict, param_fdict: ``{name: statistic}`` with a
             function or a key of :data:`FDICT`; by default only ``l1`` of each
             module's output.
+        delta_fdict (None): the same for the change of each module's output
+            since ``t=1`` (columns ``delta_<name>``; needs ``fix_data``): how
+            far the features moved, the quantity μP keeps Θ(1).
         show_progress (True): tqdm progress bar.
 
     Returns:
@@ -326,6 +344,59 @@ def get_coord_data(
     df["optimizer"] = opt_name
     df["lr"] = lr
     return df
+
+
+def get_depth_coord_data(
+    models: Mapping[int, Callable[[], nn.Module]],
+    dataloader,
+    optimizer: Union[str, Callable] = "adam",
+    lr: Optional[float] = None,
+    blocks: str = "blocks",
+    **kwargs,
+):
+    """A coordinate check across depth: :func:`get_coord_data` with models keyed by depth.
+
+    ``models`` maps a depth ``L`` (the number of residual blocks, the modules
+    ``{blocks}.0 … {blocks}.{L-1}``) to a factory; the width stays fixed.
+    Every module's output is recorded as by :func:`get_coord_data` (``l1``
+    by default, plus ``delta_l1``: how far it moved since ``t=1``, unless
+    ``delta_fdict`` is given), and the modules inside the blocks, whose names
+    differ between depths, are summarised under depth-free names:
+    ``{blocks}[last].rest`` (the last block's ``rest``, e.g.
+    ``blocks[last]``: the residual stream at the end) and
+    ``{blocks}[mean].rest`` (the mean over the blocks: a per-layer size).
+
+    Under CompleteP (α = 1) the residual stream and every layer's update
+    stay flat across depth; without depth scaling the stream grows with
+    ``L``, and at α = ½ the per-layer updates shrink as ``L^(-½)``.
+
+    Returns a DataFrame with a ``depth`` column in place of ``width``; plot
+    it with ``plot_coord_data(df, x="depth")``.
+    """
+    import re
+
+    kwargs.setdefault("delta_fdict", {"l1": "l1"})
+    df = get_coord_data(models, dataloader, optimizer=optimizer, lr=lr, **kwargs).rename(columns={"width": "depth"})
+    pattern = re.compile(rf"^{re.escape(blocks)}\.(\d+)(.*)$")
+    found = df["module"].astype(str).str.extract(pattern)
+    inside = found[0].notna()
+    outside = df[~inside]
+    blockwise = df[inside].assign(index=found[0][inside].astype(int), rest=found[1][inside])
+    stats = [c for c in df.columns if c not in ("depth", "module", "t", "optimizer", "lr", "index", "rest")]
+    last = blockwise[blockwise["index"] == blockwise["depth"] - 1].assign(
+        module=lambda d: f"{blocks}[last]" + d["rest"]
+    )
+    mean = (
+        blockwise.groupby(["depth", "rest", "t"], as_index=False)[stats]
+        .mean()
+        .assign(module=lambda d: f"{blocks}[mean]" + d["rest"])
+    )
+    for col in ("optimizer", "lr"):
+        if col in df:
+            mean[col] = df[col].iloc[0]
+    pd = _require("pandas", "the coord-check DataFrame")
+    keep = list(df.columns)
+    return pd.concat([outside[keep], last[keep], mean[keep]], ignore_index=True)
 
 
 def plot_coord_data(

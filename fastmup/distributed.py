@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from fastmup.depth import DEPTH_KEY
 from fastmup.shape import BaseShapesError, base_shapes_state, set_base_shapes
 
 __all__ = ["reattach_infshapes", "shard_with_mup", "require_base_shapes", "checkpoint_extras", "graph_step"]
@@ -51,7 +52,11 @@ def require_base_shapes(model: nn.Module, base_shapes: Optional[Mapping[str, Any
     with instructions when neither is available.
     """
     if base_shapes is not None:
-        return {k: list(v) if not hasattr(v, "base_shape") else list(v.base_shape()) for k, v in base_shapes.items()}
+        return {
+            # the depth record (fastmup.set_depth) is plain data already
+            k: dict(v) if k == DEPTH_KEY else list(v) if not hasattr(v, "base_shape") else list(v.base_shape())
+            for k, v in base_shapes.items()
+        }
     try:
         return base_shapes_state(model)
     except BaseShapesError as e:

@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from fastmup.depth import DEPTH_KEY, apply_depth_state, check_depth_state, depth_state
 from fastmup.infshape import InfDim, InfShape, _is_dim_size, require_infshape, zip_infshape
 from fastmup.infshape_registry import module_infshapes, record
 from fastmup.layer import MuReadout, rescale_linear_bias
@@ -100,9 +101,11 @@ def save_base_shapes(model_or_shapes: Union[nn.Module, Mapping[str, Any]], file:
     if isinstance(model_or_shapes, nn.Module):
         entries = {k: v.base_shape() for k, v in get_infshapes(model_or_shapes).items()}
     elif isinstance(model_or_shapes, Mapping):
+        # the depth record of base_shapes_state is not part of mup's format
         entries = {
             str(k): _as_base_shape_list(str(k), v, "save_base_shapes")
             for k, v in model_or_shapes.items()
+            if k != DEPTH_KEY
         }
     else:
         raise TypeError(
@@ -184,6 +187,8 @@ def _extract_shapes(x: Any, role: str) -> Tuple[_Shapes, str]:
         return dict(load_base_shapes(path)), f"base shape file {path!r}"
     if isinstance(x, Mapping):
         where = f"the {role} shapes dict"
+        # base_shapes_state's depth record is read by set_base_shapes itself
+        x = {k: v for k, v in x.items() if k != DEPTH_KEY}
         # A list containing None can only be a base shape (None = finite), so
         # such a dict is read like a .bsh file; without any None it is read as
         # mup does, as the shapes of a model.
@@ -347,7 +352,12 @@ def apply_infshapes(model: nn.Module, infshapes: Mapping[str, InfShape]) -> None
     """
     _check_names(model, infshapes)
     for name, p in model.named_parameters():
-        p.infshape = infshapes[name]
+        new = infshapes[name]
+        # a depth declaration (fastmup.set_depth) outlives new base shapes
+        old_depth = getattr(getattr(p, "infshape", None), "depth", None)
+        if old_depth is not None and getattr(new, "depth", None) is None:
+            new.depth = old_depth
+        p.infshape = new
     _sync_readouts(model)
     record(model)
 
@@ -458,6 +468,7 @@ def set_base_shapes(
         raise TypeError(f"set_base_shapes expects an nn.Module, got {type(model).__name__}")
     if base is None:
         base = model
+    depth_record = base.get(DEPTH_KEY) if isinstance(base, Mapping) else None
     base_shapes, base_label = _extract_shapes(base, "base")
     if delta is not None:
         delta_shapes, delta_label = _extract_shapes(delta, "delta")
@@ -483,9 +494,13 @@ def set_base_shapes(
                 "re-setting base shapes or restoring a checkpoint."
             )
 
+    if depth_record is not None:
+        check_depth_state(model, depth_record, f"entry {DEPTH_KEY!r} of the base shapes")
     if savefile is not None:
         save_base_shapes(infshapes, savefile)
     apply_infshapes(model, infshapes)
+    if depth_record is not None:
+        apply_depth_state(model, depth_record, f"entry {DEPTH_KEY!r} of the base shapes")
     if rescale_params:
         for module in model.modules():
             if isinstance(module, MuReadout):
@@ -501,7 +516,11 @@ def base_shapes_state(model: nn.Module) -> Dict[str, List[Optional[int]]]:
     Serialisable with ``torch.save`` (loadable with ``weights_only=True``),
     JSON or YAML, and accepted by ``set_base_shapes(new_model, state,
     rescale_params=False)``, which restores every ``infshape`` and every
-    MuReadout width multiplier.  Parameters that lost their ``infshape``
+    MuReadout width multiplier.  A model with a depth declaration
+    (:func:`fastmup.set_depth`) also gets the entry
+    ``"__depth__": {"depth", "base_depth", "alpha", "blocks"}``, which
+    ``set_base_shapes`` restores too (``save_base_shapes`` leaves it out of
+    ``.bsh`` files, whose format is mup's).  Parameters that lost their ``infshape``
     (e.g. replaced by a wrapper) are taken from what ``set_base_shapes``
     recorded on the model.
     """
@@ -523,4 +542,7 @@ def base_shapes_state(model: nn.Module) -> Dict[str, List[Optional[int]]]:
             f"base_shapes_state: no base shape known for parameter(s) {_fmt_names(unknown)}; "
             "call fastmup.set_base_shapes on the model first"
         )
+    depth = depth_state(model)
+    if depth is not None:
+        out[DEPTH_KEY] = depth
     return out

@@ -336,3 +336,65 @@ def test_example_plot_coord_check_as_mup(tmp_path, capsys):
         _example_models("mlp", [8], True, False, "orthogonal")
     with pytest.raises(ValueError, match="arch"):
         example_plot_coord_check("rnn")
+
+
+# ---------------------------------------------------------------------------
+# across depth
+
+
+def _deep_models(alpha, depths, width=32):
+    from fastmup.demo.models import build_deep
+
+    def factory(d):
+        return lambda: build_deep(d, alpha, 2, width=width, vocab=16, seq_len=16, n_heads=4)
+
+    return {d: factory(d) for d in depths}
+
+
+def _deep_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(16, (8, 17), generator=g)
+    return [(x[:, :-1], x[:, 1:])]
+
+
+def _at(df, module, stat, depth, t):
+    sel = df[(df["module"] == module) & (df["depth"] == depth) & (df["t"] == t)]
+    assert len(sel) == 1, (module, depth, t, len(sel))
+    return float(sel[stat].iloc[0])
+
+
+def _depth_df(alpha, depths=(2, 16)):
+    from fastmup.coord_check import get_depth_coord_data
+
+    def opt(params, lr):
+        return fastmup.MuAdam(params, lr=lr, backend="eager")
+
+    return get_depth_coord_data(
+        _deep_models(alpha, depths), _deep_batch(), optimizer=opt, lr=2.0**-6, nsteps=4, flatten_output=True,
+        show_progress=False,
+    )
+
+
+def test_depth_coord_check_completep_is_flat_and_no_depth_scaling_drifts():
+    """The residual stream after 3 updates and every block's update: flat in
+    depth under CompleteP; without depth scaling the stream grows with depth,
+    and under depth-μP the per-block updates shrink like L^(-1/2)."""
+    dfs = {a: _depth_df(a) for a in (0.0, 0.5, 1.0)}
+    stream = {a: _at(df, "blocks[last]", "delta_l1", 16, 4) / _at(df, "blocks[last]", "delta_l1", 2, 4) for a, df in dfs.items()}
+    block = {a: _at(df, "blocks[mean].mlp", "delta_l1", 16, 4) / _at(df, "blocks[mean].mlp", "delta_l1", 2, 4) for a, df in dfs.items()}
+    assert 0.5 < stream[1.0] < 2 and 0.5 < block[1.0] < 2, (stream, block)
+    assert stream[0.0] > 4, stream  # ~ m_L = 8 in theory
+    assert block[0.5] < 0.6, block  # ~ m_L^(-1/2) = 0.35 in theory
+    # depth-free names: the last block, the block means, and the modules outside
+    modules = set(dfs[1.0]["module"])
+    assert {"blocks[last]", "blocks[mean].mlp", "blocks[mean].attn", "ln_f", "readout"} <= modules
+    assert not any(m.startswith("blocks.") for m in modules)
+    assert _at(dfs[1.0], "ln_f", "delta_l1", 2, 1) == 0.0  # nothing moved at t=1
+
+
+def test_delta_fdict_needs_fixed_data():
+    with pytest.raises(ValueError, match="fix_data=True"):
+        get_coord_data(
+            {32: lambda: make_mup_mlp(32)}, [mlp_batch()], optimizer="adam", delta_fdict={"l1": "l1"}, fix_data=False,
+            show_progress=False, flatten_input=True,
+        )

@@ -2,6 +2,8 @@
 
 ``python -m fastmup.demo mutransfer [--quick] [--out DIR] ...``: μTransfer on
 a CPU in minutes (see :mod:`fastmup.demo.mutransfer`).
+``python -m fastmup.demo deptransfer [--quick] ...``: transfer across depth,
+μP alone vs depth-μP vs CompleteP (see :mod:`fastmup.demo.deptransfer`).
 ``python -m fastmup.demo hf [--quick] ...``: the same on Hugging Face
 transformers' GPT-2 and Llama (see :mod:`fastmup.demo.hf_mutransfer`; needs
 ``fastmup[hf]``).
@@ -10,7 +12,11 @@ Importing this package imports nothing heavy; the demos need scikit-learn,
 matplotlib, pandas and tqdm, imported when used.
 """
 
-DEMOS = {"mutransfer": "fastmup.demo.mutransfer", "hf": "fastmup.demo.hf_mutransfer"}
+DEMOS = {
+    "mutransfer": "fastmup.demo.mutransfer",
+    "deptransfer": "fastmup.demo.deptransfer",
+    "hf": "fastmup.demo.hf_mutransfer",
+}
 
 __all__ = ["DEMOS", "main"]
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import fastmup
 
-__all__ = ["MLP", "Transformer", "build", "PARAMETRIZATIONS"]
+__all__ = ["MLP", "Transformer", "build", "build_deep", "PARAMETRIZATIONS"]
 
 PARAMETRIZATIONS = ("sp", "mup")
 
@@ -78,16 +78,21 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-LayerNorm block; each branch ends in a :class:`fastmup.BranchMultiplier`
+    (1, the plain block, until :func:`fastmup.set_depth` sets it to ``m_L^(-α)``)."""
+
     def __init__(self, d_model: int, n_heads: int, scale: float, zero_query: bool) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads, scale, zero_query)
+        self.attn_scale = fastmup.BranchMultiplier()
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.mlp_scale = fastmup.BranchMultiplier()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        x = x + self.attn_scale(self.attn(self.ln1(x)))
+        return x + self.mlp_scale(self.mlp(self.ln2(x)))
 
 
 class Transformer(nn.Module):
@@ -160,4 +165,25 @@ def build(model: str, width: int, parametrization: str, base_width: int, **kwarg
         # models, build them on the meta device); the delta tells which
         # dimensions grow with the width.
         fastmup.set_base_shapes(net, make(base_width, True, base_width), delta=make(2 * base_width, True, base_width))
+    return net
+
+
+def build_deep(
+    depth: int, alpha: float, base_depth: int, width: int = 64, base_width: Optional[int] = None, **kwargs
+) -> Transformer:
+    """A μP :class:`Transformer` of ``depth`` blocks with depth scaling ``alpha``.
+
+    Base shapes from models of width ``base_width`` (default ``width``) and
+    twice that, of the same depth, built on the meta device; then
+    :func:`fastmup.set_depth` with ``base_depth`` and ``alpha`` (0: μP alone,
+    no depth scaling; 1: CompleteP; 0.5: depth-μP).  ``kwargs`` go to the
+    constructor (``vocab``, ``seq_len``, ``n_heads``...).
+    """
+    base_width = width if base_width is None else base_width
+    net = Transformer(width, n_layers=depth, mup=True, base_d_model=base_width, **kwargs)
+    with torch.device("meta"):
+        base = Transformer(base_width, n_layers=depth, mup=True, base_d_model=base_width, **kwargs)
+        delta = Transformer(2 * base_width, n_layers=depth, mup=True, base_d_model=base_width, **kwargs)
+    fastmup.set_base_shapes(net, base, delta=delta)
+    fastmup.set_depth(net, blocks=net.blocks, base_depth=base_depth, alpha=alpha)
     return net

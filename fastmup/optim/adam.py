@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmup.infshape_registry import find_infshape
 from fastmup.optim.backend import launcher
 from fastmup.optim.checks import check_adam
+from fastmup.optim.multipliers import Multiplier, eps_multiplier
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.optim.reference import skips_step, store, unscaled
@@ -59,6 +62,14 @@ class MuAdam(MuOptimizer):
     in the param groups (every backend is one pass over all tensors);
     ``differentiable=True`` raises ``NotImplementedError``.
 
+    ``eps_scaling=True`` (off by default: mup leaves ε alone) scales each
+    tensor's ε with its width and depth, ``ε / m`` (its width multiplier) and
+    ``ε / m · m_L^(-α)`` inside the residual blocks of
+    :func:`fastmup.set_depth` (CompleteP, Eq. 40); a per-group option, in the
+    param groups like ``decoupled_wd``.  Depth declared by ``set_depth`` also
+    scales the learning rate and weight decay of those tensors
+    (:mod:`fastmup.optim.multipliers`).
+
     ``impl`` is mup's way to make other Adam-like μP optimizers:
     ``MuAdam(params, impl=torch.optim.RMSprop, lr=...)`` returns that torch
     optimizer built on mup's split param groups, as mup does
@@ -90,6 +101,7 @@ class MuAdam(MuOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         decoupled_wd: bool = False,
+        eps_scaling: bool = False,
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
@@ -97,6 +109,9 @@ class MuAdam(MuOptimizer):
     ) -> None:
         if impl is torch.optim.AdamW:
             decoupled_weight_decay = True
+        # ε multipliers of the tensors whose group has eps_scaling (before
+        # super().__init__, which adds the groups)
+        self._eps_mults: dict[Tensor, Multiplier] = {}
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -110,11 +125,51 @@ class MuAdam(MuOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
             decoupled_wd=decoupled_wd,
+            eps_scaling=eps_scaling,
         )
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_adam(group)
+        if not isinstance(group.get("eps_scaling", False), bool):
+            raise ValueError(f"eps_scaling must be True or False, got {group['eps_scaling']!r}")
+
+    # ε scaling: one more per-tensor factor, on the eps column of the table
+    def _group_multipliers(self, tensors: list, group: Mapping[str, Any], group_index: int) -> dict:
+        mults = super()._group_multipliers(tensors, group, group_index)
+        eps_mults = getattr(self, "_eps_mults", None)
+        if eps_mults is None:  # unpickled from a version without ε scaling
+            eps_mults = self._eps_mults = {}
+        for p in tensors:
+            if group.get("eps_scaling", False):
+                eps_mults[p] = eps_multiplier(find_infshape(p))
+            else:
+                eps_mults.pop(p, None)
+        return mults
+
+    def _refresh_rows(self, batches: list[TensorBatch]) -> None:
+        super()._refresh_rows(batches)
+        if not getattr(self, "_eps_mults", None):
+            return
+        col = self.columns.index("eps")
+        for batch in batches:
+            scale = getattr(batch, "eps_scale", None)
+            if scale is None:  # once per plan: the batches are rebuilt with it
+                mults = [self._eps_mults.get(p) for p in batch.owners]
+                scale = batch.eps_scale = (
+                    np.array([1.0 if m is None else m.num for m in mults]),
+                    np.array([1.0 if m is None else m.den for m in mults]),
+                )
+            batch.rows[:, col] = batch.rows[:, col] * scale[0] / scale[1]
+
+    def tensor_hyperparameters(self) -> dict[Tensor, dict[str, float]]:
+        """As :meth:`MuOptimizer.tensor_hyperparameters`, with ``eps`` scaled
+        where the group has ``eps_scaling``."""
+        out = super().tensor_hyperparameters()
+        for p, m in getattr(self, "_eps_mults", {}).items():
+            if p in out:
+                out[p]["eps"] = out[p]["eps"] * m.num / m.den
+        return out
 
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
         beta1, beta2 = group["betas"]
@@ -157,6 +212,7 @@ class MuAdamW(MuAdam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         decoupled_wd: bool = False,
+        eps_scaling: bool = False,
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
@@ -176,6 +232,7 @@ class MuAdamW(MuAdam):
             fused=fused,
             decoupled_weight_decay=True,
             decoupled_wd=decoupled_wd,
+            eps_scaling=eps_scaling,
             backend=backend,
             state_dtype=state_dtype,
             param_lr_scales=param_lr_scales,

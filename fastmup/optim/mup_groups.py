@@ -39,11 +39,12 @@ import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from fastmup.infshape_registry import explain_missing, find_infshape
-from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
+from fastmup.optim.multipliers import ONE, Family, Multiplier, mup_multipliers
 
 __all__ = [
     "process_param_groups",
@@ -126,13 +127,16 @@ def mup_param_groups(
     *,
     decoupled_wd: bool = False,
     param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+    decoupled_decay: bool = False,
 ) -> list[dict[str, Any]]:
     """mup's split of ``param_groups`` (each with ``lr`` and ``weight_decay``).
 
     ``family`` is ``"adam"`` (Adam-like optimizers: Adam, RMSprop, Adagrad,
     ...) or ``"sgd"`` (SGD-like).  ``decoupled_wd`` leaves weight decay
     unscaled; ``param_lr_scales`` (fastmup's extra per-tensor lr factors)
-    further split a group by factor.  Values are scaled as mup scales them
+    further split a group by factor, and so do the depth factors of
+    :func:`fastmup.set_depth` (``decoupled_decay``: the optimizer decays as
+    AdamW does).  Values are scaled as mup scales them
     (``lr / m``, ``lr * m``), so they round alike.
     """
     if family not in ("adam", "sgd"):
@@ -145,16 +149,20 @@ def mup_param_groups(
             entries = list(zip(group["param_names"], entries))
         named = any(isinstance(e, tuple) for e in entries)
         for positions in _split(entries, family, f"param group {gi}"):
-            by_scale: dict[float, list] = {}
+            # mup's groups hold tensors of one width multiplier; the extra
+            # lr scales and the depth factors (fastmup.set_depth) split them
+            # further (without either, each stays one group, as in mup)
+            by_factors: dict[tuple, list] = {}
             for position in positions:
-                by_scale.setdefault(scales.get(_tensor(entries[position]), 1.0), []).append(entries[position])
-            for scale, members in (by_scale or {1.0: []}).items():
+                t = _tensor(entries[position])
+                mults = mup_multipliers(find_infshape(t), family, decoupled_wd, decoupled_decay=decoupled_decay)
+                by_factors.setdefault((scales.get(t, 1.0), *mults), []).append(entries[position])
+            for (scale, lr_m, wd_m), members in (by_factors or {(1.0, ONE, ONE): []}).items():
                 new = {k: v for k, v in group.items() if k not in ("params", "param_names")}
                 new["params"] = members
                 if named and not members:  # torch wants names on every group or on none
                     new["param_names"] = []
                 if members:
-                    lr_m, wd_m = mup_multipliers(find_infshape(_tensor(members[0])), family, decoupled_wd)
                     new["lr"] = _scaled(group["lr"], Multiplier(lr_m.num * scale, lr_m.den))
                     new["weight_decay"] = _scaled(group["weight_decay"], wd_m)
                 out.append(new)
@@ -178,7 +186,7 @@ def build_with_impl(impl: Callable[..., Optimizer], family: Family, params: Iter
     and ``param_lr_scales`` shape the groups; ``backend`` and
     ``state_dtype`` belong to fastmup's own optimizers and are refused.
     """
-    for key in ("backend", "state_dtype"):
+    for key in ("backend", "state_dtype", "eps_scaling"):
         if key in kwargs:
             raise TypeError(
                 f"{key}= applies to fastmup's own optimizers, not to impl={getattr(impl, '__name__', impl)!r}"
@@ -188,7 +196,10 @@ def build_with_impl(impl: Callable[..., Optimizer], family: Family, params: Iter
     lr = kwargs.get("lr", _default_lr(impl))
     group_kwargs = dict(kwargs) if lr is None else {**kwargs, "lr": lr}
     groups = process_param_groups(params, **group_kwargs)
-    split = mup_param_groups(groups, family, decoupled_wd=decoupled_wd, param_lr_scales=param_lr_scales)
+    decoupled_decay = impl is torch.optim.AdamW or bool(kwargs.get("decoupled_weight_decay", False))
+    split = mup_param_groups(
+        groups, family, decoupled_wd=decoupled_wd, param_lr_scales=param_lr_scales, decoupled_decay=decoupled_decay
+    )
     return impl(split, **kwargs)
 
 

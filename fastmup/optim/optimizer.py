@@ -257,7 +257,12 @@ class MuOptimizer(Optimizer):
             if infshape is None:
                 raise ValueError(f"{where} has no μP base shapes (no `infshape` attribute): {explain_missing(p)}")
             try:
-                lr_m, wd_m = mup_multipliers(infshape, self.family, bool(group.get("decoupled_wd", False)))
+                lr_m, wd_m = mup_multipliers(
+                    infshape,
+                    self.family,
+                    bool(group.get("decoupled_wd", False)),
+                    decoupled_decay=bool(group.get("decoupled_weight_decay", False)),
+                )
             except NotImplementedError as e:
                 raise NotImplementedError(f"{where}: {e}") from None
             scale = self._lr_scales.get(p)
