@@ -130,6 +130,12 @@ def _tile(
         g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
     m = lerp(m, g, coeff_m, small_m)  # exp_avg.lerp_(g, 1-β1)
     store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
+    if not ALIGNED:
+        # m̃ now, so that only it (not m and g) stays live through the HVP
+        # update: a misaligned tile is 16 elements a thread, and an HVP step
+        # of it would otherwise spill on sm_80.  (Aligned tiles compute it
+        # late: early, ptxas spilled their AMP HVP step instead.)
+        m_est = lerp(m, g, coeff_q, small_q)  # torch.lerp(m, g, 1-v)
     if HVP:
         h = load_tile(hvp_ptr + at, left, HVP_DTYPE, TILE, MASKED, ALIGNED)
         if HAS_SCALE:
@@ -143,7 +149,8 @@ def _tile(
         p = load_tile(param_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
         # IEEE sqrt and division (tl.sqrt / "/" may be approximate on GPUs).
         denom = tl.div_rn(tl.sqrt_rn(d), bc2_sqrt) + eps
-        m_est = lerp(m, g, coeff_q, small_q)  # torch.lerp(m, g, 1-v)
+        if ALIGNED:
+            m_est = lerp(m, g, coeff_q, small_q)  # torch.lerp(m, g, 1-v)
         # p.mul_(decay).addcdiv_(m̃, denom, value=coef): (coef·m̃)/denom, added last, unfused
         p = p * decay + tl.div_rn(coef * m_est, denom)
         store_tile(param_ptr + at, p, left, PARAM, TILE, MASKED, ALIGNED)
