@@ -42,6 +42,7 @@ __all__ = ["MuOptimizer"]
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
+_PLAIN = (float, int, bool)  # hyperparameter values compared between steps as they are
 # Fused kernels specialise on 16-byte aligned addresses (vector loads); a new
 # gradient that is not aligned where the last one was needs a new plan.
 _ALIGNMENT = 16
@@ -208,10 +209,12 @@ class MuOptimizer(Optimizer):
     # pickling and deepcopy: configuration travels, plan caches are rebuilt
     # ------------------------------------------------------------------
     #: attributes that are caches of the plan (rebuilt on the next step)
-    _PLAN_CACHES = ("_batches", "_plan_key", "_backend_ready", "_eager_noted")
+    _PLAN_CACHES = ("_batches", "_plan_key", "_backend_ready", "_eager_noted", "_rows_from")
 
     def _reset_plan(self) -> None:
         self._batches: list[TensorBatch] = []
+        # (batches, group values) the batches' rows were last written from
+        self._rows_from: Optional[tuple[list[TensorBatch], list[tuple]]] = None
         self._plan_key: Optional[_PlanKey] = None
         self._backend_ready = False
         self._eager_noted = False
@@ -609,6 +612,14 @@ class MuOptimizer(Optimizer):
         # backends (eager, cpu) read it here.
         device_lr = [g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.param_groups]
         tensor_lr = any(lr is not None for lr in device_lr)
+        # Unchanged group values (most steps without a scheduler): the rows are
+        # as written.  Only plain numbers are compared (a tensor can change in place).
+        written = None if tensor_lr else [tuple(v[c] for c in self.columns) for v in values]
+        if written is not None and not all(type(x) in _PLAIN for row in written for x in row):
+            written = None
+        if written is not None and self._rows_from is not None and self._rows_from[0] is batches and self._rows_from[1] == written:
+            return
+        self._rows_from = None
         tables: dict[bool, np.ndarray] = {}
 
         def table(on_device: bool) -> np.ndarray:
@@ -631,6 +642,8 @@ class MuOptimizer(Optimizer):
                 if on_device
                 else None
             )
+        if written is not None:
+            self._rows_from = (batches, written)
 
     # ------------------------------------------------------------------
     # the step
