@@ -10,17 +10,21 @@ per kernel instantiation, loop role and architecture.
 The kernel ``multi_tensor_kernel<Op, P, G, S>`` is instantiated for every
 dtype combination; records cover those with ``G == P`` (autograd gives a
 parameter a gradient of its own dtype, so those are the ones a launch meets).
-Each instantiation runs ``update_entry`` for two state masks (``base``, and
-``full``: amsgrad, momentum, an HVP step), each with a 16-byte vector loop
-(every buffer aligned) and a scalar loop (the tail, or every element of a
-misaligned tensor).  Loop roles are read off the SASS: innermost loops with
-128-bit accesses are the vector loops (``aligned: True``), the others scalar;
-within each kind the loop moving fewer bytes per element is ``base``.  One copy
-of a loop body handles the vector width (``VecWidth`` of multi_tensor.cuh:
-16 bytes of the narrowest dtype) or, in a scalar loop, one element.
+Each instantiation runs ``update_entry`` in the variants of
+``dispatch_variant`` (common.h): two state masks (``base``, and ``full``:
+amsgrad, momentum, an HVP step), the gradient unscaled by an exact multiply
+or, for a loss scale without an exact reciprocal, divided (``divide``), and
+for ESGD-M's HVP steps the EMA or the max rule (``max_rule``): :data:`VARIANTS`.
+Each variant has a 16-byte vector loop (every buffer aligned) and a scalar
+loop (the tail, or every element of a misaligned tensor).  Loops are told
+apart in the SASS (:func:`_roles`): vector loops have 128-bit accesses
+(``aligned: True``); the bytes a loop moves give its mask, its IEEE divisions
+and NaN-propagating maxes per element the rest.  One copy of a loop body
+handles the vector width (``VecWidth`` of multi_tensor.cuh: 16 bytes of the
+narrowest dtype) or, in a scalar loop, one element.
 
 Record fields are those of :mod:`fastmup.inspect.records`; ``variant`` is
-``{"param", "grad", "state", "mask", "aligned"}``, ``options`` the nvcc flags.
+``{"param", "grad", "state", "mask", "divide", ["max_rule",] "aligned"}``, ``options`` the nvcc flags.
 """
 from __future__ import annotations
 
@@ -32,12 +36,13 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import records, sass, targets, toolchain
 
-__all__ = ["inspect_csrc", "nvcc_command", "OPS"]
+__all__ = ["inspect_csrc", "nvcc_command", "OPS", "VARIANTS", "Variant"]
 
 _DTYPES = {"float": ("fp32", 4), "fastmup::Bf16": ("bf16", 2), "fastmup::Fp16": ("fp16", 2)}
 _KERNEL = re.compile(r"fastmup::cuda::multi_tensor_kernel<fastmup::(\w+), ([\w:]+), ([\w:]+), ([\w:]+)>")
@@ -52,6 +57,47 @@ OPS = {
     "EsgdOp": ("esgd", [("param", "P", 1, 1), ("grad", "G", 1, 0), ("exp_avg", "S", 1, 1), ("exp_avg_d", "S", 1, 0)],
                [("exp_avg_d", "S", 0, 1), ("hvp", "G", 1, 0)]),
 }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled variant of ``update_entry`` (common.h's dispatch_variant):
+    its state mask, whether the gradient is divided by the loss scale (a
+    scale without an exact reciprocal) and ESGD-M's max rule, with what
+    tells it apart in the SASS: IEEE divisions and NaN-propagating maxes per
+    element (the source's ``/`` and ``max_propagate_nan``)."""
+
+    mask: str  # "base" or "full"
+    divide: bool
+    max_rule: bool
+    divisions: int
+    nan_maxes: int
+
+    def flags(self, op: str) -> dict:
+        out = {"mask": self.mask, "divide": self.divide}
+        if op == "EsgdOp":
+            out["max_rule"] = self.max_rule
+        return out
+
+
+def _variants(op: str) -> list[Variant]:
+    # (mask, max rule, divisions, NaN maxes) of the exact-multiply unscaling;
+    # dividing by the scale adds a division per gradient-dtype input (grad, HVP)
+    plain = {
+        "AdamOp": [("base", False, 1, 0), ("full", False, 1, 1)],  # m / denom; amsgrad's maximum
+        "SgdOp": [("base", False, 0, 0), ("full", False, 0, 0)],
+        "EsgdOp": [("base", False, 1, 0), ("full", False, 1, 0), ("full", True, 1, 1)],  # m_est / denom
+    }[op]
+    out = []
+    for divide in (False, True):
+        for mask, max_rule, div, nan in plain:
+            inputs = 2 if (op == "EsgdOp" and mask == "full") else 1
+            out.append(Variant(mask, divide, max_rule, div + (inputs if divide else 0), nan))
+    return out
+
+
+#: every compiled variant of each Op's update, as :func:`inspect_csrc` labels the loops
+VARIANTS = {op: _variants(op) for op in OPS}
 
 
 def nvcc_command(source: Path, archs: Sequence[int], out: Path, *, contraction: bool = True, ptx_only: bool = False) -> list[str]:
@@ -118,17 +164,51 @@ def _streams(op: str, mask: str, sizes: dict[str, int]) -> list[records.Stream]:
     return [records.Stream(name, b, r, w) for name, (b, r, w) in merged.items()]
 
 
-def _roles(loops: list[dict]) -> list[tuple[int, str, bool]]:
-    """(loop index, mask, aligned) for the loops of one kernel function."""
+def _expected_bytes(op: str, mask: str, sizes: dict[str, int]) -> int:
+    return sum(st.bytes * (st.reads + st.writes) for st in _streams(op, mask, sizes))
+
+
+def _roles(op: str, loops: list[dict], sizes: dict[str, int]) -> list[tuple[int, Optional[Variant], bool]]:
+    """(loop index, variant, aligned) for the loops of one kernel function.
+
+    Vector loops have 128-bit accesses (``aligned``), scalar loops none.  A
+    loop is a variant's when it moves a whole number of elements of the
+    variant's streams (vector loops: a multiple of the vector width; scalar
+    loops, never unrolled: one) and has the variant's divisions and
+    NaN-propagating maxes for that many elements.  Each kind must match the
+    variants one to one; when the code does not (a changed kernel), the loops
+    get no variant (None) and show as ``loopN`` with the full mask's streams.
+    """
+    vec = 16 // min(sizes.values())
     out = []
     for aligned in (True, False):
         kind = [k for k, loop in enumerate(loops) if (loop["loads_128"] + loop["stores_128"] > 0) == aligned]
-        if len(kind) == 2:
-            a, b = kind
-            base, full = (a, b) if loops[a]["bytes"] <= loops[b]["bytes"] else (b, a)
-            out += [(base, "base", aligned), (full, "full", aligned)]
+        variants = VARIANTS[op]
+
+        def fits(loop: dict, v: Variant) -> bool:
+            expected = _expected_bytes(op, v.mask, sizes)
+            elements, rest = divmod(loop["bytes"], expected)
+            if rest or not elements or (elements % vec if aligned else elements != 1):
+                return False
+            return loop.get("divisions") == v.divisions * elements and loop.get("nan_maxes") == v.nan_maxes * elements
+
+        options = {k: [v for v in variants if fits(loops[k], v)] for k in kind}
+        assignment: dict[int, Variant] = {}
+
+        def assign(i: int, used: set) -> bool:
+            if i == len(kind):
+                return True
+            for v in options[kind[i]]:
+                if v not in used:
+                    assignment[kind[i]] = v
+                    if assign(i + 1, used | {v}):
+                        return True
+            return False
+
+        if len(kind) == len(variants) and assign(0, set()):
+            out += [(k, assignment[k], aligned) for k in kind]
         else:
-            out += [(k, f"loop{n}", aligned) for n, k in enumerate(kind)]
+            out += [(k, None, aligned) for k in kind]
     return out
 
 
@@ -174,9 +254,11 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                         ptx_uncontracted=sass.ptx_fma_count(plain_ptx.get(mangled, "")),
                         contractible=sass.ptx_contractible_count(ptx.get(mangled, "")),
                     )
-                    for index, mask, aligned in _roles(facts["loops"]):
-                        variant = dict(param=_DTYPES[p][0], grad=_DTYPES[g][0], state=_DTYPES[s][0], mask=mask, aligned=aligned)
-                        streams = _streams(op, mask if mask in ("base", "full") else "full", sizes)
+                    roles = _roles(op, facts["loops"], sizes)
+                    for n, (index, v, aligned) in enumerate(roles):
+                        flags = v.flags(op) if v is not None else {"mask": f"loop{n}"}
+                        variant = dict(param=_DTYPES[p][0], grad=_DTYPES[g][0], state=_DTYPES[s][0], **flags, aligned=aligned)
+                        streams = _streams(op, v.mask if v is not None else "full", sizes)
                         out.append(
                             records.make_record(
                                 source="csrc",
@@ -188,7 +270,8 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                                 shared_bytes=0,
                                 elements_per_iteration=16 // min(sizes.values()) if aligned else 1,
                                 streams=streams,
-                                default=aligned and (mask == "base" or op != "AdamOp"),
+                                default=v is not None and aligned and not v.divide and not v.max_rule
+                                and (v.mask == "base" or op != "AdamOp"),
                                 fma=fma,
                                 options={"nvcc": shlex.join(probe[1:-4])},
                                 compiler=compiler,

@@ -68,7 +68,7 @@ from . import sass, targets
 __all__ = ["SCHEMA_VERSION", "analysis_key", "Stream", "binary_facts", "make_record", "label", "main_loop", "parallel_map"]
 
 #: bumped when a record's fields or their meaning change
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 @functools.lru_cache(maxsize=None)

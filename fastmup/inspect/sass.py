@@ -14,7 +14,11 @@ what one iteration does:
   every warm block of the loop; generic ``LD``/``ST`` count as global (nvcc
   emits them for pointers it cannot prove global);
 * shared-memory accesses and barriers (``BAR``, ``SYNCS``) in the loop;
-* ``bytes``: the global bytes moved along that longest path.
+* ``bytes``: the global bytes moved along that longest path;
+* ``divisions`` (``FCHK``, the operand check of every IEEE fp32 division) and
+  ``nan_maxes`` (``FSETP.NAN``, the NaN test of a NaN-propagating max) over
+  the warm blocks: what tells a kernel's compiled variants apart
+  (:mod:`fastmup.inspect.csrc`).
 
 Functions also report their local-memory traffic (``LDL``/``STL``: register
 spills) and FMA counts (``FFMA``/``DFMA``), which :func:`ptx_fma_count`
@@ -113,6 +117,8 @@ class Loop:
     bytes: int  # global bytes moved along the longest path
     bytes_all: int  # global bytes of every warm block (every path at once)
     predicated: int  # global accesses under a predicate (masked)
+    divisions: int = 0  # IEEE fp32 divisions (FCHK: the range check of each)
+    nan_maxes: int = 0  # NaN-propagating max/min (FSETP.NAN: torch.maximum's NaN test)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -273,6 +279,8 @@ def analyse(fn: Function) -> list[Loop]:
                 bytes=moved,
                 bytes_all=sum(i.global_width for i in accesses),
                 predicated=sum(1 for i in accesses if i.predicated),
+                divisions=sum(1 for i in warm if i.base == "FCHK"),
+                nan_maxes=sum(1 for i in warm if i.opcode.startswith("FSETP.NAN")),
             )
         )
     return out

@@ -13,6 +13,7 @@ factors are per-tensor multipliers computed once from ``p.infshape``.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 import warnings
@@ -40,6 +41,8 @@ except ImportError:  # torch without distributed support
 __all__ = ["MuOptimizer"]
 
 _GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_PLAIN = (float, int, bool)  # hyperparameter values compared between steps as they are
 # Fused kernels specialise on 16-byte aligned addresses (vector loads); a new
 # gradient that is not aligned where the last one was needs a new plan.
 _ALIGNMENT = 16
@@ -65,6 +68,8 @@ class _PlanInputs:
     tensors: list  # params and per-element state, as the kernels see them
     ptrs: list
     sharded: bool  # some param is a DTensor: kernels see local shards
+    # what _bind_same_kind compares (built on its first call; (): not applicable)
+    grad_kinds: Optional[tuple] = None
 
 
 def _NO_GRAD() -> None:
@@ -205,10 +210,12 @@ class MuOptimizer(Optimizer):
     # pickling and deepcopy: configuration travels, plan caches are rebuilt
     # ------------------------------------------------------------------
     #: attributes that are caches of the plan (rebuilt on the next step)
-    _PLAN_CACHES = ("_batches", "_plan_inputs", "_backend_ready", "_eager_noted")
+    _PLAN_CACHES = ("_batches", "_plan_inputs", "_backend_ready", "_eager_noted", "_rows_from")
 
     def _reset_plan(self) -> None:
         self._batches: list[TensorBatch] = []
+        # (batches, group values) the batches' rows were last written from
+        self._rows_from: Optional[tuple[list[TensorBatch], list[tuple]]] = None
         self._plan_inputs: Optional[_PlanInputs] = None
         self._backend_ready = False
         self._eager_noted = False
@@ -340,6 +347,8 @@ class MuOptimizer(Optimizer):
                 for batch in self._batches:
                     batch.grads = self._batch_grads(batch, inputs)
                 return True
+        if self._bind_same_kind(inputs, grads):
+            return True
         skips = self._skips_tensors_without_grad
         ptrs = []
         for g, meta, fused, old in zip(locals_, inputs.grad_meta, inputs.fused, inputs.grad_ptrs):
@@ -364,6 +373,59 @@ class MuOptimizer(Optimizer):
         for batch in self._batches:  # batch.index: each tensor's place in the flat list
             batch.rebind_grads(self._batch_grads(batch, inputs), flat_ptrs[batch.index])
             batch.set_active(has_grad[batch.index])
+        return True
+
+    def _bind_same_kind(self, inputs: _PlanInputs, grads: list) -> bool:
+        """:meth:`_bind_grads` for the usual step: every member of the plan
+        has a dense gradient of the dtype, shape and device it had (contiguous
+        where fused), and none is misaligned where the last one was aligned.
+        The checks run as C-level maps over the whole list: a Python loop
+        costs about a microsecond per tensor, every step, which is most of a
+        small tensor's step.  False: take the general path (which also
+        explains what is wrong).
+        """
+        kinds = inputs.grad_kinds
+        if kinds is None:
+            metas = inputs.grad_meta
+            if inputs.sharded or any(m is None or m[3] != torch.strided for m in metas):
+                kinds = ()  # members without a place, sparse grads: the general path, always
+            else:
+                flat = list(range(len(metas)))
+                kinds = (
+                    [m[0] for m in metas],
+                    [math.prod(m[1]) for m in metas],
+                    [-1 if m[2].type == "cpu" else m[2].index for m in metas],  # as Tensor.get_device
+                    None if all(inputs.fused) else [i for i, f in enumerate(inputs.fused) if f],
+                    np.asarray(inputs.fused, dtype=bool),
+                    # each batch's places in the flat list (None: all of it, in order)
+                    [None if list(b.index) == flat else np.asarray(b.index, dtype=np.int64) for b in self._batches],
+                )
+            inputs.grad_kinds = kinds
+        if not kinds or any(map(operator.is_, grads, itertools.repeat(None))):
+            return False
+        dtypes, numels, devices, fused_at, fused_mask, places = kinds
+        try:
+            if (
+                list(map(_DTYPE, grads)) != dtypes
+                or list(map(Tensor.numel, grads)) != numels
+                or list(map(Tensor.get_device, grads)) != devices
+                or not all(map(Tensor.is_contiguous, grads if fused_at is None else map(grads.__getitem__, fused_at)))
+            ):
+                return False
+            ptrs = list(map(Tensor.data_ptr, grads))  # raises for a sparse gradient
+        except RuntimeError:
+            return False
+        flat_ptrs = np.array(ptrs, dtype=np.int64)
+        if np.any(fused_mask & (flat_ptrs % _ALIGNMENT != 0) & (np.array(inputs.grad_ptrs, dtype=np.int64) % _ALIGNMENT == 0)):
+            return False
+        inputs.grad_refs = list(map(weakref.ref, grads))
+        inputs.grad_ptrs = ptrs
+        for batch, at in zip(self._batches, places):
+            if at is None:
+                batch.rebind_grads(grads, flat_ptrs)
+            else:
+                batch.rebind_grads(list(map(grads.__getitem__, at.tolist())), flat_ptrs[at])
+            batch.set_active(None)
         return True
 
     @staticmethod
@@ -554,6 +616,14 @@ class MuOptimizer(Optimizer):
         # backends (eager, cpu) read it here.
         device_lr = [g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.param_groups]
         tensor_lr = any(lr is not None for lr in device_lr)
+        # Unchanged group values (most steps without a scheduler): the rows are
+        # as written.  Only plain numbers are compared (a tensor can change in place).
+        written = None if tensor_lr else [tuple(v[c] for c in self.columns) for v in values]
+        if written is not None and not all(type(x) in _PLAIN for row in written for x in row):
+            written = None
+        if written is not None and self._rows_from is not None and self._rows_from[0] is batches and self._rows_from[1] == written:
+            return
+        self._rows_from = None
         tables: dict[bool, np.ndarray] = {}
 
         def table(on_device: bool) -> np.ndarray:
@@ -576,6 +646,8 @@ class MuOptimizer(Optimizer):
                 if on_device
                 else None
             )
+        if written is not None:
+            self._rows_from = (batches, written)
 
     # ------------------------------------------------------------------
     # the step

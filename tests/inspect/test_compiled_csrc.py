@@ -4,12 +4,10 @@ The same targets as the Triton kernels (tests/inspect/test_compiled_triton.py,
 docs/compiled_kernels.md), read off the records of
 :func:`fastmup.inspect.csrc.inspect_csrc`: one record per kernel
 instantiation (``G == P``), loop and architecture, where the loops are each
-mask's 16-byte vector loop (``aligned``) and its scalar loop.  ``default``:
-aligned, and for Adam without amsgrad.
-
-Checks the current csrc code does not meet are marked ``xfail(strict=True)``
-with what is missing: when csrc meets one, its test reports XPASS as a
-failure, and the marker goes.
+variant's 16-byte vector loop (``aligned``) and its scalar loop; the
+variants (:data:`fastmup.inspect.csrc.VARIANTS`) are the state masks, the
+two ways of unscaling the gradient and ESGD-M's two rules.  ``default``:
+aligned, no loss-scale division, ESGD-M's EMA rule and for Adam no amsgrad.
 """
 from __future__ import annotations
 
@@ -45,23 +43,29 @@ def _check(records, bad, what: str) -> None:
     assert not failures, f"{what} ({len(failures)}):\n" + "\n".join(failures)
 
 
-@pytest.mark.xfail(strict=False, reason="the csrc launchers now compile more variants (the unscaling variants) "
-                   "than this check enumerates; to be brought in line with the tool's variant list")
 def test_every_kernel_compiles_for_both_targets(records):
+    """Every (param, state) dtype pair of every algorithm has, on both
+    architectures, a vector and a scalar loop of each of its variants, each
+    found once in the SASS."""
     found = {}
     for r in records:
-        found.setdefault((r["kernel"], r["variant"]["param"], r["variant"]["state"]), set()).add((r["arch"], r["variant"]["mask"], r["variant"]["aligned"]))
-    # 3 algorithms x 9 (param, state) dtype pairs, each with both masks' vector and scalar loops on both archs
+        v = r["variant"]
+        flags = (v["mask"], v["divide"], v.get("max_rule", False))
+        found.setdefault((r["kernel"], v["param"], v["state"]), []).append((r["arch"], flags, v["aligned"]))
+    # 3 algorithms x 9 (param, state) dtype pairs
     assert len(found) == 27
-    every = {(arch, mask, aligned) for arch in (80, 90) for mask in ("base", "full") for aligned in (True, False)}
-    assert all(v == every for v in found.values()), {k: sorted(every - v) for k, v in found.items() if v != every}
+    for (kernel, _, _), loops in found.items():
+        (op,) = [op for op, spec in csrc.OPS.items() if spec[0] == kernel]
+        every = [(arch, (x.mask, x.divide, x.max_rule), aligned)
+                 for arch in (80, 90) for x in csrc.VARIANTS[op] for aligned in (True, False)]
+        assert sorted(loops) == sorted(every), (kernel, sorted(set(every) - set(loops)))
+    assert sum(len(csrc.VARIANTS[op]) for op in csrc.OPS) == 4 + 4 + 6
 
 
 def test_no_register_spills(records):
     _check(records, lambda r: r["spill_instructions"] and f"{r['spill_instructions']} LDL/STL", "register spills")
 
 
-@pytest.mark.xfail(strict=True, reason="csrc: ESGD-M's plain step stores exp_avg_d, which it only reads (fix pending in csrc/)")
 def test_vector_loops_use_128_bit_accesses_for_every_stream(records):
     def bad(r):
         loop = r["loop"]
@@ -79,8 +83,6 @@ def test_no_shared_memory_staging_or_barriers_in_the_loops(records):
            and f"{r['loop']['shared']} shared accesses, {r['loop']['barriers']} barriers", "shared memory in a loop")
 
 
-@pytest.mark.xfail(strict=True, reason="csrc: Adam (bf16) and ESGD-M need more than 60% (defaults) / 80% of an H200's "
-                   "instruction issue at 4.8 TB/s (fix pending in csrc/)")
 def test_instruction_issue_at_h200_bandwidth(records):
     def bad(r):
         limit = DEFAULT_ISSUE if r["default"] else MAX_ISSUE
@@ -90,16 +92,16 @@ def test_instruction_issue_at_h200_bandwidth(records):
     _check(records, bad, "instruction-bound loops")
 
 
-@pytest.mark.xfail(strict=False, reason="csrc now builds with --fmad=false; this check's comparison of the variants "
-                   "is to be brought in line with the tool's current variant list")
 def test_fmas_are_the_ones_the_source_writes(records):
-    """PTX FMAs are exactly those of the PTX compiled with --fmad=false, and
-    no multiply or add is left for ptxas to fuse (each has a rounding modifier)."""
+    """No multiply or add is left for ptxas to fuse (each has a rounding
+    modifier), and the PTX FMAs are exactly those of the PTX compiled with
+    --fmad=false.  The extension build passes --fmad=false itself (then the
+    two compiles are one): without it the first count fails."""
     _check(records, lambda r: (r["fma"]["ptx"] != r["fma"]["ptx_uncontracted"] or r["fma"]["contractible"])
            and f"FMAs {r['fma']}", "contracted multiply-adds")
+    assert all("--fmad=false" in r["options"]["nvcc"].split() for r in records)
 
 
-@pytest.mark.xfail(strict=False, reason="counts the csrc variants of the earlier launchers (see the first check)")
 def test_the_command_line_prints_and_writes_the_records(records, tmp_path, capsys):
     """``python -m fastmup.inspect`` on the csrc kernels (compiled by the
     fixture above, so from the cache): the table, its Markdown form, the
@@ -113,7 +115,7 @@ def test_the_command_line_prints_and_writes_the_records(records, tmp_path, capsy
     written = json.loads(out.read_text())
     assert lines[0].split() == [h for h, _ in COLUMNS] and len(lines) == 2 + len(written)
     assert written and all(r["kernel"] == "sgd" and r["arch"] == 90 and r["variant"]["param"] == "bf16" for r in written)
-    assert len(written) == 3 * 4  # three state dtypes, two masks, vector and scalar loops
+    assert len(written) == 3 * 4 * 2  # three state dtypes; two masks, each unscaled two ways; vector and scalar loops
     main(["--source", "csrc", "--kernel", "sgd", "--arch", "90", "--dtype", "bf16", "--worst", "--markdown"])
     md = capsys.readouterr().out.splitlines()
     assert md[0].startswith("| source |") and len(md) == 2 + 3

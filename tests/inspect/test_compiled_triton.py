@@ -111,7 +111,6 @@ def test_every_variant_compiles_for_both_targets(records):
     assert all(r["loop"] is not None for r in records), [_name(r) for r in records if r["loop"] is None]
 
 
-@pytest.mark.xfail(strict=False, reason="a Triton variant spills under this Triton version; fix pending in kernels/")
 def test_no_register_spills(records):
     _check(records, lambda r: r["spill_instructions"] and f"{r['spill_instructions']} LDL/STL, {r['stack_bytes']} B stack",
            "register spills")
