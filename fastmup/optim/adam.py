@@ -147,20 +147,30 @@ class MuAdam(MuOptimizer):
                 eps_mults.pop(p, None)
         return mults
 
-    def _refresh_rows(self, batches: list[TensorBatch]) -> None:
-        super()._refresh_rows(batches)
-        if not getattr(self, "_eps_mults", None):
-            return
+    def _refresh_rows(self, batches: list[TensorBatch]) -> bool:
+        # the shared rows first; ε's factor goes on top only where they were
+        # rewritten (an unchanged table already carries it)
+        if not super()._refresh_rows(batches) or not getattr(self, "_eps_mults", None):
+            return False
         col = self.columns.index("eps")
-        for batch in batches:
-            scale = getattr(batch, "eps_scale", None)
-            if scale is None:  # once per plan: the batches are rebuilt with it
+        cached = getattr(self, "_eps_scales", None)
+        if cached is None or cached[0] is not batches:  # once per plan
+            scales = []
+            for batch in batches:
                 mults = [self._eps_mults.get(p) for p in batch.owners]
-                scale = batch.eps_scale = (
-                    np.array([1.0 if m is None else m.num for m in mults]),
-                    np.array([1.0 if m is None else m.den for m in mults]),
+                scales.append(
+                    (np.array([1.0 if m is None else m.num for m in mults]), np.array([1.0 if m is None else m.den for m in mults]))
                 )
-            batch.rows[:, col] = batch.rows[:, col] * scale[0] / scale[1]
+            cached = self._eps_scales = (batches, scales)
+        for batch, (num, den) in zip(batches, cached[1]):
+            batch.rows[:, col] = batch.rows[:, col] * num / den
+        return True
+
+    _PLAN_CACHES = MuOptimizer._PLAN_CACHES + ("_eps_scales",)
+
+    def _reset_plan(self) -> None:
+        super()._reset_plan()
+        self._eps_scales: Optional[tuple[list[TensorBatch], list[tuple[np.ndarray, np.ndarray]]]] = None
 
     def tensor_hyperparameters(self) -> dict[Tensor, dict[str, float]]:
         """As :meth:`MuOptimizer.tensor_hyperparameters`, with ``eps`` scaled

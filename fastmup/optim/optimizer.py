@@ -607,8 +607,10 @@ class MuOptimizer(Optimizer):
             self._plan_inputs = self._snapshot()
         return self._batches
 
-    def _refresh_rows(self, batches: list[TensorBatch]) -> None:
-        """Write this step's per-tensor hyperparameters into each batch's rows."""
+    def _refresh_rows(self, batches: list[TensorBatch]) -> bool:
+        """Write this step's per-tensor hyperparameters into each batch's rows.
+
+        Returns False when the rows already hold them (nothing written)."""
         values = [self._group_values(group) for group in self.param_groups]
         # A Tensor lr (capturable training) stays on the device for the
         # backends whose kernels read the table there: they compute that
@@ -622,7 +624,7 @@ class MuOptimizer(Optimizer):
         if written is not None and not all(type(x) in _PLAIN for row in written for x in row):
             written = None
         if written is not None and self._rows_from is not None and self._rows_from[0] is batches and self._rows_from[1] == written:
-            return
+            return False
         self._rows_from = None
         tables: dict[bool, np.ndarray] = {}
 
@@ -648,6 +650,7 @@ class MuOptimizer(Optimizer):
             )
         if written is not None:
             self._rows_from = (batches, written)
+        return True
 
     # ------------------------------------------------------------------
     # the step
