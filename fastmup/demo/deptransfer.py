@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 import fastmup
 from fastmup.demo import models as demo_models
-from fastmup.demo import tasks
+from fastmup.demo import mutransfer, tasks
 from fastmup.demo.mutransfer import _cpu_seconds, _grid, _job, _schedule, _usable_cpus, worker_pool
 
 __all__ = [
@@ -193,22 +193,12 @@ def sweep(
 
 def mean_losses(results) -> Dict[Tuple[str, int], Dict[float, float]]:
     """``{(parametrization, depth): {log2_lr: mean final loss}}`` (nan if any seed diverged)."""
-    acc: Dict[Tuple[str, int], Dict[float, List[float]]] = {}
-    for r in results:
-        acc.setdefault((r["parametrization"], r["depth"]), {}).setdefault(r["log2_lr"], []).append(r["final"])
-    return {
-        key: {lr: (float("nan") if any(not math.isfinite(v) for v in vs) else sum(vs) / len(vs)) for lr, vs in sorted(by.items())}
-        for key, by in acc.items()
-    }
+    return mutransfer.mean_losses(results, axis="depth")
 
 
 def best_lrs(results) -> Dict[Tuple[str, int], Tuple[float, float]]:
     """``{(parametrization, depth): (best log2 lr, its loss)}``."""
-    out = {}
-    for key, by_lr in mean_losses(results).items():
-        finite = [(v, lr) for lr, v in by_lr.items() if math.isfinite(v)]
-        out[key] = (min(finite)[1], min(finite)[0]) if finite else (float("nan"), float("nan"))
-    return out
+    return mutransfer.best_lrs(results, axis="depth")
 
 
 def optimum_shift(results) -> Dict[str, float]:

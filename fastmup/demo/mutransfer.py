@@ -330,14 +330,15 @@ def _collect(stream, bar) -> List[Dict[str, Any]]:
     return results
 
 
-def mean_losses(results: Iterable[Dict[str, Any]]) -> Dict[Tuple[str, int], Dict[float, float]]:
+def mean_losses(results: Iterable[Dict[str, Any]], axis: str = "width") -> Dict[Tuple[str, int], Dict[float, float]]:
     """``{(parametrization, width): {log2_lr: mean final loss over seeds}}``.
 
     A learning rate at which any seed diverged counts as diverged (nan).
+    ``axis`` names the size the runs vary (``"depth"`` for the depth demo).
     """
     acc: Dict[Tuple[str, int], Dict[float, List[float]]] = {}
     for r in results:
-        acc.setdefault((r["parametrization"], r["width"]), {}).setdefault(r["log2_lr"], []).append(r["final"])
+        acc.setdefault((r["parametrization"], r[axis]), {}).setdefault(r["log2_lr"], []).append(r["final"])
     out = {}
     for key, by_lr in acc.items():
         out[key] = {
@@ -347,10 +348,10 @@ def mean_losses(results: Iterable[Dict[str, Any]]) -> Dict[Tuple[str, int], Dict
     return out
 
 
-def best_lrs(results: Iterable[Dict[str, Any]]) -> Dict[Tuple[str, int], Tuple[float, float]]:
+def best_lrs(results: Iterable[Dict[str, Any]], axis: str = "width") -> Dict[Tuple[str, int], Tuple[float, float]]:
     """``{(parametrization, width): (best log2 lr, its loss)}`` (``(nan, nan)`` if all diverged)."""
     out = {}
-    for key, by_lr in mean_losses(results).items():
+    for key, by_lr in mean_losses(results, axis).items():
         finite = [(v, lr) for lr, v in by_lr.items() if math.isfinite(v)]
         out[key] = (min(finite)[1], min(finite)[0]) if finite else (float("nan"), float("nan"))
     return out

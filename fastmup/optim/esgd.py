@@ -259,6 +259,11 @@ class MuESGD(MuOptimizer):
         state_dtype: dtype of ``exp_avg`` / ``exp_avg_d`` (default: the param's).
         param_lr_scales: extra per-tensor lr factors.
 
+    Depth: no depth rule is derived for ESGD-M (its Hessian preconditioner
+    sees the branch multiplier of :func:`fastmup.set_depth` squared), so a
+    tensor declared inside residual blocks with α > 0 raises
+    ``NotImplementedError``; α = 0 (μP alone) works as without ``set_depth``.
+
     ``update_d_every`` and ``d_warmup`` are optimizer-wide (the HVP decision
     is global).  ``state_dict()`` adds a top-level ``"esgd"`` entry with the
     global counters and the probe generator's seed and counter, so a resumed

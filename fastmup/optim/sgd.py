@@ -48,6 +48,9 @@ class MuSGD(MuOptimizer):
     matrices ``lr·m_out/m_in`` (``wd·m_in/m_out``), unless ``decoupled_wd``
     leaves weight decay unscaled.  Signature as ``torch.optim.SGD`` plus
     ``decoupled_wd``, ``backend``, ``state_dtype`` and ``param_lr_scales``.
+    Tensors inside the residual blocks of :func:`fastmup.set_depth` also get
+    depth-μP's factors: ``lr · m_L^(2α-1)`` (1 at α = ½), ``wd · m_L^(-α)``
+    (:mod:`fastmup.optim.multipliers`).
 
     The per-tensor state holds ``momentum_buffer`` (torch's key) and
     ``step``, which marks whether the buffer has been seeded yet.  Sparse
