@@ -214,9 +214,9 @@ class MuOptimizer(Optimizer):
 
     def _reset_plan(self) -> None:
         self._batches: list[TensorBatch] = []
+        self._plan_inputs: Optional[_PlanInputs] = None
         # (batches, group values) the batches' rows were last written from
         self._rows_from: Optional[tuple[list[TensorBatch], list[tuple]]] = None
-        self._plan_inputs: Optional[_PlanInputs] = None
         self._backend_ready = False
         self._eager_noted = False
 
@@ -401,31 +401,48 @@ class MuOptimizer(Optimizer):
                     [None if list(b.index) == flat else np.asarray(b.index, dtype=np.int64) for b in self._batches],
                 )
             inputs.grad_kinds = kinds
-        if not kinds or any(map(operator.is_, grads, itertools.repeat(None))):
+        if not kinds:
             return False
         dtypes, numels, devices, fused_at, fused_mask, places = kinds
+        present = list(map(operator.is_not, grads, itertools.repeat(None)))
+        every = all(present)
+        if not every:
+            if not self._skips_tensors_without_grad:
+                return False
+            # a member without a gradient keeps its place, skipped (set_active)
+            dtypes, numels, devices = (list(itertools.compress(x, present)) for x in (dtypes, numels, devices))
+            fused_at = [i for i, (f, h) in enumerate(zip(inputs.fused, present)) if f and h]
+        given = grads if every else list(itertools.compress(grads, present))
         try:
             if (
-                list(map(_DTYPE, grads)) != dtypes
-                or list(map(Tensor.numel, grads)) != numels
-                or list(map(Tensor.get_device, grads)) != devices
+                list(map(_DTYPE, given)) != dtypes
+                or list(map(Tensor.numel, given)) != numels
+                or list(map(Tensor.get_device, given)) != devices
                 or not all(map(Tensor.is_contiguous, grads if fused_at is None else map(grads.__getitem__, fused_at)))
             ):
                 return False
-            ptrs = list(map(Tensor.data_ptr, grads))  # raises for a sparse gradient
+            ptrs = list(map(Tensor.data_ptr, given))  # raises for a sparse gradient
         except RuntimeError:
             return False
-        flat_ptrs = np.array(ptrs, dtype=np.int64)
+        if every:
+            flat_ptrs = np.array(ptrs, dtype=np.int64)
+            has_grad = None
+        else:
+            has_grad = np.array(present, dtype=bool)
+            flat_ptrs = np.zeros(len(grads), dtype=np.int64)
+            flat_ptrs[has_grad] = ptrs
+            ptrs = flat_ptrs.tolist()
         if np.any(fused_mask & (flat_ptrs % _ALIGNMENT != 0) & (np.array(inputs.grad_ptrs, dtype=np.int64) % _ALIGNMENT == 0)):
             return False
-        inputs.grad_refs = list(map(weakref.ref, grads))
+        inputs.grad_refs = list(map(weakref.ref, grads)) if every else [_grad_ref(g) for g in grads]
         inputs.grad_ptrs = ptrs
         for batch, at in zip(self._batches, places):
             if at is None:
                 batch.rebind_grads(grads, flat_ptrs)
+                batch.set_active(has_grad)
             else:
                 batch.rebind_grads(list(map(grads.__getitem__, at.tolist())), flat_ptrs[at])
-            batch.set_active(None)
+                batch.set_active(None if has_grad is None else has_grad[at])
         return True
 
     @staticmethod
