@@ -26,7 +26,7 @@ inline MultiTensorArgs make_args(int64_t ntensors, int64_t nblocks, int64_t bloc
                                  uint64_t start_of_block, uint64_t numels, uint64_t param_ptrs, uint64_t grad_ptrs,
                                  const std::vector<uint64_t>& state_ptrs, uint64_t rows, int64_t ncols, uint64_t steps,
                                  uint64_t grad_scale, uint64_t found_inf, int param_dtype, int grad_dtype,
-                                 int state_dtype) {
+                                 int state_dtype, uint64_t grad_clip = 0) {
   if (ntensors < 0 || nblocks < 0 || block <= 0) throw std::invalid_argument("fastmup: bad batch sizes");
   if (state_ptrs.size() > static_cast<size_t>(kMaxStates))
     throw std::invalid_argument("fastmup: at most " + std::to_string(kMaxStates) + " state buffers");
@@ -47,6 +47,7 @@ inline MultiTensorArgs make_args(int64_t ntensors, int64_t nblocks, int64_t bloc
   a.steps = address<const float>(steps);
   a.grad_scale = address<const float>(grad_scale);
   a.found_inf = address<const float>(found_inf);
+  a.grad_clip = address<const float>(grad_clip);
   a.param_dtype = param_dtype;
   a.grad_dtype = grad_dtype;
   a.state_dtype = state_dtype;
@@ -70,17 +71,18 @@ inline pybind11::dict layout_of() {
   int64_t ntensors, int64_t nblocks, int64_t block, uint64_t tensor_of_block, uint64_t start_of_block,         \
       uint64_t numels, uint64_t param_ptrs, uint64_t grad_ptrs, const std::vector<uint64_t>&state_ptrs,         \
       uint64_t rows, int64_t ncols, uint64_t steps, uint64_t grad_scale, uint64_t found_inf, int param_dtype, \
-      int grad_dtype, int state_dtype
+      int grad_dtype, int state_dtype, uint64_t grad_clip
 
 #define FASTMUP_ARGS_FORWARD                                                                                  \
   ntensors, nblocks, block, tensor_of_block, start_of_block, numels, param_ptrs, grad_ptrs, state_ptrs, rows, \
-      ncols, steps, grad_scale, found_inf, param_dtype, grad_dtype, state_dtype
+      ncols, steps, grad_scale, found_inf, param_dtype, grad_dtype, state_dtype, grad_clip
 
 #define FASTMUP_ARGS_NAMES                                                                                    \
   pybind11::arg("ntensors"), pybind11::arg("nblocks"), pybind11::arg("block"), pybind11::arg("tensor_of_block"), \
       pybind11::arg("start_of_block"), pybind11::arg("numels"), pybind11::arg("param_ptrs"),                  \
       pybind11::arg("grad_ptrs"), pybind11::arg("state_ptrs"), pybind11::arg("rows"), pybind11::arg("ncols"),   \
       pybind11::arg("steps"), pybind11::arg("grad_scale"), pybind11::arg("found_inf"),                        \
-      pybind11::arg("param_dtype"), pybind11::arg("grad_dtype"), pybind11::arg("state_dtype")
+      pybind11::arg("param_dtype"), pybind11::arg("grad_dtype"), pybind11::arg("state_dtype"),                  \
+      pybind11::arg("grad_clip") = 0
 
 }  // namespace fastmup

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, grad_norm
+from .grad_norm import clip_grad
 from ._common import (
     bias_correction,
     block_extent,
@@ -81,8 +82,9 @@ def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, at, left,
     scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
     amsgrad, bc2_sqrt, eps, neg_step_size,
+    clip,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_adam`` (elements ``at`` on, ``left`` of them valid)."""
@@ -91,6 +93,8 @@ def _tile(
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     v = load_tile(exp_avg_sq_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
 
+    if HAS_CLIP:
+        g = clip_grad(g, clip, GRAD)  # a deferred clip: what g.mul_(clip) would hold
     if HAS_SCALE:
         g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
     g = tl.where(maximize, -g, g)
@@ -126,6 +130,7 @@ def adam_kernel(
     start_of_block_ptr,  # int64 [nblocks]
     grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
+    grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
     n_tensors,  # row stride of the pointer table
     NCOLS: tl.constexpr,
     PARAM: tl.constexpr,  # storage dtypes
@@ -134,6 +139,7 @@ def adam_kernel(
     HAS_AMSGRAD: tl.constexpr,  # some tensor of the batch has max_exp_avg_sq
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
@@ -162,6 +168,9 @@ def adam_kernel(
     lerp_coeff, small = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     beta2_32 = beta2.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
+    clip = 1.0  # no deferred clip coefficient
+    if HAS_CLIP:
+        clip = tl.load(grad_clip_ptr)
     scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr)
@@ -190,8 +199,8 @@ def adam_kernel(
                     _tile(
                         param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, tile * TILE, n - tile * TILE,
                         scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
-                        amsgrad, bc2_sqrt, eps32, neg_step_size,
-                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                        amsgrad, bc2_sqrt, eps32, neg_step_size, clip,
+                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
                     )
 
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
@@ -208,6 +217,7 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
     if plan.nblocks == 0:
         return
     scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
+    clip, has_clip = grad_norm.clip_input(batch, scale)
     with _common.device_guard(batch.device):
         adam_kernel[(plan.nblocks,)](
             rows_ptr=batch.device_rows(),
@@ -218,6 +228,8 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
             start_of_block_ptr=plan.start_of_block,
             grad_scale_ptr=scale,
             found_inf_ptr=inf,
+            grad_clip_ptr=clip,
+            HAS_CLIP=has_clip,
             n_tensors=plan.n_tensors,
             NCOLS=NCOLS,
             PARAM=plan.param,

@@ -58,7 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, grad_norm
+from .grad_norm import clip_grad
 from ._common import (
     block_extent,
     lerp,
@@ -116,12 +117,16 @@ def _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.const
 def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, at, left,
     scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
-    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HAS_SCALE: tl.constexpr,
+    clip,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_esgd`` (elements ``at`` on, ``left`` of them valid)."""
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
+    if HAS_CLIP:
+        g = clip_grad(g, clip, GRAD)  # a deferred clip (the gradient's only; the HVP comes from autograd): what g.mul_(clip) would hold
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     d = load_tile(exp_avg_d_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     if HAS_SCALE:
@@ -162,6 +167,7 @@ def esgd_kernel(
     start_of_block_ptr,  # int64 [nblocks]
     grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
+    grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
     n_tensors,
     NCOLS: tl.constexpr,
     PARAM: tl.constexpr,
@@ -170,6 +176,7 @@ def esgd_kernel(
     HVP: tl.constexpr,  # this step updates d
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address (HVPs included) is 16-byte aligned
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
@@ -195,6 +202,9 @@ def esgd_kernel(
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
     coeff_m, small_m = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     coeff_q, small_q = lerp_coefficients((1.0 - v).to(tl.float32))  # torch.lerp(m, g, 1-v)
+    clip = 1.0  # no deferred clip coefficient
+    if HAS_CLIP:
+        clip = tl.load(grad_clip_ptr)
     scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
     if HAS_SCALE:
         scale = tl.load(grad_scale_ptr)
@@ -228,8 +238,8 @@ def esgd_kernel(
                             _tile(
                                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
                                 scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
-                                is_max, bc2_sqrt, eps32, decay, coef,
-                                PARAM, GRAD, STATE, HVP, HAS_SCALE, divide == 0, not skip_p, TILE, masked, ALIGNED,
+                                is_max, bc2_sqrt, eps32, decay, coef, clip,
+                                PARAM, GRAD, STATE, HVP, HAS_CLIP, HAS_SCALE, divide == 0, not skip_p, TILE, masked, ALIGNED,
                             )
 
     # ---- the new scalar state: stored by the last program of the tensor ----
@@ -346,6 +356,7 @@ def launch(
     else:
         hvp_ptrs = plan.numels  # placeholder, never read
     scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
+    clip, has_clip = grad_norm.clip_input(batch, scale)
     s = batch.scalars
     with _common.device_guard(batch.device):
         esgd_kernel[(plan.nblocks,)](
@@ -362,6 +373,8 @@ def launch(
             start_of_block_ptr=plan.start_of_block,
             grad_scale_ptr=scale,
             found_inf_ptr=inf,
+            grad_clip_ptr=clip,
+            HAS_CLIP=has_clip,
             n_tensors=plan.n_tensors,
             NCOLS=NCOLS,
             PARAM=plan.param,

@@ -2,6 +2,8 @@
 #include "../adam_math.h"
 #include "../bindings_common.h"
 #include "../esgd_math.h"
+#include "../grad_norm_bindings.h"
+#include "grad_norm_host.h"
 #include "../sgd_math.h"
 #include "multi_tensor_host.h"
 
@@ -28,6 +30,13 @@ void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_sta
   a.hvp_step = hvp_step;
   py::gil_scoped_release release;
   host::esgd(a, nthreads);
+}
+
+// The gradient norm of clipping over a batch's block map (csrc/grad_norm.h).
+void launch_grad_norm(FASTMUP_GRAD_NORM_SIGNATURE, int nthreads) {
+  const GradNormArgs a = make_grad_norm_args(FASTMUP_GRAD_NORM_FORWARD);
+  py::gil_scoped_release release;
+  host::grad_norm(a, nthreads);
 }
 
 // Element-wise storage conversions, exposed for tests of the bf16/fp16 rounding.
@@ -94,6 +103,8 @@ PYBIND11_MODULE(_fastmup_cpu, m) {
   m.def("sgd", &launch<host::sgd>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One SGD step over a batch.");
   m.def("esgd", &launch_esgd, FASTMUP_ARGS_NAMES, py::arg("scalar_state"), py::arg("hvp_step"), py::arg("nthreads"),
         "One ESGD-M step over a batch (advances its scalar state and steps).");
+  m.def("grad_norm", &launch_grad_norm, FASTMUP_GRAD_NORM_NAMES, py::arg("nthreads"),
+        "Per-tensor and total gradient norms over a batch (and the clip coefficient on the final launch).");
   m.def("isa", &host::isa_name, "The instruction-set variant of the update loops in use ('avx2' or 'generic').");
   m.def(
       "set_isa",

@@ -278,6 +278,7 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         check_gates(plan, spec, host_rows)
     scale_ptr, scale_keep = _scalar_arg(grad_scale, device, "grad_scale")
     inf_ptr, inf_keep = _scalar_arg(found_inf, device, "found_inf")
+    clip_ptr, clip_keep = _scalar_arg(batch.grad_clip, device, "grad_clip")  # a deferred clip coefficient
     steps = batch.scalars["step"] if spec.advances_scalars else batch.steps
     if steps is not fixed["steps_checked"]:
         if steps.dtype != torch.float32 or steps.device != device or not steps.is_contiguous():
@@ -288,7 +289,7 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     else:
         rows_keep = batch.device_rows()
         rows_ptr = rows_keep.data_ptr()
-    args = dict(fixed["args"], rows=rows_ptr, steps=steps.data_ptr(), grad_scale=scale_ptr, found_inf=inf_ptr)
+    args = dict(fixed["args"], rows=rows_ptr, steps=steps.data_ptr(), grad_scale=scale_ptr, found_inf=inf_ptr, grad_clip=clip_ptr)
     hvp_keep = None
     if algorithm == "esgd":
         hvp_table = 0
@@ -306,4 +307,4 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(index).cuda_stream
         run(**args, device=index, stream=stream)
-    del scale_keep, inf_keep, rows_keep, hvp_keep
+    del scale_keep, inf_keep, clip_keep, rows_keep, hvp_keep

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastmup.optim.checks import check_adam
+from fastmup.optim.clip import clipped_grad
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.plan.batch import TensorBatch, math_dtype
@@ -211,7 +212,7 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         # that dtype are used in place.
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
         param, exp_avg, exp_avg_sq = p.to(dtype), exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
-        grad = g.to(dtype)
+        grad = g.to(dtype) if batch.grad_clip is None else clipped_grad(g, batch.grad_clip, dtype)
         if grad_scale is not None:
             grad = grad / grad_scale.to(grad.device, dtype)
         if maximize:

@@ -134,6 +134,7 @@ from fastmup.optim import backend as backends
 from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
 from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
+from fastmup.optim.clip import clipped_grad
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, ReadOnlyInput, ScalarState
@@ -545,7 +546,8 @@ def _single_tensor_esgd(
         new["exp_avg_bias_corr"][i], new["exp_avg_d_bias_corr"][i] = s.bc1, s.bc2
         new["lr_warmup_cumprod"][i], new["step"][i] = s.cum, s.step
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
-        param, grad = p.to(dtype), g.to(dtype)
+        # a deferred clip scales the gradient only (the HVP comes from autograd, as with an in-place clip)
+        param, grad = p.to(dtype), g.to(dtype) if batch.grad_clip is None else clipped_grad(g, batch.grad_clip, dtype)
         exp_avg, exp_avg_d = exp_avgs[i].to(dtype), exp_avg_ds[i].to(dtype)
         if grad_scale is not None:
             grad = grad / grad_scale.to(grad.device, dtype)

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastmup.optim.checks import check_sgd
+from fastmup.optim.clip import clipped_grad
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.plan.batch import TensorBatch, math_dtype
@@ -162,7 +163,7 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
         # math in fp32 (fp64 for fp64 storage) on copies; tensors already of
         # that dtype are used in place.
         dtype = math_dtype(p.dtype, g.dtype, *([] if buffers[i] is None else [buffers[i].dtype]))
-        param, grad = p.to(dtype), g.to(dtype)
+        param, grad = p.to(dtype), g.to(dtype) if batch.grad_clip is None else clipped_grad(g, batch.grad_clip, dtype)
         if grad_scale is not None:
             grad = grad / grad_scale.to(grad.device, dtype)
         if maximize:
