@@ -13,8 +13,8 @@ For norm type ``p`` (2, 1 or inf) and the gradients ``g_i`` of a batch::
 
 Layout of the launch: one program per entry of the batch's block map
 (``BLOCK`` elements of one tensor; the launch plan the update kernels read).
-Each program sums its entry in tiles (a tree sum of ``TILE`` fp32 terms,
-then float64 across tiles) and stores the partial.  The last program of a
+Each program sums its entry in tiles (float64 terms, a tree sum per tile,
+then across tiles) and stores the partial.  The last program of a
 tensor to finish (a ticket per tensor) adds that tensor's partials in entry
 order; the last tensor to finish (one more ticket) adds the per-tensor sums
 in tensor order and, on the final launch, writes the norm and the clip
@@ -122,8 +122,10 @@ def grad_norm_kernel(
     partial = tl.zeros((), dtype=tl.float64)
     for tile in range(0, tl.cdiv(tl.maximum(n, 0), TILE)):
         at = tile * TILE + offs
-        x = upcast(tl.load(grad + at, mask=at < n, other=0.0), GRAD)
-        partial = _combine(partial, _reduce(_term(x, NORM), NORM).to(tl.float64), NORM)
+        # float64 terms: the square of an fp32 value is exact there, and so is
+        # every sum of a tile's worth (no fp32 overflow of large gradients)
+        x = upcast(tl.load(grad + at, mask=at < n, other=0.0), GRAD).to(tl.float64)
+        partial = _combine(partial, _reduce(_term(x, NORM), NORM), NORM)
     tl.store(partials_ptr + pid, partial)
 
     # ---- the last program of tensor i adds its partials, in entry order ----

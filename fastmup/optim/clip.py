@@ -415,6 +415,10 @@ def defer(
             result = _fused_norm(batches, params, norm_type, sharded, scale, max_norm, first, norms)
             out_dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads})
             total_norm = result[0].to(out_dtype) if out_dtype != torch.float32 else result[0].clone()
+        if sharded and norms is not None:  # each shard's norms: reduced as powers, like the total
+            powers = norms.double() if norm_type == math.inf else norms.double() ** norm_type
+            _mesh_reduce(powers, params, norm_type)
+            norms.copy_(powers if norm_type == math.inf else powers ** (1.0 / norm_type))
         if error_if_nonfinite:
             check_nonfinite(result[0], norm_type)  # raises before anything is deferred
         coef = result[1:2]
@@ -490,10 +494,6 @@ def _fused_norm(batches, params, norm_type, sharded, scale, max_norm, first, nor
     acc = accs.amax(0, keepdim=True) if norm_type == math.inf else accs.sum(0, keepdim=True)
     if sharded:
         _mesh_reduce(acc, params, norm_type)
-        if norms is not None:  # each shard's norms: reduced as powers, like the total
-            powers = norms.double() if norm_type == math.inf else norms.double() ** norm_type
-            _mesh_reduce(powers, params, norm_type)
-            norms.copy_(powers if norm_type == math.inf else powers ** (1.0 / norm_type))
     if scale is not None:  # the norm of the unscaled gradients: Σ|g/s|^p = Σ|g|^p / s^p
         s = scale.to(first, torch.float64).reshape(1)
         acc = acc / (s if norm_type == math.inf else s**norm_type)

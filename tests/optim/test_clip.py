@@ -112,8 +112,9 @@ def test_mixed_dtypes_and_small_norms(backend):
     total = fastmup.clip_grad_norm_(params, 5.0, backend=backend)
     expected = torch.nn.utils.clip_grad_norm_(ref, 5.0)
     assert total.dtype == torch.float32
-    exact = exact_norm([q.grad for q in ref], 2.0)
-    torch.testing.assert_close(total, exact.float(), rtol=2.0**-23, atol=0)
+    if backend != "eager":  # eager is torch's function
+        exact = exact_norm([q.grad for q in ref], 2.0)
+        torch.testing.assert_close(total, exact.float(), rtol=2.0**-23, atol=0)
     # torch rounds the bf16 tensor's norm to bf16 before combining (2^-8 relative)
     torch.testing.assert_close(total, expected, rtol=2.0**-8, atol=0)
     for p, q in zip(params, ref):
