@@ -28,6 +28,10 @@ class OptimizerSpec:
     read_only_state: tuple[str, ...] = ()  # state buffers a timed step reads but does not write
     note: str = ""  # shown under the table when this optimizer ran
     baseline: str = "torch-fused"  # the implementation speed-ups are relative to
+    #: "clip + step" cases: the gradient norm is clipped to this before every
+    #: step (fastmup: the optimizer's deferred clip; torch and mup:
+    #: torch.nn.utils.clip_grad_norm_(foreach=True) in place); see fastmup.bench.clipping
+    clip_max_norm: Optional[float] = None
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -39,6 +43,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                       dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)),
         OptimizerSpec("sgd", "μSGD-M", "MuSGD", "MuSGD", "MuSGD", "SGD",
                       dict(lr=1e-2, momentum=0.9, weight_decay=1e-4), state_buffers=1),
+        # clip + step: the benchmark's gradients (N(0, 1e-2) per element) have
+        # norms far above 1, so every step clips
+        OptimizerSpec("adam-clip", "μAdam + clip", "MuAdam", "MuAdam", "MuAdam", "Adam",
+                      dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4), clip_max_norm=1.0,
+                      note="+ clip: a global gradient-norm clip to 1.0 before each step (fastmup: deferred into "
+                           "the step; torch/mup: torch.nn.utils.clip_grad_norm_(foreach=True) in place)"),
+        OptimizerSpec("adamw-clip", "μAdamW + clip", "MuAdamW", "MuAdamW", "MuAdam", "AdamW",
+                      dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), clip_max_norm=1.0,
+                      note="+ clip: a global gradient-norm clip to 1.0 before each step (fastmup: deferred into "
+                           "the step; torch/mup: torch.nn.utils.clip_grad_norm_(foreach=True) in place)"),
         # One Hessian-vector product (on each input set's first, untimed step),
         # then plain steps: the timed step reads p, g, m, d and writes p, m.
         OptimizerSpec("esgd", "μESGD-M", "MuESGD", None, None, None,

@@ -118,29 +118,34 @@ def launch(
     from fastmup import ext
 
     module = ext.load(backend)
-    codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    fixed = plan.fixed_args
+    if fixed is None:  # what every launch of this plan passes unchanged
+        codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+        fixed = plan.fixed_args = dict(
+            ntensors=plan.n_tensors,
+            nblocks=plan.nblocks,
+            block=plan.block,
+            tensor_of_block=plan.tensor_of_block.data_ptr(),
+            start_of_block=plan.start_of_block.data_ptr(),
+            numels=plan.numels.data_ptr(),
+            grad_ptrs=plan.grad_ptrs.data_ptr(),
+            first_entry=plan.first_entry_host.ctypes.data if backend == "cpu" else plan.first_entry.data_ptr(),
+            counted=plan.n_counted,
+            grad_dtype=codes[plan.grad_dtype],
+            partials=plan.partials.data_ptr(),
+            sums=plan.sums.data_ptr(),
+            tickets=plan.tickets.data_ptr(),
+            counter=plan.counter.data_ptr(),
+            norms_index=plan.norms_index.data_ptr(),
+        )
     args = dict(
-        ntensors=plan.n_tensors,
-        nblocks=plan.nblocks,
-        block=plan.block,
-        tensor_of_block=plan.tensor_of_block.data_ptr(),
-        start_of_block=plan.start_of_block.data_ptr(),
-        numels=plan.numels.data_ptr(),
-        grad_ptrs=plan.grad_ptrs.data_ptr(),
-        first_entry=plan.first_entry_host.ctypes.data if backend == "cpu" else plan.first_entry.data_ptr(),
-        counted=plan.n_counted,
-        grad_dtype=codes[plan.grad_dtype],
+        fixed,
         norm=FUSED_NORM_TYPES[float(norm_type)],
-        partials=plan.partials.data_ptr(),
-        sums=plan.sums.data_ptr(),
-        tickets=plan.tickets.data_ptr(),
-        counter=plan.counter.data_ptr(),
         acc=acc.data_ptr(),
         has_acc=int(has_acc),
         result=0 if result is None else result.data_ptr(),
         max_norm=float(max_norm),
         norms=0 if norms is None else norms.data_ptr(),
-        norms_index=plan.norms_index.data_ptr(),
     )
     if backend == "cpu":
         module.grad_norm(**args, nthreads=torch.get_num_threads())
@@ -301,31 +306,43 @@ def clipped_grad(g: Tensor, clip: Tensor, dtype: torch.dtype) -> Tensor:
 # ----------------------------------------------------------------------
 # One NormPlan per launch plan of a batch (weakly: a re-plan drops them).
 _NORM_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Per optimizer (weakly), its clip buffers on each device (_buffers).
+_BUFFERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GRAD = operator.attrgetter("grad")
 
 
 @dataclass(eq=False)
 class PendingClip:
-    """A clip coefficient waiting for the next step: valid for the gradients
-    it was computed from (held weakly, as the plan holds them)."""
+    """A clip coefficient waiting for the next step, valid for the gradients
+    it was computed from: those the optimizer's plan was bound to then.  The
+    plan keeps its list of (weak) gradient references while the same
+    gradient tensors come back, and makes a new one when any changes, so the
+    list's identity says whether the gradients are still those."""
 
     coef: dict  # device -> float32 [1] coefficient on that device
-    params: list
-    grad_refs: list
+    grad_refs: list  # the plan key's grad_refs when the norm was computed
 
-    def still_current(self) -> bool:
-        return all(map(operator.is_, map(_GRAD, self.params), [r() for r in self.grad_refs]))
-
-
-_GRAD = operator.attrgetter("grad")
+    def still_current(self, key) -> bool:
+        if key is None:
+            return False
+        if key.grad_refs is self.grad_refs:
+            return True
+        # a plan with members without a gradient rebinds through a new list: compare the tensors
+        now, then = [r() for r in key.grad_refs], [r() for r in self.grad_refs]
+        return len(now) == len(then) and all(map(operator.is_, now, then))
 
 
 def _norm_plan(batch) -> NormPlan:
-    """The reduction over a fused batch's gradients, on its step's launch plan."""
+    """The reduction over a fused batch's gradients, on its step's launch plan
+    (cached per batch; the cpu backend's block follows the thread count)."""
+    key = torch.get_num_threads() if batch.backend == "cpu" else 0
+    cached = _NORM_PLANS.get(batch)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     counts = batch.numel_counts()
     lp = batch.launch_plan(block_for(batch.backend, int(counts.sum())))
-    plan = _NORM_PLANS.get(lp)
-    if plan is None:
-        plan = _NORM_PLANS[lp] = norm_plans.from_launch_plan(lp, counts, batch.device, norms_index=batch.index)
+    plan = norm_plans.from_launch_plan(lp, counts, batch.device, norms_index=batch.index)
+    _NORM_PLANS[batch] = (key, plan)
     return plan
 
 
@@ -398,8 +415,8 @@ def defer(
     max_norm, norm_type = float(max_norm), float(norm_type)
     batches = opt._plan()  # binds this step's gradients to the batches
     try:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        params = opt._plan_key.params
+        grads = [g for g in map(_GRAD, params) if g is not None]
         if not grads:
             opt._pending_clip = None
             opt.per_tensor_grad_norms = torch.zeros(len(params)) if per_tensor else None
@@ -412,8 +429,8 @@ def defer(
             # torch's function (the eager backend's clip), to the bit
             total_norm, result = _torch_norm(grads, params, norm_type, foreach, scale, max_norm, first, norms)
         else:
-            result = _fused_norm(batches, params, norm_type, sharded, scale, max_norm, first, norms)
-            out_dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads})
+            result = _fused_norm(opt, batches, params, norm_type, sharded, scale, max_norm, first, norms)
+            out_dtype = functools.reduce(torch.promote_types, {b.signature.grad_dtype for b in batches})
             total_norm = result[0].to(out_dtype) if out_dtype != torch.float32 else result[0].clone()
         if sharded and norms is not None:  # each shard's norms: reduced as powers, like the total
             powers = norms.double() if norm_type == math.inf else norms.double() ** norm_type
@@ -424,9 +441,7 @@ def defer(
         coef = result[1:2]
         devices = {b.device for b in batches}
         opt._pending_clip = PendingClip(
-            coef={d: coef if d == first else coef.to(d) for d in devices},
-            params=params,
-            grad_refs=[weakref.ref(g) if g is not None else _dead for g in map(_GRAD, params)],
+            coef={d: coef if d == first else coef.to(d) for d in devices}, grad_refs=opt._plan_key.grad_refs
         )
         opt.per_tensor_grad_norms = norms
         return total_norm
@@ -455,7 +470,24 @@ def _torch_norm(grads, params, norm_type, foreach, scale, max_norm, first, norms
     return total, result
 
 
-def _fused_norm(batches, params, norm_type, sharded, scale, max_norm, first, norms) -> Tensor:
+def _buffers(opt, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The optimizer's running total (float64 [1]) and result (float32 [2:
+    norm, coefficient]) on ``device``: allocated once, so that every clip
+    writes the same memory (a captured CUDA graph's step reads the
+    coefficient where the clip wrote it)."""
+    per_opt = _BUFFERS.get(opt)
+    if per_opt is None:
+        per_opt = _BUFFERS[opt] = {}
+    bufs = per_opt.get(device)
+    if bufs is None:
+        bufs = per_opt[device] = (
+            torch.zeros(1, dtype=torch.float64, device=device),
+            torch.zeros(2, dtype=torch.float32, device=device),
+        )
+    return bufs
+
+
+def _fused_norm(opt, batches, params, norm_type, sharded, scale, max_norm, first, norms) -> Tensor:
     """One reduction launch per fused batch, chained on a float64 total per
     device; eager batches (float64...) in torch ops, first."""
     by_device: dict[torch.device, list] = {}
@@ -466,7 +498,7 @@ def _fused_norm(batches, params, norm_type, sharded, scale, max_norm, first, nor
     in_kernel = len(by_device) == 1 and not sharded and scale is None
     totals, result = [], None
     for device, members in by_device.items():
-        acc = torch.zeros(1, dtype=torch.float64, device=device)
+        acc, result_buf = _buffers(opt, device)
         has_acc = False
         dev_norms = norms if norms is None or device == first else torch.zeros_like(norms, device=device)
         for b in members:
@@ -477,13 +509,15 @@ def _fused_norm(batches, params, norm_type, sharded, scale, max_norm, first, nor
                     has_acc = True
         fused = [b for b in members if b.backend != "eager" and b.has_work]
         if in_kernel:
-            result = torch.empty(2, dtype=torch.float32, device=device)
+            result = result_buf
         for k, b in enumerate(fused):
             last = in_kernel and k == len(fused) - 1
             launch(b.backend, _norm_plan(b), norm_type=norm_type, acc=acc, has_acc=has_acc,
                    result=result if last else None, max_norm=max_norm, norms=dev_norms)
             has_acc = True
         if in_kernel and not fused:
+            if not has_acc:
+                acc.zero_()
             finish(acc, result, max_norm, norm_type)
         if dev_norms is not None and dev_norms is not norms:
             norms += dev_norms.to(first)
@@ -499,13 +533,9 @@ def _fused_norm(batches, params, norm_type, sharded, scale, max_norm, first, nor
         acc = acc / (s if norm_type == math.inf else s**norm_type)
         if norms is not None:
             norms.div_(scale.to(first, torch.float32).reshape(()))
-    result = torch.empty(2, dtype=torch.float32, device=first)
+    result = _buffers(opt, first)[1]
     finish(acc, result, max_norm, norm_type)
     return result
-
-
-def _dead() -> None:
-    return None
 
 
 def local(t: Tensor) -> Tensor:

@@ -678,7 +678,7 @@ class MuOptimizer(Optimizer):
         if pending is None:
             return
         self._pending_clip = None
-        if not pending.still_current():
+        if not pending.still_current(self._plan_key):
             warnings.warn(
                 "fastmup: the gradients changed between clip_grad_norm_() and step(); the step runs unclipped",
                 RuntimeWarning,

@@ -55,6 +55,8 @@ class NormPlan:
     #: host copies the host backend reads (no device round trip on the CPU)
     first_entry_host: np.ndarray
     keep: tuple = ()  # tensors the addresses point into
+    #: a compiled backend's per-plan launch arguments (set on its first launch)
+    fixed_args: Optional[dict] = None
 
 
 def _entries(tensor_of_block: np.ndarray, n: int) -> np.ndarray:
