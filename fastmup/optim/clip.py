@@ -217,6 +217,13 @@ def _fused_backend(requested: str, grads: Sequence[Tensor], norm_type: float, fo
                 )
             return None
     resolved = backends.resolve(requested, {g.device for g in grads})
+    if resolved in ("cpu", "cuda") and requested == "auto":
+        try:
+            from fastmup import ext
+
+            ext.load(resolved)
+        except Exception:  # noqa: BLE001 - auto falls back to torch's function, as the optimizers do
+            return None
     return None if resolved == "eager" else resolved
 
 
@@ -504,9 +511,13 @@ def _fused_norm(opt, batches, params, norm_type, sharded, scale, max_norm, first
         for b in members:
             if b.backend == "eager":
                 part = _eager_part(b, norm_type, dev_norms)
-                if part is not None:
+                if part is None:
+                    continue
+                if not has_acc:
+                    acc = part.reshape(1).clone()
+                else:
                     acc = torch.maximum(acc, part.reshape(1)) if norm_type == math.inf else acc + part
-                    has_acc = True
+                has_acc = True
         fused = [b for b in members if b.backend != "eager" and b.has_work]
         if in_kernel:
             result = result_buf
@@ -515,9 +526,9 @@ def _fused_norm(opt, batches, params, norm_type, sharded, scale, max_norm, first
             launch(b.backend, _norm_plan(b), norm_type=norm_type, acc=acc, has_acc=has_acc,
                    result=result if last else None, max_norm=max_norm, norms=dev_norms)
             has_acc = True
+        if not has_acc and not fused:
+            acc.zero_()  # nothing on this device has a gradient now
         if in_kernel and not fused:
-            if not has_acc:
-                acc.zero_()
             finish(acc, result, max_norm, norm_type)
         if dev_norms is not None and dev_norms is not norms:
             norms += dev_norms.to(first)

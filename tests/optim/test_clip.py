@@ -411,3 +411,34 @@ def test_non_fused_norm_type_and_foreach_false():
         opt.step()
         ref.step()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:fastmup. backend='auto' steps some tensors")
+@pytest.mark.skipif("cpu" not in available_backends(), reason="needs a fused backend beside eager")
+def test_deferred_mixed_eager_and_fused_batches():
+    """backend='auto' with a float64 tensor (an eager batch) beside fused
+    ones: the eager batch's sum joins the fused chain; a tensor without a
+    gradient on some step adds nothing (the buffers hold no stale total)."""
+    a = make_params([(5,), (40,)], torch.float32) + make_params([(7,)], torch.float64, seed=2)
+    b = twin_params(a)
+    opt = MuAdamW(a, lr=1e-2, backend="auto")
+    ref = MuAdamW(b, lr=1e-2, backend="auto")
+    assert opt.backend == "cpu"
+    g = torch.Generator().manual_seed(9)
+    for step in range(4):
+        for p, q in zip(a, b):
+            p.grad = (torch.randn(p.shape, generator=g) * 2).to(p.dtype)
+            q.grad = p.grad.clone()
+        if step == 2:  # fused tensors without gradients: the eager one alone
+            a[0].grad = a[1].grad = b[0].grad = b[1].grad = None
+        if step == 3:  # the eager one without a gradient
+            a[2].grad = b[2].grad = None
+        n = opt.clip_grad_norm_(0.5, per_tensor=True)
+        expected = torch.nn.utils.clip_grad_norm_(b, 0.5)
+        torch.testing.assert_close(n, expected.to(n.dtype), rtol=1e-6, atol=0)
+        want = torch.stack([torch.linalg.vector_norm(p.grad.double()).float() if p.grad is not None else torch.tensor(0.0) for p in a])
+        torch.testing.assert_close(opt.per_tensor_grad_norms, want, rtol=2.0**-23, atol=0)
+        opt.step()
+        ref.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
