@@ -232,14 +232,3 @@ def clip_grad(g, clip, GRAD: tl.constexpr):
     dtype), so a clipped step is the in-place clip followed by the step."""
     return upcast(_common.downcast(g * clip, GRAD), GRAD)
 
-
-def clip_input(batch, placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(grad_clip_ptr, HAS_CLIP)`` of an update launch: the batch's pending
-    clip coefficient (float32, one element on its device), or a placeholder
-    never read."""
-    clip = getattr(batch, "grad_clip", None)
-    if clip is None:
-        return placeholder, False
-    if clip.device != batch.device or clip.dtype != torch.float32 or clip.numel() != 1:
-        raise ValueError(f"fastmup: a batch's grad_clip must be one float32 element on {batch.device}")
-    return clip, True

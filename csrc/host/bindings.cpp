@@ -1,10 +1,7 @@
 // The `cpu` backend module: fastmup/ext loads it as _fastmup_cpu.
-#include "../adam_math.h"
 #include "../bindings_common.h"
-#include "../esgd_math.h"
 #include "../grad_norm_bindings.h"
 #include "grad_norm_host.h"
-#include "../sgd_math.h"
 #include "multi_tensor_host.h"
 
 namespace py = pybind11;
@@ -13,21 +10,19 @@ using namespace fastmup;
 namespace {
 
 template <void (*Run)(const MultiTensorArgs&, int)>
-void launch(FASTMUP_ARGS_SIGNATURE, int nthreads) {
-  const MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
+void launch(const MultiTensorArgs& a, int nthreads) {
+  check_args(a);
   py::gil_scoped_release release;  // the update never touches Python objects
   Run(a, nthreads);
 }
 
-// ESGD-M: the common launch description plus its per-tensor scalar state
-// (double [3, ntensors]: bc1, bc2, cum; advanced in place), the step counts
-// (float [ntensors], advanced in place) and whether this step has HVPs.
-void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_state, int hvp_step, int nthreads) {
-  MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
-  if (scalar_state.size() != 3 || !scalar_state[0] || !scalar_state[1] || !scalar_state[2]) throw std::invalid_argument("fastmup esgd: the scalar state address is 0");
-  for (int k = 0; k < 3; ++k) a.scalar_state[k] = address<double>(scalar_state[k]);
-  a.steps_out = address<float>(steps);
-  a.hvp_step = hvp_step;
+// ESGD-M: the launch also advances its per-tensor scalar state
+// (a.scalar_state: bc1, bc2, cum) and the step counts (a.steps) in place.
+void launch_esgd(const MultiTensorArgs& args, int nthreads) {
+  check_args(args);
+  check_scalar_state(args, false);
+  MultiTensorArgs a = args;
+  a.steps_out = const_cast<float*>(a.steps);
   py::gil_scoped_release release;
   host::esgd(a, nthreads);
 }
@@ -87,21 +82,15 @@ void lerp_by(float w, uint64_t a, uint64_t b, uint64_t dst, int64_t n) {
 PYBIND11_MODULE(_fastmup_cpu, m) {
   m.doc() = "fastmup multi-tensor optimizer updates on the host (the `cpu` backend)";
   m.attr("BLOCK") = py::int_(host::kBlock);
-  // Each functor's columns and state slots, by name: CI checks them against
-  // the algorithms' specs, so a column added on one side only fails a test.
-  py::dict layouts;
-  layouts["AdamOp"] = layout_of<AdamOp>();
-  layouts["SgdOp"] = layout_of<SgdOp>();
-  layouts["EsgdOp"] = layout_of<EsgdOp>();
-  m.attr("LAYOUTS") = layouts;
+  bind_common(m);
 #if defined(_OPENMP)
   m.attr("THREADING") = "openmp";
 #else
   m.attr("THREADING") = "std::thread";
 #endif
-  m.def("adam", &launch<host::adam>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One Adam/AdamW step over a batch.");
-  m.def("sgd", &launch<host::sgd>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One SGD step over a batch.");
-  m.def("esgd", &launch_esgd, FASTMUP_ARGS_NAMES, py::arg("scalar_state"), py::arg("hvp_step"), py::arg("nthreads"),
+  m.def("adam", &launch<host::adam>, py::arg("args"), py::arg("nthreads"), "One Adam/AdamW step over a batch.");
+  m.def("sgd", &launch<host::sgd>, py::arg("args"), py::arg("nthreads"), "One SGD step over a batch.");
+  m.def("esgd", &launch_esgd, py::arg("args"), py::arg("nthreads"),
         "One ESGD-M step over a batch (advances its scalar state and steps).");
   m.def("grad_norm", &launch_grad_norm, FASTMUP_GRAD_NORM_NAMES, py::arg("nthreads"),
         "Per-tensor and total gradient norms over a batch (and the clip coefficient on the final launch).");

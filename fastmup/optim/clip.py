@@ -300,12 +300,14 @@ def clip_grad_norm_(
     return total_norm
 
 
-def clipped_grad(g: Tensor, clip: Tensor, dtype: torch.dtype) -> Tensor:
-    """``g · clip`` as :func:`multiply_` would store it (in ``g``'s dtype),
-    then in the math dtype ``dtype``: the eager updates' view of a gradient
-    whose clip coefficient was deferred into the step."""
+def clipped(g: Tensor, clip: Optional[Tensor]) -> Tensor:
+    """``g · clip`` as :func:`multiply_` would store it (in ``g``'s dtype), or
+    ``g`` without a coefficient: the eager updates' view of a gradient whose
+    clip coefficient was deferred into the step."""
+    if clip is None:
+        return g
     math_type = torch.float64 if g.dtype == torch.float64 else torch.float32
-    return (g.to(math_type) * clip.reshape(()).to(g.device, math_type)).to(g.dtype).to(dtype)
+    return (g.to(math_type) * clip.reshape(()).to(g.device, math_type)).to(g.dtype)
 
 
 # ----------------------------------------------------------------------
@@ -327,7 +329,7 @@ class PendingClip:
     list's identity says whether the gradients are still those."""
 
     coef: dict  # device -> float32 [1] coefficient on that device
-    grad_refs: list  # the plan key's grad_refs when the norm was computed
+    grad_refs: list  # the plan inputs' grad_refs when the norm was computed
 
     def still_current(self, key) -> bool:
         if key is None:
@@ -422,14 +424,14 @@ def defer(
     max_norm, norm_type = float(max_norm), float(norm_type)
     batches = opt._plan()  # binds this step's gradients to the batches
     try:
-        params = opt._plan_key.params
+        params = opt._plan_inputs.params
         grads = [g for g in map(_GRAD, params) if g is not None]
         if not grads:
             opt._pending_clip = None
             opt.per_tensor_grad_norms = torch.zeros(len(params)) if per_tensor else None
             return torch.tensor(0.0)
         first = local(grads[0]).device
-        sharded = opt._plan_key is not None and opt._plan_key.sharded
+        sharded = opt._plan_inputs is not None and opt._plan_inputs.sharded
         scale = _loss_scale(opt, grad_scaler)
         norms = torch.zeros(len(params), dtype=torch.float32, device=first) if per_tensor else None
         if norm_type not in FUSED_NORM_TYPES or foreach is False or all(b.backend == "eager" for b in batches):
@@ -448,7 +450,7 @@ def defer(
         coef = result[1:2]
         devices = {b.device for b in batches}
         opt._pending_clip = PendingClip(
-            coef={d: coef if d == first else coef.to(d) for d in devices}, grad_refs=opt._plan_key.grad_refs
+            coef={d: coef if d == first else coef.to(d) for d in devices}, grad_refs=opt._plan_inputs.grad_refs
         )
         opt.per_tensor_grad_norms = norms
         return total_norm

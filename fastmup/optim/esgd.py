@@ -134,8 +134,9 @@ from fastmup.optim import backend as backends
 from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
 from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
-from fastmup.optim.clip import clipped_grad
+from fastmup.optim.clip import clipped
 from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, ReadOnlyInput, ScalarState
 
@@ -490,28 +491,26 @@ def esgd(
     (``step`` and the three running products) itself.  ``grad_scale``
     divides grads and HVPs; a nonzero ``found_inf`` skips the whole step.
     """
-    if hvps is not None and len(hvps) != len(batch):
-        raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
-    if backend == "eager" or (backend in ("cpu", "cuda") and hvps is not None and _hvp_would_round(batch)):
-        # The csrc functor reads the HVP in the gradient's dtype; where the
-        # HVP (param dtype) does not convert to it exactly (bfloat16 grads of
-        # float16 params, say) the HVP steps of that batch run the reference
-        # instead (same results).
+    if hvps is not None:
+        hvps = _hvp_inputs(batch, hvps)
+    if backend == "eager":
         _single_tensor_esgd(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
     else:
-        if hvps is not None:
-            hvps = [
-                torch.zeros_like(p, memory_format=torch.contiguous_format)
-                if h is None
-                else h.to(p.dtype).contiguous()
-                for p, h in zip(batch.params, hvps)
-            ]
         backends.launcher(backend, "esgd")(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
 
 
-def _hvp_would_round(batch: TensorBatch) -> bool:
-    sig = batch.signature
-    return sig.grad_dtype != sig.param_dtype and sig.grad_dtype != torch.float32
+def _hvp_inputs(batch: TensorBatch, hvps: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """Each tensor's HVP as every backend reads it: a contiguous tensor in
+    the dtype ``SPEC`` declares for the ``hvp`` input, the grads' (autograd
+    returns the HVP in it: the HVP is a gradient of ``<grad, z>``); zeros for a
+    tensor the gradients do not depend on (``None``)."""
+    if len(hvps) != len(batch):
+        raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
+    dtype = batch.input_dtype("hvp")
+    return [
+        torch.zeros(p.shape, dtype=dtype, device=p.device) if h is None else h.to(dtype).contiguous()
+        for p, h in zip(batch.params, hvps)
+    ]
 
 
 def _single_tensor_esgd(
@@ -528,7 +527,7 @@ def _single_tensor_esgd(
     :func:`tensor_scalars` in float64, rounded once to the math dtype by
     torch when they meet a tensor.
     """
-    if found_inf is not None and bool(found_inf.item()):
+    if skips_step(found_inf):
         return
     hvp_step = hvps is not None
     columns = {k: batch.scalars[k].tolist() for k in ("step",) + PRODUCTS}
@@ -547,16 +546,11 @@ def _single_tensor_esgd(
         new["lr_warmup_cumprod"][i], new["step"][i] = s.cum, s.step
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
         # a deferred clip scales the gradient only (the HVP comes from autograd, as with an in-place clip)
-        param, grad = p.to(dtype), g.to(dtype) if batch.grad_clip is None else clipped_grad(g, batch.grad_clip, dtype)
+        param, grad = p.to(dtype), unscaled(clipped(g, batch.grad_clip), dtype, grad_scale)
         exp_avg, exp_avg_d = exp_avgs[i].to(dtype), exp_avg_ds[i].to(dtype)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, dtype)
         exp_avg.lerp_(grad, s.lerp_m)
         if hvp_step:
-            h = hvps[i]
-            hvp = torch.zeros_like(param) if h is None else h.to(dtype)
-            if grad_scale is not None:
-                hvp = hvp / grad_scale.to(hvp.device, dtype)
+            hvp = unscaled(hvps[i], dtype, grad_scale)
             if s.is_max:
                 torch.maximum(exp_avg_d.mul_(s.beta2), hvp * hvp, out=exp_avg_d)
             else:
@@ -565,9 +559,7 @@ def _single_tensor_esgd(
             denom = (exp_avg_d.sqrt() / s.bc2_sqrt).add_(s.eps)
             m_est = torch.lerp(exp_avg, grad, s.lerp_qhm)
             param.mul_(s.decay).addcdiv_(m_est, denom, value=s.coef)
-        for stored, computed in ((p, param), (exp_avgs[i], exp_avg), (exp_avg_ds[i], exp_avg_d)):
-            if stored is not computed:
-                stored.copy_(computed)
+        store((p, param), (exp_avgs[i], exp_avg), (exp_avg_ds[i], exp_avg_d))
     for key, values in new.items():
         column = batch.scalars[key]
         column.copy_(torch.tensor(values, dtype=column.dtype))

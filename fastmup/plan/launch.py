@@ -1,9 +1,10 @@
 """``LaunchPlan``: what a fused launch over a batch needs, built once.
 
 Every fused backend (the Triton launchers, the compiled extension) reads
-the same plan of a :class:`~fastmup.plan.batch.TensorBatch`, built from
-the batch's :class:`~fastmup.plan.spec.AlgorithmSpec` and cached on the
-batch (one per block size):
+the same plan of a :class:`~fastmup.plan.batch.TensorBatch`, built by
+:meth:`TensorBatch.launch_plan <fastmup.plan.batch.TensorBatch.launch_plan>`
+from the batch's :class:`~fastmup.plan.spec.AlgorithmSpec` and cached on
+the batch (one per block size):
 
 * ``pointers`` — int64 ``[2 + len(spec.buffers), n]`` on the device: the
   addresses of each tensor's param, grad and state buffers in the order of
@@ -21,21 +22,26 @@ batch (one per block size):
 
 The tensors are checked once, when the plan is built: each must be a
 contiguous tensor of its role's dtype with the param's element count, on
-the batch's device.
+the batch's device.  A backend keeps what it derives from a plan (its
+launch arguments, its dtype codes) with the plan: :meth:`LaunchPlan.memo`.
+A step's read-only inputs (``spec.inputs``: ESGD-M's HVPs) are not part of
+the plan (``TensorBatch.input_table``).
+
+This module knows no batch: :func:`block_map` and :func:`check_gates` work
+on arrays, the plan on tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from fastmup.plan.batch import TensorBatch
+from fastmup.plan.spec import AlgorithmSpec
 
-__all__ = ["ALIGNMENT", "LaunchPlan", "block_map", "build_launch_plan", "check_gates"]
+__all__ = ["ALIGNMENT", "LaunchPlan", "block_map", "check_gates"]
 
 #: bytes: addresses that are multiples of this allow 128-bit vector accesses
 ALIGNMENT = 16
@@ -61,6 +67,16 @@ class LaunchPlan:
     tickets: Optional[Tensor]
     #: which tensors have each buffer, by role (host; for per-step checks of the gates)
     present: dict
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per plan and ``key``: what a backend
+        derives from the plan and passes unchanged to every launch of it."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = build()
+            return value
 
     def row(self, role: str) -> int:
         """The row of ``pointers`` that holds ``role``'s addresses."""
@@ -88,74 +104,7 @@ def block_map(numels: np.ndarray, block: int, *, at_least_one: bool = False) -> 
     return tensor_of_block, start
 
 
-def _check_tensors(batch: "TensorBatch", roles: tuple[str, ...]) -> list[Tensor]:
-    """Every addressed tensor, checked; raise naming the tensor and role."""
-    sig, spec = batch.signature, batch.spec
-    want = {"param": sig.param_dtype, "grad": sig.grad_dtype}
-    gate = batch.col(spec.optional.gate) if spec.optional is not None else None
-    checked = []
-    for role in roles:
-        listed = batch.params if role == "param" else batch.grads if role == "grad" else batch.state.get(role)
-        for i, p in enumerate(batch.params):
-            t = None if listed is None else listed[i]
-            if t is None:
-                optional_absent = spec.optional is not None and role == spec.optional.name and batch.rows[i, gate] == 0
-                if optional_absent or (role == "grad" and not batch.is_active(i)) or p.numel() == 0:
-                    continue  # address 0: never read
-                raise ValueError(f"{spec.name} launch: tensor #{i} of the batch has no {role!r} buffer")
-            dtype = want.get(role, sig.state_dtype)
-            if t.dtype != dtype or t.numel() != p.numel() or not t.is_contiguous() or t.device != sig.device:
-                raise ValueError(
-                    f"{spec.name} launch: the {role} of tensor #{i} of the batch must be a contiguous {dtype} tensor "
-                    f"of {p.numel()} elements on {sig.device}, got {t.dtype} {tuple(t.shape)} on {t.device} "
-                    f"(contiguous={t.is_contiguous()})"
-                )
-            checked.append(t)
-    return checked
-
-
-def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
-    """The launch plan of ``batch`` for chunks of ``block`` elements (checks every tensor)."""
-    spec = batch.spec
-    if spec is None:
-        raise ValueError("a launch plan needs the batch's AlgorithmSpec (batch.spec)")
-    if tuple(batch.columns) != spec.columns:
-        raise ValueError(f"{spec.name} launch: the batch's columns {tuple(batch.columns)} are not {spec.columns}")
-    for s in spec.scalars:
-        col = batch.scalars.get(s.name)
-        if col is None or col.dtype != s.dtype or tuple(col.shape) != (len(batch),) or not col.is_contiguous():
-            raise ValueError(f"{spec.name} launch: scalar state {s.name!r} must be a contiguous {s.dtype} column of {len(batch)} entries")
-    has_optional = spec.optional is not None and spec.optional.name in batch.state
-    roles = ("param", "grad") + spec.state + ((spec.optional.name,) if has_optional else ())
-    tensors = _check_tensors(batch, roles)
-    tensor_of_block, start = block_map(batch.numel_counts(), block, at_least_one=spec.advances_scalars)
-    device = batch.device
-    sig = batch.signature
-    empty = batch.numel_counts() == 0  # address 0, and nothing to read
-    present = {
-        role: np.array([t is not None for t in batch.state[role]], dtype=bool) | empty
-        for role in roles[2:]
-    }
-    return LaunchPlan(
-        roles=roles,
-        pointers=batch.pointers(roles),
-        numels=batch.numels(),
-        tensor_of_block=torch.from_numpy(tensor_of_block).to(device),
-        start_of_block=torch.from_numpy(start).to(device),
-        nblocks=len(tensor_of_block),
-        block=block,
-        n_tensors=len(batch),
-        param_dtype=sig.param_dtype,
-        grad_dtype=sig.grad_dtype,
-        state_dtype=sig.state_dtype,
-        aligned=all(t.data_ptr() % ALIGNMENT == 0 for t in tensors),
-        has_optional=has_optional,
-        tickets=torch.zeros(len(batch), dtype=torch.int32, device=device) if spec.advances_scalars else None,
-        present=present,
-    )
-
-
-def check_gates(plan: LaunchPlan, spec, rows: np.ndarray) -> None:
+def check_gates(plan: LaunchPlan, spec: AlgorithmSpec, rows: np.ndarray) -> None:
     """Every tensor whose row asks for the optional buffer has it (a step's
     rows may change after the plan was built; the plan's addresses not)."""
     if spec.optional is None:
