@@ -101,6 +101,8 @@ inline void bind_multi_tensor_args(pybind11::module_& m) {
   detail::def_address(c, "steps", &MultiTensorArgs::steps, "float32 [ntensors] step counts");
   detail::def_address(c, "grad_scale", &MultiTensorArgs::grad_scale, "float32 [1], or 0: none");
   detail::def_address(c, "found_inf", &MultiTensorArgs::found_inf, "float32 [1], or 0: none");
+  detail::def_address(c, "grad_clip", &MultiTensorArgs::grad_clip,
+                      "float32 [1], or 0: none (a clip coefficient deferred into the step, csrc/grad_norm.h)");
   detail::def_address(c, "tickets", &MultiTensorArgs::tickets, "CUDA, ESGD-M: int32 [ntensors], zero between launches");
   detail::def_addresses(c, "state_ptrs", &MultiTensorArgs::state_ptrs,
                         "the int64 [ntensors] address rows of the state slots (0: no such buffer)");

@@ -175,6 +175,7 @@ struct MultiTensorArgs {
   const float* steps = nullptr;               // [ntensors], already incremented
   const float* grad_scale = nullptr;          // [1] or null
   const float* found_inf = nullptr;           // [1] or null
+  const float* grad_clip = nullptr;           // [1] or null: a deferred clip coefficient (grad_norm.h)
   int param_dtype = kFloat32;
   int grad_dtype = kFloat32;
   int state_dtype = kFloat32;

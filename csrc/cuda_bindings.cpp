@@ -3,6 +3,8 @@
 // stream and device come from Python (torch.cuda.current_stream()).
 #include "bindings_common.h"
 #include "cuda_api.h"
+#include "grad_norm_bindings.h"
+#include "grad_norm_cuda_api.h"
 
 namespace py = pybind11;
 using namespace fastmup;
@@ -28,6 +30,12 @@ void launch_esgd(const MultiTensorArgs& args, int device, uint64_t stream) {
   cuda::esgd(a, device, static_cast<uintptr_t>(stream));
 }
 
+void launch_grad_norm(FASTMUP_GRAD_NORM_SIGNATURE, int device, uint64_t stream) {
+  const GradNormArgs a = make_grad_norm_args(FASTMUP_GRAD_NORM_FORWARD);
+  py::gil_scoped_release release;
+  cuda::grad_norm(a, device, static_cast<uintptr_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_fastmup_cuda, m) {
@@ -38,6 +46,9 @@ PYBIND11_MODULE(_fastmup_cuda, m) {
         "One Adam/AdamW launch over a batch (asynchronous, on `stream`).");
   m.def("sgd", &launch<cuda::sgd>, py::arg("args"), py::arg("device"), py::arg("stream"),
         "One SGD launch over a batch (asynchronous, on `stream`).");
+  m.attr("GRAD_NORM_BLOCK") = py::int_(cuda::grad_norm_block_size());
+  m.def("grad_norm", &launch_grad_norm, FASTMUP_GRAD_NORM_NAMES, py::arg("device"), py::arg("stream"),
+        "Per-tensor and total gradient norms over a batch (asynchronous, on `stream`).");
   m.def("esgd", &launch_esgd, py::arg("args"), py::arg("device"), py::arg("stream"),
         "One ESGD-M launch over a batch; advances its scalar state and steps in the same launch (asynchronous).");
 }

@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "grad_norm.h"
 
 namespace fastmup {
 namespace cuda {
@@ -112,7 +113,10 @@ __device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_
 // the gradient's dtype (S2 = Slot2<Op, G, S>, csrc/common.h).
 template <class Op, int MASK, class P, class G, class S, class S2>
 __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
-                                            int n) {
+                                            int n, const float* clip) {
+  // a deferred clip coefficient (clip_grad), read once; uniform over the block
+  const bool clipped = clip != nullptr;
+  const float coef = clipped ? *clip : 1.0f;
   constexpr int VEC = VecWidth<P, G, S>::value;  // S2 is G or S: covered
   constexpr int kStored = Op::template stored<MASK>();
   S* st_ptr[2] = {s0, s1};
@@ -129,6 +133,10 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
       float pf[VEC], gf[VEC], sf[kMaxStates][VEC];
       load_pack<VEC>(p + i, pf);
       load_pack<VEC>(g + i, gf);
+      if (clipped) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) gf[j] = clip_grad<G>(gf[j], coef);
+      }
 #pragma unroll
       for (int k = 0; k < 2; ++k)
         if (MASK & (1 << k)) load_pack<VEC>(st_ptr[k] + i, sf[k]);
@@ -161,7 +169,8 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
 #pragma unroll
     for (int k = 0; k < 2; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
     st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
-    Op::template apply<MASK>(s, pf, to_float(g[i]), st);
+    const float gi = to_float(g[i]);
+    Op::template apply<MASK>(s, pf, clipped ? clip_grad<G>(gi, coef) : gi, st);
     p[i] = from_float<P>(pf);
 #pragma unroll
     for (int k = 0; k < 2; ++k)
@@ -208,7 +217,7 @@ __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const t
   S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
   Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-  dispatch_variant<Op>(s, unscale, [&](auto mask) { update_entry<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n); });
+  dispatch_variant<Op>(s, unscale, [&](auto mask) { update_entry<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n, a.grad_clip); });
 }
 
 template <class Op, class P, class G, class S>

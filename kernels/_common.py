@@ -400,9 +400,13 @@ def batch_args(batch, plan: LaunchPlan, grad_scale: Optional[torch.Tensor], foun
     plan's pointer table (``ptrs_ptr``, rows of ``n_tensors`` entries),
     element counts and block map, the storage dtypes, AMP's scalars
     (``HAS_SCALE`` / ``HAS_FOUND_INF``: whether they are read), the
+    deferred clip coefficient (``grad_clip_ptr``, ``HAS_CLIP``), the
     alignment (``aligned``: the plan's unless given) and the compile option
     every launch passes (``enable_fp_fusion``, see the module docstring)."""
     scale, inf = scalar_inputs(batch, grad_scale, found_inf)
+    clip = batch.grad_clip  # a clip coefficient deferred into this step (MuOptimizer.clip_grad_norm_)
+    if clip is not None and (clip.device != batch.device or clip.dtype != torch.float32 or clip.numel() != 1):
+        raise ValueError(f"fastmup: a batch's grad_clip must be one float32 element on {batch.device}")
     return dict(
         rows_ptr=batch.device_rows(),
         ptrs_ptr=plan.pointers,
@@ -411,6 +415,7 @@ def batch_args(batch, plan: LaunchPlan, grad_scale: Optional[torch.Tensor], foun
         start_of_block_ptr=plan.start_of_block,
         grad_scale_ptr=scale,
         found_inf_ptr=inf,
+        grad_clip_ptr=scale if clip is None else clip,  # a placeholder never read without HAS_CLIP
         n_tensors=plan.n_tensors,
         NCOLS=len(batch.spec.columns),
         PARAM=tl_dtype(plan.param_dtype),
@@ -418,6 +423,7 @@ def batch_args(batch, plan: LaunchPlan, grad_scale: Optional[torch.Tensor], foun
         STATE=tl_dtype(plan.state_dtype),
         HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        HAS_CLIP=clip is not None,
         ALIGNED=plan.aligned if aligned is None else aligned,
         enable_fp_fusion=FP_FUSION,
     )

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .grad_norm import clip_grad
 from ._common import (
     bias_correction,
     block_extent,
@@ -77,8 +78,9 @@ def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, at, left,
     scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
     amsgrad, bc2_sqrt, eps, neg_step_size,
+    clip,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_adam`` (elements ``at`` on, ``left`` of them valid)."""
@@ -87,6 +89,8 @@ def _tile(
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     v = load_tile(exp_avg_sq_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
 
+    if HAS_CLIP:
+        g = clip_grad(g, clip, GRAD)  # a deferred clip: what g.mul_(clip) would hold
     if HAS_SCALE:
         g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
     g = tl.where(maximize, -g, g)
@@ -122,6 +126,7 @@ def adam_kernel(
     start_of_block_ptr,  # int64 [nblocks]
     grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
+    grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
     n_tensors,  # row stride of the pointer table
     NCOLS: tl.constexpr,
     # where each hyperparameter is in a row: the spec's columns
@@ -139,6 +144,7 @@ def adam_kernel(
     HAS_AMSGRAD: tl.constexpr,  # some tensor of the batch has max_exp_avg_sq
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
@@ -167,6 +173,9 @@ def adam_kernel(
     lerp_coeff, small = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     beta2_32 = beta2.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
+    clip = 1.0  # no deferred clip coefficient
+    if HAS_CLIP:
+        clip = tl.load(grad_clip_ptr)
     scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
@@ -190,8 +199,8 @@ def adam_kernel(
                     _tile(
                         param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, tile * TILE, n - tile * TILE,
                         scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
-                        amsgrad, bc2_sqrt, eps32, neg_step_size,
-                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                        amsgrad, bc2_sqrt, eps32, neg_step_size, clip,
+                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
                     )
 
 

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .grad_norm import clip_grad
 from ._common import (
     block_extent,
     grad_unscaling,
@@ -115,12 +116,15 @@ def _advanced_scalars(
 def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, at, left,
     scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
+    clip,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HVP_DTYPE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr,
+    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr,
     MASKED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_esgd`` (elements ``at`` on, ``left`` of them valid)."""
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
+    if HAS_CLIP:
+        g = clip_grad(g, clip, GRAD)  # a deferred clip (the gradient's only; the HVP comes from autograd): what g.mul_(clip) would hold
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     d = load_tile(exp_avg_d_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     if HAS_SCALE:
@@ -161,6 +165,7 @@ def esgd_kernel(
     start_of_block_ptr,  # int64 [nblocks]
     grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
+    grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
     n_tensors,
     NCOLS: tl.constexpr,
     # where each hyperparameter is in a row: the spec's columns
@@ -179,6 +184,7 @@ def esgd_kernel(
     HVP_DTYPE: tl.constexpr,  # the HVPs' (the spec's read-only input: the grads' dtype)
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address (HVPs included) is 16-byte aligned
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
@@ -206,6 +212,9 @@ def esgd_kernel(
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
     coeff_m, small_m = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     coeff_q, small_q = lerp_coefficients((1.0 - v).to(tl.float32))  # torch.lerp(m, g, 1-v)
+    clip = 1.0  # no deferred clip coefficient
+    if HAS_CLIP:
+        clip = tl.load(grad_clip_ptr)
     scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
@@ -237,8 +246,8 @@ def esgd_kernel(
                             _tile(
                                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
                                 scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
-                                is_max, bc2_sqrt, eps32, decay, coef,
-                                PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_SCALE, divide == 0, not skip_p, TILE, masked,
+                                is_max, bc2_sqrt, eps32, decay, coef, clip,
+                                PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, divide == 0, not skip_p, TILE, masked,
                                 ALIGNED,
                             )
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from .grad_norm import clip_grad
 from ._common import block_extent, grad_unscaling, load_tile, program_pass, store_tile, tensor_ptr, unscale
 
 __all__ = ["sgd_kernel", "launch", "BLOCK", "TILE"]
@@ -49,14 +50,16 @@ ROLES = ("param", "grad", "momentum_buffer")
 @triton.jit
 def _tile(
     param_ptr, grad_ptr, buf_ptr, at, left,
-    scale, inv_scale, maximize, wd, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr,
+    scale, inv_scale, maximize, wd, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr, clip,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
+    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_sgd`` (elements ``at`` on, ``left`` of them valid)."""
     p = load_tile(param_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
+    if HAS_CLIP:
+        g = clip_grad(g, clip, GRAD)  # a deferred clip: what g.mul_(clip) would hold
 
     if HAS_SCALE:
         g = unscale(g, scale, inv_scale, BY_RECIPROCAL)  # the eager path's g / scale
@@ -91,6 +94,7 @@ def sgd_kernel(
     start_of_block_ptr,  # int64 [nblocks]
     grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
+    grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
     n_tensors,  # row stride of the pointer table
     NCOLS: tl.constexpr,
     # where each hyperparameter is in a row: the spec's columns
@@ -106,6 +110,7 @@ def sgd_kernel(
     HAS_MOMENTUM: tl.constexpr,  # some tensor of the batch has a momentum buffer
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
@@ -126,6 +131,9 @@ def sgd_kernel(
     one_minus_dampening = (1.0 - dampening).to(tl.float32)
     has_buf = momentum != 0.0
     first = tl.load(steps_ptr + i) == 1.0  # torch seeds the buffer with g on the first step
+    clip = 1.0  # no deferred clip coefficient
+    if HAS_CLIP:
+        clip = tl.load(grad_clip_ptr)
     scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
@@ -146,8 +154,8 @@ def sgd_kernel(
                 for tile in range(first_tile, end_tile):
                     _tile(
                         param_ptr, grad_ptr, buf_ptr, tile * TILE, n - tile * TILE,
-                        scale, inv_scale, maximize, wd32, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr,
-                        PARAM, GRAD, STATE, HAS_MOMENTUM, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                        scale, inv_scale, maximize, wd32, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr, clip,
+                        PARAM, GRAD, STATE, HAS_MOMENTUM, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
                     )
 
 

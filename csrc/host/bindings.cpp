@@ -1,5 +1,7 @@
 // The `cpu` backend module: fastmup/ext loads it as _fastmup_cpu.
 #include "../bindings_common.h"
+#include "../grad_norm_bindings.h"
+#include "grad_norm_host.h"
 #include "multi_tensor_host.h"
 
 namespace py = pybind11;
@@ -23,6 +25,13 @@ void launch_esgd(const MultiTensorArgs& args, int nthreads) {
   a.steps_out = const_cast<float*>(a.steps);
   py::gil_scoped_release release;
   host::esgd(a, nthreads);
+}
+
+// The gradient norm of clipping over a batch's block map (csrc/grad_norm.h).
+void launch_grad_norm(FASTMUP_GRAD_NORM_SIGNATURE, int nthreads) {
+  const GradNormArgs a = make_grad_norm_args(FASTMUP_GRAD_NORM_FORWARD);
+  py::gil_scoped_release release;
+  host::grad_norm(a, nthreads);
 }
 
 // Element-wise storage conversions, exposed for tests of the bf16/fp16 rounding.
@@ -83,6 +92,8 @@ PYBIND11_MODULE(_fastmup_cpu, m) {
   m.def("sgd", &launch<host::sgd>, py::arg("args"), py::arg("nthreads"), "One SGD step over a batch.");
   m.def("esgd", &launch_esgd, py::arg("args"), py::arg("nthreads"),
         "One ESGD-M step over a batch (advances its scalar state and steps).");
+  m.def("grad_norm", &launch_grad_norm, FASTMUP_GRAD_NORM_NAMES, py::arg("nthreads"),
+        "Per-tensor and total gradient norms over a batch (and the clip coefficient on the final launch).");
   m.def("isa", &host::isa_name, "The instruction-set variant of the update loops in use ('avx2' or 'generic').");
   m.def(
       "set_isa",

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../grad_norm.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -108,7 +109,7 @@ struct EntryUpdater {
     S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
     S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
     Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-    dispatch_variant<Op>(s, unscale, [&](auto mask) { K::template update_range<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n); });
+    dispatch_variant<Op>(s, unscale, [&](auto mask) { K::template update_range<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n, a.grad_clip); });
   }
 };
 

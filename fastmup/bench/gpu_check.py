@@ -13,7 +13,9 @@ installed and no network, run from the source tree (``PYTHONPATH=.``):
 3. **benchmark** GPT-2 small, a GPT-2 XL-like set (1.56B) and 500 small
    tensors for μAdam, μAdamW, μSGD-M and μESGD-M: fastmup's Triton and CUDA
    backends against torch's fused and foreach optimizers under mup's param
-   groups (ESGD-M: against the per-tensor torch loop);
+   groups (ESGD-M: against the per-tensor torch loop), and the "clip + step"
+   cases of μAdam and μAdamW (fastmup's deferred clip against
+   ``torch.nn.utils.clip_grad_norm_(foreach=True)`` and torch's step);
 4. **write** ``benchmarks/results/<device>-<date>.json``: the device, the
    versions, the commit, each phase's outcome and every timing.
 
@@ -90,7 +92,7 @@ GPU_PLAN = Plan(
     build="cuda",
     suites=_GPU_SUITES,
     models=("gpt2-small", "small-500", "gpt2-xl"),
-    optimizers=("adam", "adamw", "sgd", "esgd"),
+    optimizers=("adam", "adamw", "sgd", "esgd", "adamw-clip", "adam-clip"),
     impls=("fastmup-triton", "fastmup-cuda", "torch-fused", "torch-foreach", "esgd-per-tensor-torch"),
     bench_args=("--steps", "50", "--warmup", "5", "--budget", "2", "--check-steps", "2", "--max-copies", "4"),
     model_weight=(("gpt2-xl", 3.0),),
@@ -104,7 +106,7 @@ DRY_PLAN = Plan(
         Suite("shared-math", ("tests/ext/test_shared_math.py", "-k", "lerp")),  # a few real passes
     ),
     models=("gpt2-tiny",),
-    optimizers=("sgd", "esgd"),
+    optimizers=("sgd", "esgd", "adamw-clip"),
     impls=("fastmup-cpu", "torch-fused", "torch-foreach", "esgd-per-tensor-torch"),
     bench_args=("--steps", "3", "--warmup", "1", "--budget", "0.2", "--check-steps", "1", "--max-copies", "2",
                 "--threads", "1"),

@@ -141,6 +141,14 @@ class Impl:
         return f"unknown implementation kind {self.kind!r}"
 
     def make(self, params: Sequence[torch.Tensor], opt: OptimizerSpec) -> torch.optim.Optimizer:
+        optimizer = self._make(params, opt)
+        if opt.clip_max_norm is None:
+            return optimizer
+        from fastmup.bench.clipping import ClipThenStep
+
+        return ClipThenStep(optimizer, params, opt.clip_max_norm, deferred=self.kind == "fastmup")
+
+    def _make(self, params: Sequence[torch.Tensor], opt: OptimizerSpec) -> torch.optim.Optimizer:
         params = list(params)
         if self.kind == "per-tensor":
             return PerTensorESGD(params, **opt.hparams)

@@ -198,6 +198,8 @@ class Case:
         self.run_checked_steps(optimizer, params)
         self.reference = [p.detach().to(self.reference_device, copy=True) for p in params]
         self.bytes_per_step = step_bytes(optimizer, params, self.opt.read_only_state)
+        if self.opt.clip_max_norm is not None:  # the norm reads every gradient once more
+            self.bytes_per_step += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         del optimizer, params
         _release(self.cfg.device, self.copy_bytes())
 

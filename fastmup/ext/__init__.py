@@ -246,6 +246,7 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         check_gates(plan, spec, host_rows)
     scale_ptr, scale_keep = _scalar_arg(grad_scale, device, "grad_scale")
     inf_ptr, inf_keep = _scalar_arg(found_inf, device, "found_inf")
+    clip_ptr, clip_keep = _scalar_arg(batch.grad_clip, device, "grad_clip")  # a deferred clip coefficient
     steps = batch.scalars["step"] if spec.advances_scalars else batch.steps
     if steps is not fixed.steps_checked:
         if steps.dtype != torch.float32 or steps.device != device or not steps.is_contiguous():
@@ -261,6 +262,7 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     args.steps = steps.data_ptr()
     args.grad_scale = scale_ptr
     args.found_inf = inf_ptr
+    args.grad_clip = clip_ptr
     hvp_keep = None
     if spec.inputs:  # ESGD-M: the HVP slot follows the state buffers
         if hvps is not None:
@@ -275,4 +277,4 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(index).cuda_stream
         run(args, device=index, stream=stream)
-    del scale_keep, inf_keep, rows_keep, hvp_keep
+    del scale_keep, inf_keep, clip_keep, rows_keep, hvp_keep

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from fastmup.infshape_registry import find_infshape
 from fastmup.optim.backend import launcher
 from fastmup.optim.checks import check_adam
+from fastmup.optim.clip import clipped
 from fastmup.optim.multipliers import Multiplier, eps_multiplier
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
@@ -279,7 +280,7 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         lr, wd, beta1, beta2, eps, amsgrad, maximize, decoupled = batch.rows[i].tolist()
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
         param, exp_avg, exp_avg_sq = p.to(dtype), exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
-        grad = unscaled(g, dtype, grad_scale)
+        grad = unscaled(clipped(g, batch.grad_clip), dtype, grad_scale)
         if maximize:
             grad = -grad
         if wd != 0:

@@ -134,6 +134,7 @@ from fastmup.optim import backend as backends
 from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
 from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
+from fastmup.optim.clip import clipped
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
@@ -549,7 +550,8 @@ def _single_tensor_esgd(
         new["exp_avg_bias_corr"][i], new["exp_avg_d_bias_corr"][i] = s.bc1, s.bc2
         new["lr_warmup_cumprod"][i], new["step"][i] = s.cum, s.step
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
-        param, grad = p.to(dtype), unscaled(g, dtype, grad_scale)
+        # a deferred clip scales the gradient only (the HVP comes from autograd, as with an in-place clip)
+        param, grad = p.to(dtype), unscaled(clipped(g, batch.grad_clip), dtype, grad_scale)
         exp_avg, exp_avg_d = exp_avgs[i].to(dtype), exp_avg_ds[i].to(dtype)
         exp_avg.lerp_(grad, s.lerp_m)
         if hvp_step:

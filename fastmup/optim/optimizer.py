@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from fastmup.infshape_registry import explain_missing, find_infshape
 from fastmup.optim import backend as backends
+from fastmup.optim import clip as clipping
 from fastmup.optim.mup_groups import regroup_state_dict
 from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
 from fastmup.plan.batch import Signature, TensorBatch, stack_scalars
@@ -210,7 +211,7 @@ class MuOptimizer(Optimizer):
     # pickling and deepcopy: configuration travels, plan caches are rebuilt
     # ------------------------------------------------------------------
     #: attributes that are caches of the plan (rebuilt on the next step)
-    _PLAN_CACHES = ("_batches", "_plan_inputs", "_backend_ready", "_eager_noted", "_rows_from")
+    _PLAN_CACHES = ("_batches", "_plan_inputs", "_backend_ready", "_eager_noted", "_rows_from", "_pending_clip", "per_tensor_grad_norms")
 
     def _reset_plan(self) -> None:
         self._batches: list[TensorBatch] = []
@@ -219,6 +220,9 @@ class MuOptimizer(Optimizer):
         self._rows_from: Optional[tuple[list[TensorBatch], list[tuple]]] = None
         self._backend_ready = False
         self._eager_noted = False
+        self._pending_clip: Optional[clipping.PendingClip] = None
+        #: the per-tensor gradient norms of the last ``clip_grad_norm_(..., per_tensor=True)``
+        self.per_tensor_grad_norms: Optional[Tensor] = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -683,6 +687,7 @@ class MuOptimizer(Optimizer):
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
         self._check_step()
         batches = self._plan()
+        self._bind_clip(batches)
         # an update that advances its own scalar state counts the step itself
         # (and writes nothing, on the device, when found_inf is set)
         counts_steps = not self.spec.advances_scalars
@@ -708,8 +713,76 @@ class MuOptimizer(Optimizer):
                     batch.retract_steps(batch_inf)
         finally:
             self._release_grads()  # the grads of a step may carry autograd graphs: never keep them
+            for batch in batches:
+                batch.grad_clip = None
         self._after_step()
         return loss
+
+    # ------------------------------------------------------------------
+    # gradient clipping, deferred into the next step
+    # ------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: Optional[bool] = None,
+        *,
+        grad_scaler: Optional[Any] = None,
+        per_tensor: bool = False,
+    ) -> Tensor:
+        """Clip the gradient norm of every parameter of the optimizer, as
+        ``torch.nn.utils.clip_grad_norm_(opt's params, max_norm, ...)``, with
+        the multiplication deferred into the next :meth:`step`.
+
+        Computes ``norm = (Σ |g|^p)^(1/p)`` over the raw gradients of every
+        param group (``max |g|`` for ``inf``; μP multipliers play no part), one
+        fused reduction per batch on the launch plans of the step, and returns
+        it (a device tensor, in the dtype torch returns).  Instead of
+        rewriting the gradients, ``coef = min(1, max_norm / (norm + 1e-6))``
+        stays on the device and the next ``step()``'s update kernels read
+        ``round_to_grad_dtype(g · coef)`` where they read ``g`` anyway: the
+        parameters and state end bit-identical to clipping in place
+        (``fastmup.clip_grad_norm_`` with the same backend) and then stepping.
+        No host sync (unless ``error_if_nonfinite``: torch's error, raised
+        before anything is deferred); capturable in a CUDA graph.
+
+        ``grad_scaler``: with AMP's fused unscaling (``scaler.step(opt)``
+        without ``scaler.unscale_(opt)`` first) the gradients are still
+        scaled: pass the scaler and the norm is that of the unscaled
+        gradients (Σ|g|^p / scale^p); after ``scaler.unscale_(opt)`` it is not
+        needed.  A step GradScaler skips (inf/nan) consumes the coefficient.
+        ``per_tensor=True`` also leaves every parameter's gradient norm in
+        :attr:`per_tensor_grad_norms` (float32 device tensor in the order of
+        the param groups, 0 without a gradient).
+
+        The coefficient applies to the gradients it was computed from: a
+        step whose gradients were replaced since (``zero_grad``, a closure)
+        drops it with a warning.
+        """
+        return clipping.defer(self, max_norm, norm_type, error_if_nonfinite, foreach, grad_scaler, per_tensor)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; a deferred clip coefficient goes with the gradients."""
+        self._pending_clip = None
+        super().zero_grad(set_to_none)
+
+    def _bind_clip(self, batches: list[TensorBatch]) -> None:
+        """Hand a pending clip coefficient to this step's batches."""
+        pending = self._pending_clip
+        if pending is None:
+            return
+        self._pending_clip = None
+        if not pending.still_current(self._plan_inputs):
+            warnings.warn(
+                "fastmup: the gradients changed between clip_grad_norm_() and step(); the step runs unclipped",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        for batch in batches:
+            batch.grad_clip = pending.coef[batch.device]
 
     # ------------------------------------------------------------------
     # the table, as the user reads it

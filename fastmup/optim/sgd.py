@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from fastmup.optim.backend import launcher
 from fastmup.optim.checks import check_sgd
+from fastmup.optim.clip import clipped
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.optim.reference import skips_step, store, unscaled
@@ -163,7 +164,7 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
         if g.layout != torch.strided:
             g = g.to_dense()
         dtype = math_dtype(p.dtype, g.dtype, *([] if buffers[i] is None else [buffers[i].dtype]))
-        param, grad = p.to(dtype), unscaled(g, dtype, grad_scale)
+        param, grad = p.to(dtype), unscaled(clipped(g, batch.grad_clip), dtype, grad_scale)
         if maximize:
             grad = -grad
         if wd != 0:

@@ -68,6 +68,10 @@ class TensorBatch:
     spec: Optional[AlgorithmSpec] = None
     #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
     device_lr: list[Tensor] | None = None
+    #: the clip coefficient deferred into this step (float32, one element on
+    #: the batch's device; ``MuOptimizer.clip_grad_norm_``) or None: every
+    #: backend's update reads ``round_to_grad_dtype(grad · grad_clip)``
+    grad_clip: Tensor | None = None
     #: per tensor: its param group, and its μP multipliers of ``lr`` and
     #: ``weight_decay`` as exact fractions ``num / den`` (the rows apply them)
     group_index: np.ndarray | None = None
