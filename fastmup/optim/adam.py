@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmup.optim import precision
 from fastmup.optim.checks import check_adam
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
@@ -55,6 +56,15 @@ class MuAdam(MuOptimizer):
     fused launch).  torch's ``foreach`` and ``fused`` are accepted and kept
     in the param groups (every backend is one pass over all tensors);
     ``differentiable=True`` raises ``NotImplementedError``.
+
+    Low-precision parameters (:mod:`fastmup.optim.precision`; also per
+    param group): ``stochastic_rounding=True`` writes bf16/fp16 parameters
+    with unbiased stochastic rounding (bits seeded by ``rounding_seed``, no
+    extra memory); ``master_weights="fp32"`` keeps an fp32 master per
+    bf16/fp16 parameter (``state["master_weight"]``, 4 bytes per element)
+    and ``master_weights="remainder"`` its low 16 bits next to a bf16
+    parameter (``state["weight_remainder"]``, 2 bytes), the two giving
+    bit-identical trajectories; the update then runs on the fp32 master.
 
     ``impl`` is mup's way to make other Adam-like μP optimizers:
     ``MuAdam(params, impl=torch.optim.RMSprop, lr=...)`` returns that torch
@@ -90,6 +100,9 @@ class MuAdam(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
+        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         if impl is torch.optim.AdamW:
@@ -108,7 +121,16 @@ class MuAdam(MuOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             decoupled_wd=decoupled_wd,
         )
-        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            state_dtype=state_dtype,
+            param_lr_scales=param_lr_scales,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            rounding_seed=rounding_seed,
+        )
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_adam(group)
@@ -157,6 +179,9 @@ class MuAdamW(MuAdam):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
+        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         super().__init__(
@@ -176,6 +201,9 @@ class MuAdamW(MuAdam):
             backend=backend,
             state_dtype=state_dtype,
             param_lr_scales=param_lr_scales,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            rounding_seed=rounding_seed,
         )
 
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
@@ -208,9 +236,11 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
             continue  # no gradient this step
         lr, wd, beta1, beta2, eps, amsgrad, maximize, decoupled = batch.rows[i].tolist()
         # math in fp32 (fp64 for fp64 storage) on copies; tensors already of
-        # that dtype are used in place.
+        # that dtype are used in place.  The parameter's value is read as its
+        # storage mode holds it (the fp32 master weight, say).
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
-        param, exp_avg, exp_avg_sq = p.to(dtype), exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
+        param = precision.load_batch_param(batch, i, dtype)
+        exp_avg, exp_avg_sq = exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
         grad = g.to(dtype)
         if grad_scale is not None:
             grad = grad / grad_scale.to(grad.device, dtype)
@@ -235,7 +265,8 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
-        for stored, computed in ((p, param), (exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq)):
+        precision.store_batch_param(batch, i, param, step)
+        for stored, computed in ((exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq)):
             if stored is not computed:
                 stored.copy_(computed)
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmup.optim import precision
 from fastmup.optim.checks import check_sgd
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
@@ -54,6 +55,10 @@ class MuSGD(MuOptimizer):
     ``foreach`` and ``fused`` are accepted and kept in the param groups;
     ``differentiable=True`` raises ``NotImplementedError``.
 
+    ``stochastic_rounding``, ``master_weights`` and ``rounding_seed``: the
+    low-precision parameter options of :class:`~fastmup.optim.MuAdam`
+    (:mod:`fastmup.optim.precision`).
+
     ``impl`` is mup's way to make other SGD-like μP optimizers:
     ``MuSGD(params, impl=torch.optim.ASGD, lr=...)`` returns that torch
     optimizer built on mup's split param groups, as mup does
@@ -87,6 +92,9 @@ class MuSGD(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
+        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         defaults = dict(
@@ -102,7 +110,16 @@ class MuSGD(MuOptimizer):
             decoupled_wd=decoupled_wd,
             capturable=capturable,
         )
-        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            state_dtype=state_dtype,
+            param_lr_scales=param_lr_scales,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            rounding_seed=rounding_seed,
+        )
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_sgd(group)
@@ -162,7 +179,7 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
         # math in fp32 (fp64 for fp64 storage) on copies; tensors already of
         # that dtype are used in place.
         dtype = math_dtype(p.dtype, g.dtype, *([] if buffers[i] is None else [buffers[i].dtype]))
-        param, grad = p.to(dtype), g.to(dtype)
+        param, grad = precision.load_batch_param(batch, i, dtype), g.to(dtype)
         if grad_scale is not None:
             grad = grad / grad_scale.to(grad.device, dtype)
         if maximize:
@@ -179,5 +196,4 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
                 buffers[i].copy_(buf)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
-        if param is not p:
-            p.copy_(param)
+        precision.store_batch_param(batch, i, param, steps[i])

@@ -42,6 +42,8 @@ class Signature:
     grad_dtype: torch.dtype
     state_dtype: torch.dtype
     backend: str = "eager"
+    #: how the parameters are stored (``fastmup.plan.spec.ParamStorage``)
+    storage: str = "nearest"
 
 
 @dataclass(eq=False)
@@ -66,6 +68,11 @@ class TensorBatch:
     owners: list[Tensor] = field(default_factory=list)
     #: the algorithm whose update steps this batch (its columns are ``columns``)
     spec: Optional[AlgorithmSpec] = None
+    #: the seed of the stochastic-rounding bits (``ParamStorage.STOCHASTIC``)
+    #: and its part of their hash (``fastmup.optim.precision.seed_prefix``,
+    #: uint32), which the fused kernels start from
+    rounding_seed: int = 0
+    rounding_prefix: int = 0
     #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
     device_lr: list[Tensor] | None = None
     group_index: np.ndarray | None = None
