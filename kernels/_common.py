@@ -4,7 +4,8 @@ jit helpers (the common prologue and the tile I/O of every kernel):
 
 * :func:`block_extent`: which tensor and which elements a program owns;
   :func:`skip_on_found_inf` empties it when AMP found inf/nan;
-  :func:`tile_range`: its full tiles, then its partial one.
+  :func:`tile_range`: its full tiles, then its partial one;
+  :func:`program_pass`: the three, for one pass of a program.
 * :func:`tensor_ptr` turns an entry of a batch's pointer table into a typed
   pointer.
 * :func:`load_tile` / :func:`store_tile` move ``TILE`` elements of one
@@ -13,20 +14,25 @@ jit helpers (the common prologue and the tile I/O of every kernel):
 * :func:`upcast` / :func:`downcast` convert between storage dtypes and the
   fp32 math type.
 * :func:`lerp_coefficients` / :func:`lerp`: ``torch.lerp`` with a scalar weight.
-* :func:`scale_reciprocal` / :func:`unscale`: AMP's ``g / grad_scale``, as an
-  exact multiplication when the scale is a power of two.  The kernels run
+* :func:`grad_unscaling` / :func:`scale_reciprocal` / :func:`unscale`: AMP's
+  ``g / grad_scale``, as an exact multiplication when the scale is a power
+  of two.  The kernels run
   their tile loops once for each case (that one first), so neither loop
   tests it per tile.
 * :func:`bias_correction` computes ``1 - β^t`` in float64 inside a kernel.
 
 host side:
 
-* :func:`build_plan` checks a batch once and gathers everything a launch
-  needs besides the per-step values (:class:`Plan`); :func:`plan_for` caches
-  it per batch.  ``LAUNCHES`` counts kernel launches per algorithm (tests
-  assert "one step = one launch per dtype signature" with it).
-* :func:`scalar_inputs` prepares the AMP tensors (``grad_scale``,
-  ``found_inf``) so a launch never syncs with the host.
+* :func:`launch_plan`: the batch's :class:`~fastmup.plan.launch.LaunchPlan`
+  (pointer table, block map, dtypes, alignment, tickets: built once per
+  batch by :mod:`fastmup.plan`, shared with the compiled backends), checked
+  once for the kernel that reads it.  ``LAUNCHES`` counts kernel launches
+  per algorithm (tests assert "one step = one launch per dtype signature"
+  with it).
+* :func:`batch_args`: the keyword arguments every optimizer kernel takes
+  alike (tables, block map, dtypes, AMP scalars); :func:`scalar_inputs`
+  prepares the AMP tensors (``grad_scale``, ``found_inf``) so a launch
+  never syncs with the host.
 
 Every launch passes ``enable_fp_fusion=False``: the eager reference rounds
 each torch op on its own, so the compiler must not contract a multiply and an
@@ -38,27 +44,29 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import weakref
-from typing import Callable, NamedTuple, Optional, Sequence, TypeVar
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from fastmup.plan.launch import LaunchPlan
+
 __all__ = [
     "FP_FUSION",
     "LAUNCHES",
-    "Plan",
+    "batch_args",
     "bias_correction",
     "block_extent",
-    "build_plan",
     "check_device",
     "device_guard",
     "downcast",
+    "grad_unscaling",
+    "launch_plan",
     "lerp",
     "lerp_coefficients",
     "load_tile",
-    "plan_for",
+    "program_pass",
     "scalar_inputs",
     "scale_reciprocal",
     "skip_on_found_inf",
@@ -72,9 +80,6 @@ __all__ = [
 
 #: Number of fused kernel launches so far, per algorithm ("adam", "sgd").
 LAUNCHES: collections.Counter = collections.Counter()
-
-# Alignment, in bytes, that lets full tiles use 16-byte vector accesses.
-ALIGNMENT = 16
 
 #: the ``enable_fp_fusion`` every launch passes (module docstring)
 FP_FUSION = False
@@ -193,6 +198,35 @@ def skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
     if HAS_FOUND_INF:
         n = tl.where(tl.load(found_inf_ptr) != 0.0, 0, n)
     return n
+
+
+@triton.jit
+def program_pass(
+    tensor_of_block_ptr, start_of_block_ptr, numels_ptr, found_inf_ptr,
+    BLOCK: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):
+    """``(i, start, n, first_tile, end_tile)``: one pass of a program over its
+    elements ``[start, start + n)`` of tensor ``i`` (:func:`block_extent`;
+    none when AMP found inf/nan), tiles ``[first_tile, end_tile)`` of it
+    (:func:`tile_range`).  Kernels make two passes, the full tiles, then the
+    partial one, and read the extent again for each rather than keep it in
+    registers through the first pass's loop."""
+    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
+    first_tile, end_tile = tile_range(n, TILE, MASKED)
+    return i, start, n, first_tile, end_tile
+
+
+@triton.jit
+def grad_unscaling(grad_scale_ptr, HAS_SCALE: tl.constexpr):
+    """``(scale, inv_scale, exact)`` of AMP's ``grad_scale``
+    (:func:`scale_reciprocal`); without one, nothing is divided and the
+    kernel makes one pass (``exact``)."""
+    scale, inv_scale, exact = 1.0, 1.0, True
+    if HAS_SCALE:
+        scale = tl.load(grad_scale_ptr)
+        inv_scale, exact = scale_reciprocal(scale)
+    return scale, inv_scale, exact
 
 
 @triton.jit
@@ -316,22 +350,6 @@ def tl_dtype(dtype: torch.dtype):
         ) from None
 
 
-class Plan(NamedTuple):
-    """Everything a step's launch needs besides the rows, steps and AMP scalars."""
-
-    pointers: torch.Tensor  # int64 [roles, n]
-    numels: torch.Tensor  # int64 [n]
-    tensor_of_block: torch.Tensor  # int32 [nblocks]
-    start_of_block: torch.Tensor  # int64 [nblocks]
-    nblocks: int
-    n_tensors: int
-    param: tl.dtype
-    grad: tl.dtype
-    state: tl.dtype
-    has_optional: bool  # the optional state buffer exists for some tensor
-    aligned: bool  # every address is a multiple of ALIGNMENT bytes
-
-
 def check_device(kernel, device: torch.device) -> None:
     """The kernels follow raw ``data_ptr()`` values: under ``TRITON_INTERPRET=1``
     they run on the host and can only follow CPU addresses; compiled, they
@@ -348,69 +366,62 @@ def check_device(kernel, device: torch.device) -> None:
         raise RuntimeError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests), got {device}")
 
 
-def build_plan(batch, algorithm: str, kernel, *, columns: Sequence[str], block: int, state: Sequence[str], optional: str, flag: str) -> Plan:
-    """Check ``batch`` once and gather its launch arguments.
+def launch_plan(batch, kernel, block: int, *, algorithm: Optional[str], roles: Optional[Sequence[str]]) -> LaunchPlan:
+    """The batch's :class:`~fastmup.plan.launch.LaunchPlan` for chunks of
+    ``block`` elements, as ``kernel`` reads it.
 
-    ``state`` names the buffers every tensor has; ``optional`` the one that
-    only tensors whose row has ``flag != 0`` have (amsgrad's
-    ``max_exp_avg_sq``, SGD's ``momentum_buffer``): address 0 elsewhere, and
-    no pointer row at all when no tensor of the batch has it.
-    """
-    if tuple(batch.columns) != tuple(columns):
-        raise ValueError(f"{algorithm} kernel expects columns {tuple(columns)}, the batch has {tuple(batch.columns)}")
-    sig = batch.signature
-    check_device(kernel, sig.device)
-    has_optional = optional in batch.state
-    names = ("param", "grad", *state) + ((optional,) if has_optional else ())
-    flags = batch.rows[:, list(columns).index(flag)]
-    tensors = []
-    for name in names:
-        listed = batch.params if name == "param" else batch.grads if name == "grad" else batch.state[name]
-        for i, t in enumerate(listed):
-            if t is None:
-                if (name == optional and flags[i] == 0) or (name == "grad" and not batch.is_active(i)):
-                    continue  # no such buffer, or no gradient this step (address 0, nothing read)
-                raise ValueError(f"{algorithm} kernel: tensor {i} of the batch has no {name!r} buffer")
-            want = {"param": sig.param_dtype, "grad": sig.grad_dtype}.get(name, sig.state_dtype)
-            if t.dtype != want or t.shape != batch.params[i].shape or not t.is_contiguous() or t.device != sig.device:
-                raise ValueError(
-                    f"{algorithm} kernel: {name} of tensor {i} must be a contiguous {want} tensor on {sig.device} "
-                    f"shaped like its param, got {t.dtype} {tuple(t.shape)} on {t.device}"
-                )
-            tensors.append(t)
-    tensor_of_block, start_of_block, nblocks = batch.block_map(block)
-    return Plan(
-        pointers=batch.pointers(names),
-        numels=batch.numels(),
-        tensor_of_block=tensor_of_block,
-        start_of_block=start_of_block,
-        nblocks=nblocks,
-        n_tensors=len(batch),
-        param=tl_dtype(sig.param_dtype),
-        grad=tl_dtype(sig.grad_dtype),
-        state=tl_dtype(sig.state_dtype),
-        has_optional=has_optional,
-        aligned=all(t.data_ptr() % ALIGNMENT == 0 for t in tensors),
-    )
-
-
-T = TypeVar("T")
-
-# One cached plan per (batch, algorithm).  Keyed weakly on the batch: a
-# re-plan by the optimizer makes new batches and the old plans go away.
-_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def plan_for(batch, algorithm: str, build: Callable[[], T]) -> T:
-    """The launch plan of ``batch`` for ``algorithm``, built once by ``build()``
-    (usually :func:`build_plan`) and reused by every later step."""
-    plans = _PLANS.get(batch)
-    if plans is None:
-        plans = _PLANS[batch] = {}
-    plan = plans.get(algorithm)
-    if plan is None:
-        plan = plans[algorithm] = build()
+    ``algorithm``: the ``kernel`` name the batch's spec must have (None: any
+    batch, e.g. the probes of one).  ``roles``: the rows of the pointer
+    table the kernel reads, in its order; the plan's must be a prefix of
+    them (the optional buffer's row exists only when some tensor has it).
+    None: the kernel reads no pointer table.
+    Checked once per plan, with the device (:func:`check_device`)."""
+    spec = batch.spec
+    if algorithm is not None and (spec is None or spec.kernel != algorithm):
+        raise ValueError(
+            f"fastmup.kernels.{algorithm} steps batches of the {algorithm!r} algorithm, got one of "
+            f"{None if spec is None else spec.name!r}"
+        )
+    plan = batch.launch_plan(block)
+    plan.memo(("triton", kernel.__name__), lambda: _check_plan(plan, kernel, batch.device, roles))
     return plan
+
+
+def _check_plan(plan: LaunchPlan, kernel, device: torch.device, roles: Optional[Sequence[str]]) -> None:
+    check_device(kernel, device)
+    if roles is not None and tuple(roles[: len(plan.roles)]) != plan.roles:
+        raise ValueError(f"{kernel.__name__} reads pointer rows {roles}, the launch plan has {plan.roles}")
+    for dtype in (plan.param_dtype, plan.grad_dtype, plan.state_dtype):
+        tl_dtype(dtype)  # raises for a dtype no kernel takes
+
+
+def batch_args(batch, plan: LaunchPlan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], *, aligned: Optional[bool] = None) -> dict:
+    """The keyword arguments every optimizer kernel takes the same way:
+    the batch's hyperparameter table (``rows_ptr``, ``NCOLS`` columns), the
+    plan's pointer table (``ptrs_ptr``, rows of ``n_tensors`` entries),
+    element counts and block map, the storage dtypes, AMP's scalars
+    (``HAS_SCALE`` / ``HAS_FOUND_INF``: whether they are read), the
+    alignment (``aligned``: the plan's unless given) and the compile option
+    every launch passes (``enable_fp_fusion``, see the module docstring)."""
+    scale, inf = scalar_inputs(batch, grad_scale, found_inf)
+    return dict(
+        rows_ptr=batch.device_rows(),
+        ptrs_ptr=plan.pointers,
+        numels_ptr=plan.numels,
+        tensor_of_block_ptr=plan.tensor_of_block,
+        start_of_block_ptr=plan.start_of_block,
+        grad_scale_ptr=scale,
+        found_inf_ptr=inf,
+        n_tensors=plan.n_tensors,
+        NCOLS=len(batch.spec.columns),
+        PARAM=tl_dtype(plan.param_dtype),
+        GRAD=tl_dtype(plan.grad_dtype),
+        STATE=tl_dtype(plan.state_dtype),
+        HAS_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        ALIGNED=plan.aligned if aligned is None else aligned,
+        enable_fp_fusion=FP_FUSION,
+    )
 
 
 def scalar_inputs(batch, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]):

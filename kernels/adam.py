@@ -43,14 +43,13 @@ from . import _common
 from ._common import (
     bias_correction,
     block_extent,
+    grad_unscaling,
     lerp,
     lerp_coefficients,
     load_tile,
-    scale_reciprocal,
-    skip_on_found_inf,
+    program_pass,
     store_tile,
     tensor_ptr,
-    tile_range,
     unscale,
 )
 
@@ -68,12 +67,9 @@ BLOCK = 4096
 TILE = 1024
 NUM_WARPS = 4
 
-# Order of the columns of ``batch.rows`` (fastmup.optim.adam.COLUMNS).
-COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
-NCOLS = len(COLUMNS)
-# State buffers every tensor has, and the one only amsgrad tensors have.
-STATE = ("exp_avg", "exp_avg_sq")
-OPTIONAL = "max_exp_avg_sq"
+# The rows of the pointer table the kernel reads: the batch's spec's buffers
+# (the last, amsgrad's, only when some tensor of the batch has it).
+ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 @triton.jit
@@ -119,7 +115,7 @@ def _tile(
 @triton.jit
 def adam_kernel(
     rows_ptr,  # float64 [n, NCOLS]: per-tensor hyperparameters
-    ptrs_ptr,  # int64 [4 or 5, n]: data_ptr() of param, grad, exp_avg, exp_avg_sq(, max_exp_avg_sq)
+    ptrs_ptr,  # int64 [4 or 5, n]: data_ptr() of the ROLES
     steps_ptr,  # float32 [n]: step counts, already incremented
     numels_ptr,  # int64 [n]
     tensor_of_block_ptr,  # int32 [nblocks]
@@ -128,6 +124,15 @@ def adam_kernel(
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
     n_tensors,  # row stride of the pointer table
     NCOLS: tl.constexpr,
+    # where each hyperparameter is in a row: the spec's columns
+    COL_LR: tl.constexpr,
+    COL_WEIGHT_DECAY: tl.constexpr,
+    COL_BETA1: tl.constexpr,
+    COL_BETA2: tl.constexpr,
+    COL_EPS: tl.constexpr,
+    COL_AMSGRAD: tl.constexpr,
+    COL_MAXIMIZE: tl.constexpr,
+    COL_DECOUPLED_WEIGHT_DECAY: tl.constexpr,
     PARAM: tl.constexpr,  # storage dtypes
     GRAD: tl.constexpr,
     STATE: tl.constexpr,
@@ -142,14 +147,14 @@ def adam_kernel(
 
     # ---- this tensor's hyperparameters (float64) --------------------------
     row = rows_ptr + i * NCOLS
-    lr = tl.load(row + 0)
-    wd = tl.load(row + 1)
-    beta1 = tl.load(row + 2)
-    beta2 = tl.load(row + 3)
-    eps = tl.load(row + 4)
-    amsgrad = tl.load(row + 5) != 0.0
-    maximize = tl.load(row + 6) != 0.0
-    decoupled = tl.load(row + 7) != 0.0
+    lr = tl.load(row + COL_LR)
+    wd = tl.load(row + COL_WEIGHT_DECAY)
+    beta1 = tl.load(row + COL_BETA1)
+    beta2 = tl.load(row + COL_BETA2)
+    eps = tl.load(row + COL_EPS)
+    amsgrad = tl.load(row + COL_AMSGRAD) != 0.0
+    maximize = tl.load(row + COL_MAXIMIZE) != 0.0
+    decoupled = tl.load(row + COL_DECOUPLED_WEIGHT_DECAY) != 0.0
     t = tl.load(steps_ptr + i)
 
     # ---- fp32 scalars, each rounded once from float64 ----------------------
@@ -162,19 +167,14 @@ def adam_kernel(
     lerp_coeff, small = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     beta2_32 = beta2.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
-    scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
-    if HAS_SCALE:
-        scale = tl.load(grad_scale_ptr)
-        inv_scale, exact = scale_reciprocal(scale)
+    scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
     for masked in tl.static_range(2):
-        # The program's extent and buffers, read again for each pass rather
-        # than kept in registers through the first pass's loop.
-        i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-        n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
-        first_tile, end_tile = tile_range(n, TILE, masked)
+        i, start, n, first_tile, end_tile = program_pass(
+            tensor_of_block_ptr, start_of_block_ptr, numels_ptr, found_inf_ptr, BLOCK, TILE, masked, HAS_FOUND_INF
+        )
         param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
         grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
         exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
@@ -194,42 +194,35 @@ def adam_kernel(
                         PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
                     )
 
+
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
     """One fused Adam step for every tensor of ``batch`` (one kernel launch).
 
     ``grad_scale`` (1-element float32 tensor) divides the gradients;
     ``found_inf`` (1-element float32 tensor), when nonzero, makes the launch
-    write nothing.  Neither is read on the host.  The pointer table, block
-    map and dtype checks are built on the first call for a batch and reused.
+    write nothing.  Neither is read on the host.  The batch's launch plan
+    (pointer table, block map, dtype checks) is built on its first step and
+    reused.
     """
-    plan = _common.plan_for(batch, "adam", lambda: _common.build_plan(
-        batch, "adam", adam_kernel, columns=COLUMNS, block=BLOCK, state=STATE, optional=OPTIONAL, flag="amsgrad",
-    ))
+    plan = _common.launch_plan(batch, adam_kernel, BLOCK, algorithm="adam", roles=ROLES)
     if plan.nblocks == 0:
         return
-    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
+    spec = batch.spec
     with _common.device_guard(batch.device):
         adam_kernel[(plan.nblocks,)](
-            rows_ptr=batch.device_rows(),
-            ptrs_ptr=plan.pointers,
+            **_common.batch_args(batch, plan, grad_scale, found_inf),
             steps_ptr=batch.steps,
-            numels_ptr=plan.numels,
-            tensor_of_block_ptr=plan.tensor_of_block,
-            start_of_block_ptr=plan.start_of_block,
-            grad_scale_ptr=scale,
-            found_inf_ptr=inf,
-            n_tensors=plan.n_tensors,
-            NCOLS=NCOLS,
-            PARAM=plan.param,
-            GRAD=plan.grad,
-            STATE=plan.state,
+            COL_LR=spec.col("lr"),
+            COL_WEIGHT_DECAY=spec.col("weight_decay"),
+            COL_BETA1=spec.col("beta1"),
+            COL_BETA2=spec.col("beta2"),
+            COL_EPS=spec.col("eps"),
+            COL_AMSGRAD=spec.col("amsgrad"),
+            COL_MAXIMIZE=spec.col("maximize"),
+            COL_DECOUPLED_WEIGHT_DECAY=spec.col("decoupled_weight_decay"),
             HAS_AMSGRAD=plan.has_optional,
-            HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=plan.aligned,
             BLOCK=BLOCK,
             TILE=TILE,
             num_warps=NUM_WARPS,
-            enable_fp_fusion=_common.FP_FUSION,
         )
     _common.LAUNCHES["adam"] += 1

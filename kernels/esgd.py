@@ -51,24 +51,24 @@ table value, so one compiled kernel and one launch cover a dtype signature.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from fastmup.plan.launch import input_dtype, input_table
+
 from . import _common
 from ._common import (
     block_extent,
+    grad_unscaling,
     lerp,
     lerp_coefficients,
     load_tile,
-    scale_reciprocal,
-    skip_on_found_inf,
+    program_pass,
     store_tile,
     tensor_ptr,
-    tile_range,
     unscale,
 )
 
@@ -86,21 +86,23 @@ NUM_WARPS = 4
 # otherwise need 80% of an H200's instruction issue at full bandwidth).
 NUM_WARPS_UNALIGNED = 2
 
-# Order of the columns of ``batch.rows`` (fastmup.optim.esgd.COLUMNS).
-COLUMNS = ("lr", "weight_decay", "beta1", "beta2", "v", "lr_warmup", "eps", "variant")
-NCOLS = len(COLUMNS)
-POINTERS = ("param", "grad", "exp_avg", "exp_avg_d")
+# The rows of the pointer table the kernel reads: the batch's spec's buffers.
+ROLES = ("param", "grad", "exp_avg", "exp_avg_d")
 
 
 @triton.jit
-def _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.constexpr):
+def _advanced_scalars(
+    row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.constexpr,
+    COL_BETA1: tl.constexpr, COL_BETA2: tl.constexpr, COL_V: tl.constexpr, COL_LR_WARMUP: tl.constexpr,
+    COL_VARIANT: tl.constexpr,
+):
     """Tensor ``i``'s old step and its new ``bc1``, ``bc2``, ``cum`` (float64),
     and ``v``: the first part of ``fastmup.optim.esgd.tensor_scalars``."""
-    beta1 = tl.load(row + 2)
-    beta2 = tl.load(row + 3)
-    lr_warmup = tl.load(row + 5)
-    is_max = tl.load(row + 7) != 0.0
-    v = tl.where(is_max, beta1, tl.load(row + 4))  # the max variant is Nesterov only
+    beta1 = tl.load(row + COL_BETA1)
+    beta2 = tl.load(row + COL_BETA2)
+    lr_warmup = tl.load(row + COL_LR_WARMUP)
+    is_max = tl.load(row + COL_VARIANT) != 0.0
+    v = tl.where(is_max, beta1, tl.load(row + COL_V))  # the max variant is Nesterov only
     bc1 = tl.load(bc1_ptr + i) * beta1
     bc2 = tl.load(bc2_ptr + i)
     cum = tl.load(cum_ptr + i)
@@ -116,9 +118,9 @@ def _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.const
 def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, at, left,
     scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
-    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HVP_DTYPE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr,
+    MASKED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_esgd`` (elements ``at`` on, ``left`` of them valid)."""
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
@@ -129,7 +131,7 @@ def _tile(
     m = lerp(m, g, coeff_m, small_m)  # exp_avg.lerp_(g, 1-β1)
     store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
     if HVP:
-        h = load_tile(hvp_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
+        h = load_tile(hvp_ptr + at, left, HVP_DTYPE, TILE, MASKED, ALIGNED)
         if HAS_SCALE:
             h = unscale(h, scale, inv_scale, BY_RECIPROCAL)
         if is_max:  # uniform over the program: a branch, not a select
@@ -150,7 +152,7 @@ def _tile(
 @triton.jit
 def esgd_kernel(
     rows_ptr,  # float64 [n, NCOLS]
-    ptrs_ptr,  # int64 [4, n]: data_ptr() of param, grad, exp_avg, exp_avg_d
+    ptrs_ptr,  # int64 [4, n]: data_ptr() of the ROLES
     hvp_ptrs_ptr,  # int64 [n]: data_ptr() of the HVPs (read only if HVP)
     step_ptr,  # float32 [n]   \
     bc1_ptr,  # float64 [n]     |  per-tensor scalar state: old values in,
@@ -164,10 +166,20 @@ def esgd_kernel(
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
     n_tensors,
     NCOLS: tl.constexpr,
-    PARAM: tl.constexpr,
+    # where each hyperparameter is in a row: the spec's columns
+    COL_LR: tl.constexpr,
+    COL_WEIGHT_DECAY: tl.constexpr,
+    COL_BETA1: tl.constexpr,
+    COL_BETA2: tl.constexpr,
+    COL_V: tl.constexpr,
+    COL_LR_WARMUP: tl.constexpr,
+    COL_EPS: tl.constexpr,
+    COL_VARIANT: tl.constexpr,
+    PARAM: tl.constexpr,  # storage dtypes
     GRAD: tl.constexpr,
     STATE: tl.constexpr,
     HVP: tl.constexpr,  # this step updates d
+    HVP_DTYPE: tl.constexpr,  # the HVPs' (the spec's read-only input: the grads' dtype)
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address (HVPs included) is 16-byte aligned
@@ -179,13 +191,15 @@ def esgd_kernel(
 
     # ---- this tensor's row and scalar state: tensor_scalars ----------------
     row = rows_ptr + i * NCOLS
-    lr = tl.load(row + 0)
-    wd = tl.load(row + 1)
-    beta1 = tl.load(row + 2)
-    beta2 = tl.load(row + 3)
-    eps = tl.load(row + 6)
-    is_max = tl.load(row + 7) != 0.0
-    _, bc1, bc2, cum, v = _advanced_scalars(row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
+    lr = tl.load(row + COL_LR)
+    wd = tl.load(row + COL_WEIGHT_DECAY)
+    beta1 = tl.load(row + COL_BETA1)
+    beta2 = tl.load(row + COL_BETA2)
+    eps = tl.load(row + COL_EPS)
+    is_max = tl.load(row + COL_VARIANT) != 0.0
+    _, bc1, bc2, cum, v = _advanced_scalars(
+        row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP, COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT
+    )
     step_size = lr * (1.0 - cum)
     bc2_sqrt = tl.where(is_max, 1.0, tl.sqrt(1.0 - bc2)).to(tl.float32)  # float64 sqrt is IEEE-rounded
     decay = (1.0 - wd * step_size).to(tl.float32)
@@ -195,30 +209,28 @@ def esgd_kernel(
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
     coeff_m, small_m = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     coeff_q, small_q = lerp_coefficients((1.0 - v).to(tl.float32))  # torch.lerp(m, g, 1-v)
-    scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
-    if HAS_SCALE:
-        scale = tl.load(grad_scale_ptr)
-        inv_scale, exact = scale_reciprocal(scale)
+    scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
     for masked in tl.static_range(2):
-        # The program's extent and buffers, read again for each pass rather
-        # than kept in registers through the first pass's loop.
-        i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-        n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
-        first_tile, end_tile = tile_range(n, TILE, masked)
+        i, start, n, first_tile, end_tile = program_pass(
+            tensor_of_block_ptr, start_of_block_ptr, numels_ptr, found_inf_ptr, BLOCK, TILE, masked, HAS_FOUND_INF
+        )
         param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
         grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
         exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
         exp_avg_d_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED) + start
         hvp_ptr = grad_ptr  # never read unless HVP
         if HVP:
-            hvp_ptr = tensor_ptr(hvp_ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
+            hvp_ptr = tensor_ptr(hvp_ptrs_ptr, 0, n_tensors, i, HVP_DTYPE, ALIGNED) + start
         # Before its first HVP a tensor does not move: p is neither read nor
         # written.  Decided per pass, outside the loop (a flag tested in the
         # loop would keep bc2 in registers through it); the common case first.
-        _, _, bc2_now, _, _ = _advanced_scalars(rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
+        _, _, bc2_now, _, _ = _advanced_scalars(
+            rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
+            COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT,
+        )
         # With a grad_scale: the pass for a power of two first, else the dividing one.
         for skip_p in tl.static_range(2):
             if (bc2_now == 1.0) == skip_p:
@@ -229,14 +241,18 @@ def esgd_kernel(
                                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
                                 scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
                                 is_max, bc2_sqrt, eps32, decay, coef,
-                                PARAM, GRAD, STATE, HVP, HAS_SCALE, divide == 0, not skip_p, TILE, masked, ALIGNED,
+                                PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_SCALE, divide == 0, not skip_p, TILE, masked,
+                                ALIGNED,
                             )
 
     # ---- the new scalar state: stored by the last program of the tensor ----
     # Read again rather than kept live through the loops (registers), and
     # unchanged: no program stores before every program has its ticket.
     i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-    step, bc1, bc2, cum, v = _advanced_scalars(rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP)
+    step, bc1, bc2, cum, v = _advanced_scalars(
+        rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
+        COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT,
+    )
     n_blocks = tl.maximum(tl.cdiv(tl.load(numels_ptr + i), BLOCK), 1)
     # The barrier keeps every warp's loads of the old scalars before the
     # ticket; acq_rel orders this program's ticket after them for the others.
@@ -253,69 +269,6 @@ def esgd_kernel(
     tl.store(cum_ptr + i, cum, mask=write)
 
 
-class _Plan(NamedTuple):
-    """Everything a launch needs besides the rows, scalars, HVPs and AMP tensors."""
-
-    pointers: torch.Tensor
-    numels: torch.Tensor
-    tensor_of_block: torch.Tensor
-    start_of_block: torch.Tensor
-    nblocks: int
-    tickets: torch.Tensor
-    n_tensors: int
-    param: object
-    grad: object
-    state: object
-    aligned: bool  # every param, grad and state address is a multiple of ALIGNMENT bytes
-
-
-def block_map(numels: Sequence[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Like ``TensorBatch.block_map`` but with at least one block per tensor
-    (an empty tensor's program only advances its scalar state)."""
-    numel = np.asarray(numels, dtype=np.int64)
-    nblocks = np.maximum((numel + block - 1) // block, 1)
-    tensor_of_block = np.repeat(np.arange(len(numel), dtype=np.int32), nblocks)
-    first = np.cumsum(nblocks) - nblocks
-    start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * block
-    return torch.from_numpy(tensor_of_block).to(device), torch.from_numpy(start).to(device), int(nblocks.sum())
-
-
-def _build_plan(batch) -> _Plan:
-    if tuple(batch.columns) != COLUMNS:
-        raise ValueError(f"esgd kernel expects columns {COLUMNS}, the batch has {tuple(batch.columns)}")
-    sig = batch.signature
-    for name in POINTERS[2:]:
-        for i, buf in enumerate(batch.state[name]):
-            if buf is None or buf.dtype != sig.state_dtype or not buf.is_contiguous() or buf.shape != batch.params[i].shape:
-                raise ValueError(f"esgd kernel: {name!r} of tensor {i} must be a contiguous {sig.state_dtype} tensor like its param")
-    for p, g in zip(batch.params, batch.grads):
-        if not (p.is_contiguous() and g.is_contiguous()):
-            raise ValueError("esgd kernel: params and grads must be contiguous")
-    for key, dtype in (("step", torch.float32), ("exp_avg_bias_corr", torch.float64), ("exp_avg_d_bias_corr", torch.float64), ("lr_warmup_cumprod", torch.float64)):
-        col = batch.scalars.get(key)
-        if col is None or col.dtype != dtype or col.shape != (len(batch),) or not col.is_contiguous():
-            raise ValueError(f"esgd kernel: scalar state {key!r} must be a contiguous {dtype} column of {len(batch)} entries")
-    _common.check_device(esgd_kernel, sig.device)
-    tensor_of_block, start_of_block, nblocks = block_map([p.numel() for p in batch.params], BLOCK, sig.device)
-    return _Plan(
-        pointers=batch.pointers(POINTERS),
-        numels=batch.numels(),
-        tensor_of_block=tensor_of_block,
-        start_of_block=start_of_block,
-        nblocks=nblocks,
-        tickets=torch.zeros(len(batch), dtype=torch.int32, device=sig.device),
-        n_tensors=len(batch),
-        param=_common.tl_dtype(sig.param_dtype),
-        grad=_common.tl_dtype(sig.grad_dtype),
-        state=_common.tl_dtype(sig.state_dtype),
-        aligned=_aligned([*batch.params, *batch.grads, *(t for name in POINTERS[2:] for t in batch.state[name])]),
-    )
-
-
-def _aligned(tensors) -> bool:
-    return all(t.data_ptr() % _common.ALIGNMENT == 0 for t in tensors)
-
-
 def launch(
     batch,
     *,
@@ -325,55 +278,43 @@ def launch(
 ) -> None:
     """One fused ESGD-M step for every tensor of ``batch`` (one kernel launch).
 
-    ``hvps``: on HVP steps, one contiguous tensor per param (the param's
-    dtype and shape); ``None`` otherwise.  Advances the batch's scalar state
-    (``step`` and the running products) in the same launch.  ``grad_scale``
-    (1-element float32) divides grads and HVPs; a nonzero ``found_inf`` makes
-    the launch write nothing.  Neither is read on the host.
+    ``hvps``: on HVP steps, one contiguous tensor per param, in the dtype
+    the spec declares for its ``hvp`` input (the grads'); ``None``
+    otherwise.  Advances the batch's scalar state (``step`` and the running
+    products) in the same launch.  ``grad_scale`` (1-element float32)
+    divides grads and HVPs; a nonzero ``found_inf`` makes the launch write
+    nothing.  Neither is read on the host.
     """
-    plan = _common.plan_for(batch, "esgd", lambda: _build_plan(batch))
+    plan = _common.launch_plan(batch, esgd_kernel, BLOCK, algorithm="esgd", roles=ROLES)
     if plan.nblocks == 0:
         return
     aligned = plan.aligned
+    hvp_ptrs = plan.numels  # placeholder, never read without HVPs
     if hvps is not None:
-        if len(hvps) != len(batch):
-            raise ValueError(f"esgd kernel: {len(hvps)} HVPs for {len(batch)} tensors")
-        for i, (h, p) in enumerate(zip(hvps, batch.params)):
-            if h.dtype != p.dtype or h.shape != p.shape or not h.is_contiguous() or h.device != p.device:
-                raise ValueError(f"esgd kernel: the HVP of tensor {i} must be a contiguous {p.dtype} tensor like its param")
-        hvp_ptrs = torch.tensor([h.data_ptr() for h in hvps], dtype=torch.int64).to(batch.device)
-        aligned = aligned and _aligned(hvps)
-    else:
-        hvp_ptrs = plan.numels  # placeholder, never read
-    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
-    s = batch.scalars
+        hvp_ptrs, hvps_aligned = input_table(batch, "hvp", hvps)
+        aligned = aligned and hvps_aligned
+    spec, s = batch.spec, batch.scalars
     with _common.device_guard(batch.device):
         esgd_kernel[(plan.nblocks,)](
-            rows_ptr=batch.device_rows(),
-            ptrs_ptr=plan.pointers,
+            **_common.batch_args(batch, plan, grad_scale, found_inf, aligned=aligned),
             hvp_ptrs_ptr=hvp_ptrs,
             step_ptr=s["step"],
             bc1_ptr=s["exp_avg_bias_corr"],
             bc2_ptr=s["exp_avg_d_bias_corr"],
             cum_ptr=s["lr_warmup_cumprod"],
             tickets_ptr=plan.tickets,
-            numels_ptr=plan.numels,
-            tensor_of_block_ptr=plan.tensor_of_block,
-            start_of_block_ptr=plan.start_of_block,
-            grad_scale_ptr=scale,
-            found_inf_ptr=inf,
-            n_tensors=plan.n_tensors,
-            NCOLS=NCOLS,
-            PARAM=plan.param,
-            GRAD=plan.grad,
-            STATE=plan.state,
+            COL_LR=spec.col("lr"),
+            COL_WEIGHT_DECAY=spec.col("weight_decay"),
+            COL_BETA1=spec.col("beta1"),
+            COL_BETA2=spec.col("beta2"),
+            COL_V=spec.col("v"),
+            COL_LR_WARMUP=spec.col("lr_warmup"),
+            COL_EPS=spec.col("eps"),
+            COL_VARIANT=spec.col("variant"),
             HVP=hvps is not None,
-            HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=aligned,
+            HVP_DTYPE=_common.tl_dtype(input_dtype(batch, "hvp")),
             BLOCK=BLOCK,
             TILE=TILE,
             num_warps=NUM_WARPS if aligned else NUM_WARPS_UNALIGNED,
-            enable_fp_fusion=_common.FP_FUSION,
         )
     _common.LAUNCHES["esgd"] += 1

@@ -22,8 +22,6 @@ product.  Layout as in :mod:`fastmup.kernels.adam`: one program per
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import triton
@@ -121,35 +119,18 @@ def rademacher_kernel(
                 tl.store(out + at + offs, z)
 
 
-class _Plan(NamedTuple):
-    offsets: torch.Tensor
-    ids: torch.Tensor
-    numels: torch.Tensor
-    tensor_of_block: torch.Tensor
-    start_of_block: torch.Tensor
-    nblocks: int
-    total: int
-    out: object
-    starts: list  # host copy of offsets
-
-
-def _build_plan(batch) -> _Plan:
-    sig = batch.signature
-    _common.check_device(rademacher_kernel, sig.device)
-    numel = np.array([p.numel() for p in batch.params], dtype=np.int64)
+def _layout(batch) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
+    """Where each tensor's probes go in the flat buffer: ``(offsets, ids,
+    total, starts)`` (device offsets and tensor ids, the buffer's length,
+    the host copy of the offsets)."""
+    numel = batch.numel_counts()
     room = (numel + PAD - 1) // PAD * PAD  # every tensor's probes start 16-byte aligned
     offsets = np.cumsum(room) - room
-    tensor_of_block, start_of_block, nblocks = batch.block_map(BLOCK)
-    return _Plan(
-        offsets=torch.from_numpy(offsets).to(sig.device),
-        ids=torch.tensor(list(batch.index), dtype=torch.int64).to(sig.device),
-        numels=batch.numels(),
-        tensor_of_block=tensor_of_block,
-        start_of_block=start_of_block,
-        nblocks=nblocks,
-        total=int(room.sum()),
-        out=_common.tl_dtype(sig.grad_dtype),
-        starts=[int(o) for o in offsets],
+    return (
+        torch.from_numpy(offsets).to(batch.device),
+        torch.tensor(list(batch.index), dtype=torch.int64).to(batch.device),
+        int(room.sum()),
+        [int(o) for o in offsets],
     )
 
 
@@ -160,26 +141,29 @@ def launch(batch, *, prefix: int, grad_scale=None, found_inf=None) -> list[torch
     counter)``.  Returns one contiguous tensor per param (the grads' dtype
     and shape), views into one flat buffer.  ``grad_scale`` and
     ``found_inf`` are accepted for the launcher signature and ignored.
+    The block map is the batch's launch plan's (an empty tensor's program,
+    if it has one, stores nothing).
     """
-    plan = _common.plan_for(batch, "rademacher", lambda: _build_plan(batch))
-    flat = torch.empty(plan.total, dtype=batch.signature.grad_dtype, device=batch.device)
-    if plan.nblocks:
+    plan = _common.launch_plan(batch, rademacher_kernel, BLOCK, algorithm=None, roles=None)
+    offsets, ids, total, starts = plan.memo("rademacher", lambda: _layout(batch))
+    flat = torch.empty(total, dtype=batch.signature.grad_dtype, device=batch.device)
+    if total:
         word = prefix & 0xFFFFFFFF
         word = word - (1 << 32) if word >= (1 << 31) else word  # its int32 bit pattern
         with _common.device_guard(batch.device):
             rademacher_kernel[(plan.nblocks,)](
                 out_ptr=flat,
-                offsets_ptr=plan.offsets,
-                ids_ptr=plan.ids,
+                offsets_ptr=offsets,
+                ids_ptr=ids,
                 numels_ptr=plan.numels,
                 tensor_of_block_ptr=plan.tensor_of_block,
                 start_of_block_ptr=plan.start_of_block,
                 prefix=word,
-                OUT=plan.out,
+                OUT=_common.tl_dtype(batch.signature.grad_dtype),
                 BLOCK=BLOCK,
                 TILE=TILE,
                 num_warps=NUM_WARPS,
                 enable_fp_fusion=_common.FP_FUSION,
             )
         _common.LAUNCHES["rademacher"] += 1
-    return [flat[start : start + g.numel()].view(g.shape) for start, g in zip(plan.starts, batch.grads)]
+    return [flat[start : start + g.numel()].view(g.shape) for start, g in zip(starts, batch.grads)]

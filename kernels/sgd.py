@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import block_extent, load_tile, scale_reciprocal, skip_on_found_inf, store_tile, tensor_ptr, tile_range, unscale
+from ._common import block_extent, grad_unscaling, load_tile, program_pass, store_tile, tensor_ptr, unscale
 
 __all__ = ["sgd_kernel", "launch", "BLOCK", "TILE"]
 
@@ -41,11 +41,9 @@ BLOCK = 4096
 TILE = 1024
 NUM_WARPS = 4
 
-# Order of the columns of ``batch.rows`` (fastmup.optim.sgd.COLUMNS).
-COLUMNS = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
-NCOLS = len(COLUMNS)
-# The state buffer only tensors with momentum != 0 have.
-OPTIONAL = "momentum_buffer"
+# The rows of the pointer table the kernel reads: the batch's spec's buffers
+# (the momentum buffer only when some tensor of the batch has momentum != 0).
+ROLES = ("param", "grad", "momentum_buffer")
 
 
 @triton.jit
@@ -86,7 +84,7 @@ def _tile(
 @triton.jit
 def sgd_kernel(
     rows_ptr,  # float64 [n, NCOLS]: per-tensor hyperparameters
-    ptrs_ptr,  # int64 [2 or 3, n]: data_ptr() of param, grad(, momentum_buffer)
+    ptrs_ptr,  # int64 [2 or 3, n]: data_ptr() of the ROLES
     steps_ptr,  # float32 [n]: step counts, already incremented
     numels_ptr,  # int64 [n]
     tensor_of_block_ptr,  # int32 [nblocks]
@@ -95,6 +93,13 @@ def sgd_kernel(
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
     n_tensors,  # row stride of the pointer table
     NCOLS: tl.constexpr,
+    # where each hyperparameter is in a row: the spec's columns
+    COL_LR: tl.constexpr,
+    COL_WEIGHT_DECAY: tl.constexpr,
+    COL_MOMENTUM: tl.constexpr,
+    COL_DAMPENING: tl.constexpr,
+    COL_NESTEROV: tl.constexpr,
+    COL_MAXIMIZE: tl.constexpr,
     PARAM: tl.constexpr,  # storage dtypes
     GRAD: tl.constexpr,
     STATE: tl.constexpr,
@@ -109,31 +114,26 @@ def sgd_kernel(
 
     # ---- this tensor's hyperparameters, as fp32 scalars --------------------
     row = rows_ptr + i * NCOLS
-    lr = tl.load(row + 0)
-    wd = tl.load(row + 1)
-    momentum = tl.load(row + 2)
-    dampening = tl.load(row + 3)
-    nesterov = tl.load(row + 4) != 0.0
-    maximize = tl.load(row + 5) != 0.0
+    lr = tl.load(row + COL_LR)
+    wd = tl.load(row + COL_WEIGHT_DECAY)
+    momentum = tl.load(row + COL_MOMENTUM)
+    dampening = tl.load(row + COL_DAMPENING)
+    nesterov = tl.load(row + COL_NESTEROV) != 0.0
+    maximize = tl.load(row + COL_MAXIMIZE) != 0.0
     neg_lr = (-lr).to(tl.float32)
     wd32 = wd.to(tl.float32)
     mu = momentum.to(tl.float32)
     one_minus_dampening = (1.0 - dampening).to(tl.float32)
     has_buf = momentum != 0.0
     first = tl.load(steps_ptr + i) == 1.0  # torch seeds the buffer with g on the first step
-    scale, inv_scale, exact = 1.0, 1.0, True  # no grad_scale: one pass, nothing to divide
-    if HAS_SCALE:
-        scale = tl.load(grad_scale_ptr)
-        inv_scale, exact = scale_reciprocal(scale)
+    scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
     for masked in tl.static_range(2):
-        # The program's extent and buffers, read again for each pass rather
-        # than kept in registers through the first pass's loop.
-        i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-        n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
-        first_tile, end_tile = tile_range(n, TILE, masked)
+        i, start, n, first_tile, end_tile = program_pass(
+            tensor_of_block_ptr, start_of_block_ptr, numels_ptr, found_inf_ptr, BLOCK, TILE, masked, HAS_FOUND_INF
+        )
         param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
         grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
         buf_ptr = grad_ptr  # never touched unless HAS_MOMENTUM
@@ -150,42 +150,33 @@ def sgd_kernel(
                         PARAM, GRAD, STATE, HAS_MOMENTUM, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
                     )
 
+
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
     """One fused SGD step for every tensor of ``batch`` (one kernel launch).
 
     ``grad_scale`` (1-element float32 tensor) divides the gradients;
     ``found_inf`` (1-element float32 tensor), when nonzero, makes the launch
-    write nothing.  Neither is read on the host.  The pointer table, block
-    map and dtype checks are built on the first call for a batch and reused.
+    write nothing.  Neither is read on the host.  The batch's launch plan
+    (pointer table, block map, dtype checks) is built on its first step and
+    reused.
     """
-    plan = _common.plan_for(batch, "sgd", lambda: _common.build_plan(
-        batch, "sgd", sgd_kernel, columns=COLUMNS, block=BLOCK, state=(), optional=OPTIONAL, flag="momentum",
-    ))
+    plan = _common.launch_plan(batch, sgd_kernel, BLOCK, algorithm="sgd", roles=ROLES)
     if plan.nblocks == 0:
         return
-    scale, inf = _common.scalar_inputs(batch, grad_scale, found_inf)
+    spec = batch.spec
     with _common.device_guard(batch.device):
         sgd_kernel[(plan.nblocks,)](
-            rows_ptr=batch.device_rows(),
-            ptrs_ptr=plan.pointers,
+            **_common.batch_args(batch, plan, grad_scale, found_inf),
             steps_ptr=batch.steps,
-            numels_ptr=plan.numels,
-            tensor_of_block_ptr=plan.tensor_of_block,
-            start_of_block_ptr=plan.start_of_block,
-            grad_scale_ptr=scale,
-            found_inf_ptr=inf,
-            n_tensors=plan.n_tensors,
-            NCOLS=NCOLS,
-            PARAM=plan.param,
-            GRAD=plan.grad,
-            STATE=plan.state,
+            COL_LR=spec.col("lr"),
+            COL_WEIGHT_DECAY=spec.col("weight_decay"),
+            COL_MOMENTUM=spec.col("momentum"),
+            COL_DAMPENING=spec.col("dampening"),
+            COL_NESTEROV=spec.col("nesterov"),
+            COL_MAXIMIZE=spec.col("maximize"),
             HAS_MOMENTUM=plan.has_optional,
-            HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            ALIGNED=plan.aligned,
             BLOCK=BLOCK,
             TILE=TILE,
             num_warps=NUM_WARPS,
-            enable_fp_fusion=_common.FP_FUSION,
         )
     _common.LAUNCHES["sgd"] += 1

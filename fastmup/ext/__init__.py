@@ -180,37 +180,6 @@ def _launch_args(plan, batch) -> dict:
     }
 
 
-def _esgd_hvp_pointers(batch, hvps):
-    """(address of an int64 [n] table of HVP addresses, keep-alive objects).
-
-    The functor reads the HVP in the gradient's dtype (csrc/common.h,
-    ``Slot2``): an HVP of another dtype is converted when that is exact (to
-    float32); a lossy conversion is refused."""
-    import torch
-
-    sig = batch.signature
-    if len(hvps) != len(batch):
-        raise ValueError(f"fastmup esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
-    out = []
-    for i, (h, p) in enumerate(zip(hvps, batch.params)):
-        if h is None:
-            h = torch.zeros(p.shape, dtype=sig.grad_dtype, device=p.device)
-        if h.dtype != sig.grad_dtype:
-            if sig.grad_dtype != torch.float32:
-                raise NotImplementedError(
-                    f"fastmup esgd backend {batch.device.type!r}: the HVP of tensor #{i} is {h.dtype} and the "
-                    f"gradient {sig.grad_dtype}: converting it would round; use backend='eager'"
-                )
-            h = h.to(sig.grad_dtype)
-        if h.device != p.device or h.numel() != p.numel():
-            raise ValueError(f"fastmup esgd: the HVP of tensor #{i} must have the shape of its param, on {p.device}")
-        out.append(h.contiguous())
-    table = torch.tensor([h.data_ptr() for h in out], dtype=torch.int64)
-    if batch.device.type != "cpu":
-        table = table.to(batch.device, non_blocking=True)
-    return table.data_ptr(), (out, table)
-
-
 def _scalar_arg(t: Optional[Any], device, name: str):
     """(address, keep-alive tensor) of a one-element float32 tensor on ``device``."""
     import torch
@@ -235,15 +204,15 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     CUDA the launch is asynchronous on the current stream and neither value is
     read on the host.
 
-    "esgd" takes ``hvps=`` (one tensor or None per param on an HVP step, else
-    None) and advances the batch's scalar state (``step``,
+    "esgd" takes ``hvps=`` (one contiguous tensor per param in the grads'
+    dtype on an HVP step, else None) and advances the batch's scalar state (``step``,
     ``exp_avg_bias_corr``, ``exp_avg_d_bias_corr``, ``lr_warmup_cumprod``)
     itself, in the same call (see csrc/esgd_math.h).
     """
     import numpy as np
     import torch
 
-    from fastmup.plan.launch import check_gates
+    from fastmup.plan.launch import check_gates, input_table
 
     hvps = kwargs.pop("hvps", None) if algorithm == "esgd" else None
     device = batch.device
@@ -293,7 +262,9 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     if algorithm == "esgd":
         hvp_table = 0
         if hvps is not None:
-            hvp_table, hvp_keep = _esgd_hvp_pointers(batch, hvps)
+            # read in the dtype the spec declares (the grads'): csrc/common.h, Slot2
+            hvp_keep, _ = input_table(batch, "hvp", hvps)
+            hvp_table = hvp_keep.data_ptr()
         args["state_ptrs"] = [*args["state_ptrs"], hvp_table]
         args["scalar_state"] = [batch.scalars[s.name].data_ptr() for s in spec.scalars[1:]]
         args["hvp_step"] = int(hvps is not None)

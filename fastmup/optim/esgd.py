@@ -136,6 +136,7 @@ from fastmup.optim.multipliers import ONE, Multiplier
 from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
 from fastmup.optim.optimizer import MuOptimizer
 from fastmup.plan.batch import TensorBatch, math_dtype
+from fastmup.plan.launch import input_dtype
 from fastmup.plan.spec import AlgorithmSpec, ReadOnlyInput, ScalarState
 
 __all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "SPEC", "VARIANTS"]
@@ -503,28 +504,26 @@ def esgd(
     (``step`` and the three running products) itself.  ``grad_scale``
     divides grads and HVPs; a nonzero ``found_inf`` skips the whole step.
     """
-    if hvps is not None and len(hvps) != len(batch):
-        raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
-    if backend == "eager" or (backend in ("cpu", "cuda") and hvps is not None and _hvp_would_round(batch)):
-        # The csrc functor reads the HVP in the gradient's dtype; where the
-        # HVP (param dtype) does not convert to it exactly (bfloat16 grads of
-        # float16 params, say) the HVP steps of that batch run the reference
-        # instead (same results).
+    if hvps is not None:
+        hvps = _hvp_inputs(batch, hvps)
+    if backend == "eager":
         _single_tensor_esgd(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
     else:
-        if hvps is not None:
-            hvps = [
-                torch.zeros_like(p, memory_format=torch.contiguous_format)
-                if h is None
-                else h.to(p.dtype).contiguous()
-                for p, h in zip(batch.params, hvps)
-            ]
         backends.launcher(backend, "esgd")(batch, hvps=hvps, grad_scale=grad_scale, found_inf=found_inf)
 
 
-def _hvp_would_round(batch: TensorBatch) -> bool:
-    sig = batch.signature
-    return sig.grad_dtype != sig.param_dtype and sig.grad_dtype != torch.float32
+def _hvp_inputs(batch: TensorBatch, hvps: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """Each tensor's HVP as every backend reads it: a contiguous tensor in
+    the dtype ``SPEC`` declares for the ``hvp`` input, the grads' (autograd
+    returns the HVP in it: the HVP is a gradient of ``<grad, z>``); zeros for a
+    tensor the gradients do not depend on (``None``)."""
+    if len(hvps) != len(batch):
+        raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
+    dtype = input_dtype(batch, "hvp")
+    return [
+        torch.zeros(p.shape, dtype=dtype, device=p.device) if h is None else h.to(dtype).contiguous()
+        for p, h in zip(batch.params, hvps)
+    ]
 
 
 def _single_tensor_esgd(
@@ -565,8 +564,7 @@ def _single_tensor_esgd(
             grad = grad / grad_scale.to(grad.device, dtype)
         exp_avg.lerp_(grad, s.lerp_m)
         if hvp_step:
-            h = hvps[i]
-            hvp = torch.zeros_like(param) if h is None else h.to(dtype)
+            hvp = hvps[i].to(dtype)
             if grad_scale is not None:
                 hvp = hvp / grad_scale.to(hvp.device, dtype)
             if s.is_max:

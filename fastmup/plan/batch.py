@@ -83,7 +83,7 @@ class TensorBatch:
     _device_rows: Tensor | None = field(default=None, repr=False)
     _uploaded: np.ndarray | None = field(default=None, repr=False)
     _pointers: dict[tuple[str, ...], Tensor] = field(default_factory=dict, repr=False)
-    _block_maps: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
+    _block_maps: dict[tuple[int, bool], tuple[Tensor, Tensor, int]] = field(default_factory=dict, repr=False)
     _launch_plans: dict[int, LaunchPlan] = field(default_factory=dict, repr=False)
     _numels: Tensor | None = field(default=None, repr=False)
     _lr_factors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
@@ -263,14 +263,16 @@ class TensorBatch:
             self._numels = torch.tensor(self._active_numels(), dtype=torch.int64, device=self.device)
         return self._numels
 
-    def block_map(self, block: int) -> tuple[Tensor, Tensor, int]:
+    def block_map(self, block: int, *, at_least_one: bool = False) -> tuple[Tensor, Tensor, int]:
         """Map program id -> (tensor index, first element) for chunks of
         ``block``: ``(tensor_of_block int32, start_of_block int64, nblocks)``
-        on the device; empty tensors get no block (cached)."""
-        cached = self._block_maps.get(block)
+        on the device; empty tensors get no block, or one with
+        ``at_least_one`` (see :func:`fastmup.plan.launch.block_map`; cached)."""
+        key = (block, at_least_one)
+        cached = self._block_maps.get(key)
         if cached is None:
-            tensor_of_block, start = block_map(self.numel_counts(), block)
-            cached = self._block_maps[block] = (
+            tensor_of_block, start = block_map(self.numel_counts(), block, at_least_one=at_least_one)
+            cached = self._block_maps[key] = (
                 torch.from_numpy(tensor_of_block).to(self.device),
                 torch.from_numpy(start).to(self.device),
                 len(tensor_of_block),

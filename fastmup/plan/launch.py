@@ -21,12 +21,17 @@ batch (one per block size):
 
 The tensors are checked once, when the plan is built: each must be a
 contiguous tensor of its role's dtype with the param's element count, on
-the batch's device.
+the batch's device.  A backend keeps what it derives from a plan (its
+launch arguments, its dtype codes) with the plan: :meth:`LaunchPlan.memo`.
+
+A step's read-only inputs (``spec.inputs``: ESGD-M's HVPs) are not part of
+the plan; :func:`input_table` checks them against their declaration and
+gathers their addresses, for every backend alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +40,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from fastmup.plan.batch import TensorBatch
 
-__all__ = ["ALIGNMENT", "LaunchPlan", "block_map", "build_launch_plan", "check_gates"]
+__all__ = ["ALIGNMENT", "LaunchPlan", "block_map", "build_launch_plan", "check_gates", "input_dtype", "input_table"]
 
 #: bytes: addresses that are multiples of this allow 128-bit vector accesses
 ALIGNMENT = 16
@@ -61,6 +66,16 @@ class LaunchPlan:
     tickets: Optional[Tensor]
     #: which tensors have each buffer, by role (host; for per-step checks of the gates)
     present: dict
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per plan and ``key``: what a backend
+        derives from the plan and passes unchanged to every launch of it."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = build()
+            return value
 
     def row(self, role: str) -> int:
         """The row of ``pointers`` that holds ``role``'s addresses."""
@@ -128,7 +143,7 @@ def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
     has_optional = spec.optional is not None and spec.optional.name in batch.state
     roles = ("param", "grad") + spec.state + ((spec.optional.name,) if has_optional else ())
     tensors = _check_tensors(batch, roles)
-    tensor_of_block, start = block_map(batch.numel_counts(), block, at_least_one=spec.advances_scalars)
+    tensor_of_block, start_of_block, nblocks = batch.block_map(block, at_least_one=spec.advances_scalars)
     device = batch.device
     sig = batch.signature
     empty = batch.numel_counts() == 0  # address 0, and nothing to read
@@ -140,9 +155,9 @@ def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
         roles=roles,
         pointers=batch.pointers(roles),
         numels=batch.numels(),
-        tensor_of_block=torch.from_numpy(tensor_of_block).to(device),
-        start_of_block=torch.from_numpy(start).to(device),
-        nblocks=len(tensor_of_block),
+        tensor_of_block=tensor_of_block,
+        start_of_block=start_of_block,
+        nblocks=nblocks,
         block=block,
         n_tensors=len(batch),
         param_dtype=sig.param_dtype,
@@ -171,3 +186,40 @@ def check_gates(plan: LaunchPlan, spec, rows: np.ndarray) -> None:
             f"fastmup: tensor #{i} of the batch has {spec.optional.gate}={rows[i, spec.col(spec.optional.gate)]} "
             f"but no {spec.optional.name!r} buffer"
         )
+
+
+def input_dtype(batch: "TensorBatch", name: str) -> torch.dtype:
+    """The dtype every backend reads read-only input ``name`` of the batch's
+    spec in: that of the batch's grads, params or state, as its
+    :class:`~fastmup.plan.spec.ReadOnlyInput` declares."""
+    spec, sig = batch.spec, batch.signature
+    declared = next((x for x in spec.inputs if x.name == name), None)
+    if declared is None:
+        raise ValueError(f"{spec.name} has no read-only input {name!r} (it has {[x.name for x in spec.inputs]})")
+    return {"param": sig.param_dtype, "grad": sig.grad_dtype, "state": sig.state_dtype}[declared.like]
+
+
+def input_table(batch: "TensorBatch", name: str, tensors: Sequence[Tensor]) -> tuple[Tensor, bool]:
+    """The addresses of read-only input ``name`` (one tensor per tensor of
+    the batch) as an int64 ``[n]`` table on the batch's device, and whether
+    every one is a multiple of :data:`ALIGNMENT` bytes.
+
+    Each tensor must be a contiguous tensor with its param's element count,
+    on the batch's device, in the dtype its :class:`~fastmup.plan.spec.ReadOnlyInput`
+    declares (that of the grads, params or state of the batch)."""
+    spec, sig = batch.spec, batch.signature
+    dtype = input_dtype(batch, name)
+    if len(tensors) != len(batch):
+        raise ValueError(f"{spec.name} launch: {len(tensors)} {name} tensors for a batch of {len(batch)} tensors")
+    for i, (t, p) in enumerate(zip(tensors, batch.params)):
+        if t is None or t.dtype != dtype or t.numel() != p.numel() or not t.is_contiguous() or t.device != sig.device:
+            got = "None" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
+            raise ValueError(
+                f"{spec.name} launch: the {name} of tensor #{i} of the batch must be a contiguous {dtype} tensor "
+                f"of {p.numel()} elements on {sig.device}, got {got}"
+            )
+    addresses = [t.data_ptr() for t in tensors]
+    table = torch.tensor(addresses, dtype=torch.int64)
+    if sig.device.type != "cpu":
+        table = table.to(sig.device, non_blocking=True)
+    return table, all(a % ALIGNMENT == 0 for a in addresses)

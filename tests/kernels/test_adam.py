@@ -169,13 +169,13 @@ def test_unaligned_params_take_the_unhinted_path():
         set_grads([params, eager_params], seed=step)
         fused.step()
         eager.step()
-    assert odd.data_ptr() % 16 != 0 and not _common._PLANS[fused._batches[0]]["adam"].aligned
+    assert odd.data_ptr() % 16 != 0 and not fused._batches[0].launch_plan(kernel.BLOCK).aligned
     compare_optimizers(fused, eager, params, eager_params, KEYS)
     aligned = make_params(SPECS, [torch.float32] * len(SPECS), seed=6)
     other = MuAdam(aligned, lr=0.01, backend="triton")
     set_grads([aligned], seed=0)
     other.step()
-    assert _common._PLANS[other._batches[0]]["adam"].aligned
+    assert other._batches[0].launch_plan(kernel.BLOCK).aligned
 
 
 # ----------------------------------------------------------------------
@@ -403,11 +403,11 @@ def test_replay_rebuilds_nothing_and_replans_when_needed():
         _backward(m, 0)
     step(0)
     batches = list(opt._batches)
-    plans = [_common._PLANS[b]["adam"] for b in batches]
+    plans = [b.launch_plan(kernel.BLOCK) for b in batches]
     rows = [b.device_rows() for b in batches]
     step(1)
     assert all(a is b for a, b in zip(opt._batches, batches))  # no re-plan
-    assert all(_common._PLANS[b]["adam"] is p for b, p in zip(batches, plans))  # no rebuilt pointers / maps
+    assert all(b.launch_plan(kernel.BLOCK) is p for b, p in zip(batches, plans))  # no rebuilt pointers / maps
     # A new lr: same batches, same plan, same device table, new values in it.
     old = [r.clone() for r in rows]
     for o in (opt, ref_opt):
@@ -422,7 +422,7 @@ def test_replay_rebuilds_nothing_and_replans_when_needed():
     for t in (3, 4):
         step(t, zero=True)
         assert all(a is b for a, b in zip(opt._batches, batches))
-        assert all(_common._PLANS[b]["adam"] is p for b, p in zip(batches, plans))
+        assert all(b.launch_plan(kernel.BLOCK) is p for b, p in zip(batches, plans))
         for b, p in zip(batches, plans):
             assert p.pointers[1].tolist() == [q.grad.data_ptr() for q in b.owners]
         compare_optimizers(opt, ref_opt, list(model.parameters()), list(ref.parameters()), KEYS)
@@ -437,7 +437,7 @@ def test_replay_rebuilds_nothing_and_replans_when_needed():
         opt.step()
         ref_opt.step()
         assert all(a is b for a, b in zip(opt._batches, batches))
-        assert all(_common._PLANS[b]["adam"] is p for b, p in zip(batches, plans))
+        assert all(b.launch_plan(kernel.BLOCK) is p for b, p in zip(batches, plans))
         compare_optimizers(opt, ref_opt, list(model.parameters()), list(ref.parameters()), KEYS)
 
 

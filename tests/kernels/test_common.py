@@ -51,3 +51,20 @@ def test_unscale_is_torchs_division(scale, exact):
     want = g / s
     same = (out.view(torch.int32) == want.view(torch.int32)) | (out.isnan() & want.isnan())
     assert same.all(), f"{int((~same).sum())} of {g.numel()} differ"
+
+
+@pytest.mark.parametrize("algorithm", ["adam", "sgd", "esgd"])
+def test_each_kernel_reads_its_specs_layout(algorithm):
+    """A kernel takes one ``COL_<NAME>`` constexpr per column of its
+    algorithm's spec, in the spec's order, and reads the pointer rows of the
+    spec's buffers: a column or buffer added on one side only fails here."""
+    import importlib
+    import inspect
+
+    kernel = importlib.import_module(f"fastmup.kernels.{algorithm}")
+    spec = importlib.import_module(f"fastmup.optim.{algorithm}").SPEC
+    assert spec.kernel == algorithm
+    jit = getattr(kernel, f"{algorithm}_kernel")
+    params = inspect.signature(jit.fn).parameters
+    assert [n for n in params if n.startswith("COL_")] == ["COL_" + c.upper() for c in spec.columns]
+    assert kernel.ROLES == ("param", "grad") + spec.buffers
