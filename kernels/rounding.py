@@ -10,7 +10,10 @@ gives the math) and of ``csrc/rounding.h``, bit for bit:
 * :func:`remainder_split` / :func:`remainder_join`: an fp32 master weight as
   a bf16 parameter (nearest, ties away from zero) and an int16 remainder,
   and back, exactly;
-* :func:`nearest_away_bf16`: the bf16 copy of an fp32 master weight.
+* :func:`nearest_away_bf16`: the bf16 copy of an fp32 master weight;
+* :func:`load_param` / :func:`store_param`: a kernel's parameter tile under
+  each storage mode (with :func:`storage_pointer`, :func:`storage_key` and,
+  on the host, :func:`storage_args` for the launch).
 
 All of it is uint32 arithmetic on bit patterns (uint32 multiplication wraps
 modulo ``2**32``, as the torch path's masked int64 arithmetic), and the
@@ -22,13 +25,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import _load, _row_offsets, _store, load_tile, store_tile, tensor_ptr
+
 __all__ = [
+    "STORAGE_CODES",
+    "load_param",
     "nearest_away_bf16",
     "remainder_join",
     "remainder_split",
     "rounding_bits",
     "rounding_key",
     "stochastic_round",
+    "storage_args",
+    "storage_key",
+    "storage_pointer",
+    "store_param",
+    "tile_offsets",
 ]
 
 # The hash constants of fastmup.optim.rademacher.
@@ -138,3 +150,110 @@ def remainder_join(param, rem):
     hi = tl.where(carry & (m == 0x7F81), s | 0x7FFF, hi)
     hi = tl.where(carry & (m == 0), (s ^ 0x8000) | 0x7F80, hi)
     return ((hi << 16) | lo).to(tl.float32, bitcast=True)
+
+
+# ----------------------------------------------------------------------
+# a kernel's parameter tile I/O under each storage mode
+# ----------------------------------------------------------------------
+# The storage modes as constexprs (fastmup.plan.spec.ParamStorage).
+NEAREST = tl.constexpr(0)
+STOCHASTIC = tl.constexpr(1)
+MASTER = tl.constexpr(2)
+REMAINDER = tl.constexpr(3)
+#: ParamStorage name -> the STORAGE constexpr of the kernels
+STORAGE_CODES = {"nearest": 0, "stochastic": 1, "master": 2, "remainder": 3}
+
+
+@triton.jit
+def tile_offsets(TILE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The element offsets of a tile of :func:`~fastmup.kernels._common.load_tile`,
+    in its shape (``[TILE // 8, 8]`` when ``ALIGNED``, else ``[TILE]``)."""
+    if ALIGNED:
+        return _row_offsets(8, TILE // 8)
+    else:
+        return tl.arange(0, TILE)
+
+
+@triton.jit
+def _load_raw(ptr, limit, TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    return _load(ptr, tile_offsets(TILE, ALIGNED), limit, MASKED)
+
+
+@triton.jit
+def _store_raw(ptr, x, limit, TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    _store(ptr, tile_offsets(TILE, ALIGNED), x, limit, MASKED)
+
+
+@triton.jit
+def storage_pointer(ptrs_ptr, n_tensors, i, start, fallback, STORAGE: tl.constexpr, ROW: tl.constexpr, ALIGNED: tl.constexpr):
+    """The pointer to tensor ``i``'s storage buffer (the fp32 master or the
+    int16 remainder) at element ``start``; ``fallback`` for modes without one."""
+    if STORAGE == MASTER:
+        return tensor_ptr(ptrs_ptr, ROW, n_tensors, i, tl.float32, ALIGNED) + start
+    elif STORAGE == REMAINDER:
+        return tensor_ptr(ptrs_ptr, ROW, n_tensors, i, tl.int16, ALIGNED) + start
+    else:
+        return fallback
+
+
+@triton.jit
+def storage_key(ids_ptr, rounding_prefix, step, i, start, STORAGE: tl.constexpr):
+    """``(key, key2)`` of tensor ``i``'s rounding bits at ``step`` (zeros,
+    never read, for the modes without stochastic rounding)."""
+    if STORAGE == STOCHASTIC:
+        return rounding_key(rounding_prefix, step, tl.load(ids_ptr + i), start >> 32)
+    else:
+        zero = tl.full((), 0, tl.uint32)
+        return zero, zero
+
+
+@triton.jit
+def load_param(param_ptr, aux_ptr, limit, PARAM: tl.constexpr, STORAGE: tl.constexpr, TILE: tl.constexpr,
+               MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    """The fp32 tile an update starts from: the parameter, its fp32 master
+    (``aux_ptr``), or the parameter joined with its remainder (``aux_ptr``)."""
+    if STORAGE == MASTER:
+        return load_tile(aux_ptr, limit, tl.float32, TILE, MASKED, ALIGNED)
+    elif STORAGE == REMAINDER:
+        b = _load_raw(param_ptr, limit, TILE, MASKED, ALIGNED)
+        rem = _load_raw(aux_ptr, limit, TILE, MASKED, ALIGNED)
+        return remainder_join(b, rem)
+    else:
+        return load_tile(param_ptr, limit, PARAM, TILE, MASKED, ALIGNED)
+
+
+@triton.jit
+def store_param(param_ptr, aux_ptr, x, limit, element0, key, key2, PARAM: tl.constexpr, STORAGE: tl.constexpr,
+                TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
+    """Store the update's fp32 tile ``x`` as the storage mode keeps it
+    (``element0``: the flat index of the tile's first element)."""
+    if STORAGE == STOCHASTIC:
+        e = (element0 + tile_offsets(TILE, ALIGNED)).to(tl.uint32)  # the low word of each index
+        _store_raw(param_ptr, stochastic_round(x, rounding_bits(e, key, key2), PARAM), limit, TILE, MASKED, ALIGNED)
+    elif STORAGE == MASTER:
+        store_tile(aux_ptr, x, limit, tl.float32, TILE, MASKED, ALIGNED)
+        if PARAM == tl.bfloat16:  # rounded as the remainder split rounds (bit-identical modes)
+            _store_raw(param_ptr, nearest_away_bf16(x), limit, TILE, MASKED, ALIGNED)
+        else:
+            store_tile(param_ptr, x, limit, PARAM, TILE, MASKED, ALIGNED)
+    elif STORAGE == REMAINDER:
+        b, rem = remainder_split(x)
+        _store_raw(param_ptr, b, limit, TILE, MASKED, ALIGNED)
+        _store_raw(aux_ptr, rem, limit, TILE, MASKED, ALIGNED)
+    else:
+        store_tile(param_ptr, x, limit, PARAM, TILE, MASKED, ALIGNED)
+
+
+def storage_args(batch, plan) -> dict:
+    """The keyword arguments of the storage mode every optimizer kernel
+    takes alike: ``STORAGE`` (its constexpr code), ``ROW_STORAGE`` (the
+    pointer row of its buffer), ``ids_ptr`` (the tensor ids: read only for
+    stochastic rounding) and ``rounding_prefix`` (the seed's part of the
+    hash, as an int32 bit pattern)."""
+    prefix = batch.rounding_prefix & 0xFFFFFFFF
+    return dict(
+        ids_ptr=plan.tensor_ids if plan.tensor_ids is not None else plan.numels,
+        rounding_prefix=prefix - (1 << 32) if prefix >= (1 << 31) else prefix,
+        STORAGE=STORAGE_CODES[plan.storage],
+        ROW_STORAGE=plan.row(plan.storage_role) if plan.storage_role is not None else 0,
+    )

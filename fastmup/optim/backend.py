@@ -43,7 +43,7 @@ class Refusal(NamedTuple):
 
 #: the parameter storage modes (``fastmup.plan.spec.ParamStorage``) each fused backend implements
 STORAGE_MODES: dict[str, tuple[str, ...]] = {
-    "triton": ("nearest",),
+    "triton": ("nearest", "stochastic", "master", "remainder"),
     "cpu": ("nearest",),
     "cuda": ("nearest",),
 }

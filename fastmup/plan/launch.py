@@ -14,6 +14,12 @@ batch (one per block size):
   own scalar state gets one entry even for an empty tensor;
 * ``numels`` — the batch's device table of element counts (0 for a tensor
   not stepped now: its blocks load and store nothing);
+* the parameter storage mode (``storage``, a
+  :class:`~fastmup.plan.spec.ParamStorage` name); the modes with extra state
+  (an fp32 master weight, an int16 remainder) add that buffer's row last,
+  ``storage_role``; ``tensor_ids`` — int64 ``[n]`` on the device, each
+  tensor's position in the optimizer's parameter list (what keys its
+  stochastic-rounding bits);
 * the storage dtypes, whether every address is 16-byte aligned (vector
   accesses), whether the optional buffer exists in the batch, and for
   algorithms that advance their scalar state a ``tickets`` counter per
@@ -36,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastmup.plan.spec import STORAGE_BUFFERS, ParamStorage
 
 if TYPE_CHECKING:
     from fastmup.plan.batch import TensorBatch
@@ -66,6 +74,10 @@ class LaunchPlan:
     tickets: Optional[Tensor]
     #: which tensors have each buffer, by role (host; for per-step checks of the gates)
     present: dict
+    #: how the parameters are stored, and the role of the buffer that mode adds (None: none)
+    storage: str = ParamStorage.NEAREST
+    storage_role: Optional[str] = None
+    tensor_ids: Optional[Tensor] = None
     _memo: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:
@@ -107,6 +119,7 @@ def _check_tensors(batch: "TensorBatch", roles: tuple[str, ...]) -> list[Tensor]
     """Every addressed tensor, checked; raise naming the tensor and role."""
     sig, spec = batch.signature, batch.spec
     want = {"param": sig.param_dtype, "grad": sig.grad_dtype}
+    want.update(STORAGE_BUFFERS.values())  # the storage modes' buffers have dtypes of their own
     gate = batch.col(spec.optional.gate) if spec.optional is not None else None
     checked = []
     for role in roles:
@@ -142,6 +155,10 @@ def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
             raise ValueError(f"{spec.name} launch: scalar state {s.name!r} must be a contiguous {s.dtype} column of {len(batch)} entries")
     has_optional = spec.optional is not None and spec.optional.name in batch.state
     roles = ("param", "grad") + spec.state + ((spec.optional.name,) if has_optional else ())
+    storage = batch.signature.storage
+    storage_role = STORAGE_BUFFERS[storage][0] if storage in STORAGE_BUFFERS else None
+    if storage_role is not None:
+        roles += (storage_role,)
     tensors = _check_tensors(batch, roles)
     tensor_of_block, start_of_block, nblocks = batch.block_map(block, at_least_one=spec.advances_scalars)
     device = batch.device
@@ -167,6 +184,9 @@ def build_launch_plan(batch: "TensorBatch", block: int) -> LaunchPlan:
         has_optional=has_optional,
         tickets=torch.zeros(len(batch), dtype=torch.int32, device=device) if spec.advances_scalars else None,
         present=present,
+        storage=storage,
+        storage_role=storage_role,
+        tensor_ids=torch.tensor(list(batch.index), dtype=torch.int64).to(device) if storage == ParamStorage.STOCHASTIC else None,
     )
 
 
