@@ -1,6 +1,9 @@
-// pybind11 glue shared by the host and CUDA modules: a launch description
-// arrives from Python as plain integers (addresses from data_ptr(), sizes,
-// dtype codes), so the modules build without PyTorch's C++ headers or ABI.
+// pybind11 glue shared by the host and CUDA modules.  A launch is described
+// by one MultiTensorArgs (common.h), bound here once as a Python class whose
+// fields are plain integers (addresses from data_ptr(), sizes, dtype codes),
+// so the modules build without PyTorch's C++ headers or ABI.  fastmup.ext
+// fills one per launch plan with what every launch of it passes, and copies
+// it each step to set that step's values.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -20,37 +23,86 @@ inline T* address(uint64_t a) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(a));
 }
 
-// Builds the launch description; every table address must be non-zero
-// except the optional ones (state rows, grad_scale, found_inf).
-inline MultiTensorArgs make_args(int64_t ntensors, int64_t nblocks, int64_t block, uint64_t tensor_of_block,
-                                 uint64_t start_of_block, uint64_t numels, uint64_t param_ptrs, uint64_t grad_ptrs,
-                                 const std::vector<uint64_t>& state_ptrs, uint64_t rows, int64_t ncols, uint64_t steps,
-                                 uint64_t grad_scale, uint64_t found_inf, int param_dtype, int grad_dtype,
-                                 int state_dtype) {
-  if (ntensors < 0 || nblocks < 0 || block <= 0) throw std::invalid_argument("fastmup: bad batch sizes");
-  if (state_ptrs.size() > static_cast<size_t>(kMaxStates))
-    throw std::invalid_argument("fastmup: at most " + std::to_string(kMaxStates) + " state buffers");
-  if (nblocks > 0 && (!tensor_of_block || !start_of_block || !numels || !param_ptrs || !grad_ptrs || !rows || !steps))
+template <class T>
+inline uint64_t address_of(T* p) {
+  return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p));
+}
+
+// Every table address a launch reads must be non-zero, except the optional
+// ones (state rows, grad_scale, found_inf).
+inline void check_args(const MultiTensorArgs& a) {
+  if (a.ntensors < 0 || a.nblocks < 0 || a.block <= 0) throw std::invalid_argument("fastmup: bad batch sizes");
+  if (a.nblocks > 0 && (!a.tensor_of_block || !a.start_of_block || !a.numels || !a.param_ptrs || !a.grad_ptrs || !a.rows ||
+                        !a.steps))
     throw std::invalid_argument("fastmup: a required table address is 0");
-  MultiTensorArgs a;
-  a.ntensors = ntensors;
-  a.nblocks = nblocks;
-  a.block = block;
-  a.tensor_of_block = address<const int32_t>(tensor_of_block);
-  a.start_of_block = address<const int64_t>(start_of_block);
-  a.numels = address<const int64_t>(numels);
-  a.param_ptrs = address<const int64_t>(param_ptrs);
-  a.grad_ptrs = address<const int64_t>(grad_ptrs);
-  for (size_t k = 0; k < state_ptrs.size(); ++k) a.state_ptrs[k] = address<const int64_t>(state_ptrs[k]);
-  a.rows = address<const double>(rows);
-  a.ncols = ncols;
-  a.steps = address<const float>(steps);
-  a.grad_scale = address<const float>(grad_scale);
-  a.found_inf = address<const float>(found_inf);
-  a.param_dtype = param_dtype;
-  a.grad_dtype = grad_dtype;
-  a.state_dtype = state_dtype;
-  return a;
+}
+
+// An algorithm that advances its per-tensor scalar state (ESGD-M) needs its
+// columns; on CUDA also the tickets of its last-block election.
+inline void check_scalar_state(const MultiTensorArgs& a, bool tickets) {
+  for (double* column : a.scalar_state)
+    if (!column) throw std::invalid_argument("fastmup: a scalar state address is 0");
+  if (tickets && !a.tickets) throw std::invalid_argument("fastmup: the tickets address is 0");
+}
+
+namespace detail {
+
+template <class T>
+void def_address(pybind11::class_<MultiTensorArgs>& c, const char* name, T* MultiTensorArgs::*field, const char* doc) {
+  c.def_property(
+      name, [field](const MultiTensorArgs& a) { return address_of(a.*field); },
+      [field](MultiTensorArgs& a, uint64_t v) { a.*field = address<T>(v); }, doc);
+}
+
+template <class T, size_t N>
+void def_addresses(pybind11::class_<MultiTensorArgs>& c, const char* name, T* (MultiTensorArgs::*field)[N],
+                   const char* doc) {
+  c.def_property(
+      name,
+      [field](const MultiTensorArgs& a) {
+        std::vector<uint64_t> out;
+        for (T* p : a.*field) out.push_back(address_of(p));
+        return out;
+      },
+      [field, name](MultiTensorArgs& a, const std::vector<uint64_t>& v) {
+        if (v.size() > N)
+          throw std::invalid_argument(std::string("fastmup: at most ") + std::to_string(N) + " " + name + " addresses");
+        for (size_t k = 0; k < N; ++k) (a.*field)[k] = k < v.size() ? address<T>(v[k]) : nullptr;
+      },
+      doc);
+}
+
+}  // namespace detail
+
+// The Python class MultiTensorArgs of module `m` (local to the module: the
+// host and CUDA modules may both be loaded).
+inline void bind_multi_tensor_args(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<MultiTensorArgs> c(m, "MultiTensorArgs", py::module_local(),
+                                "One launch over a batch: its tables (addresses), sizes and dtype codes (csrc/common.h).");
+  c.def(py::init<>()).def(py::init<const MultiTensorArgs&>(), py::arg("other"), "A copy of `other`.");
+  c.def_readwrite("ntensors", &MultiTensorArgs::ntensors)
+      .def_readwrite("nblocks", &MultiTensorArgs::nblocks, "entries of the block map")
+      .def_readwrite("block", &MultiTensorArgs::block, "elements per block-map entry")
+      .def_readwrite("ncols", &MultiTensorArgs::ncols, "columns of the hyperparameter table")
+      .def_readwrite("param_dtype", &MultiTensorArgs::param_dtype, "storage dtype codes (enum DType)")
+      .def_readwrite("grad_dtype", &MultiTensorArgs::grad_dtype)
+      .def_readwrite("state_dtype", &MultiTensorArgs::state_dtype)
+      .def_readwrite("hvp_step", &MultiTensorArgs::hvp_step, "ESGD-M: this step has Hessian-vector products");
+  detail::def_address(c, "tensor_of_block", &MultiTensorArgs::tensor_of_block, "int32 [nblocks]");
+  detail::def_address(c, "start_of_block", &MultiTensorArgs::start_of_block, "int64 [nblocks]");
+  detail::def_address(c, "numels", &MultiTensorArgs::numels, "int64 [ntensors]");
+  detail::def_address(c, "param_ptrs", &MultiTensorArgs::param_ptrs, "int64 [ntensors] addresses");
+  detail::def_address(c, "grad_ptrs", &MultiTensorArgs::grad_ptrs, "int64 [ntensors] addresses");
+  detail::def_address(c, "rows", &MultiTensorArgs::rows, "float64 [ntensors, ncols] hyperparameters");
+  detail::def_address(c, "steps", &MultiTensorArgs::steps, "float32 [ntensors] step counts");
+  detail::def_address(c, "grad_scale", &MultiTensorArgs::grad_scale, "float32 [1], or 0: none");
+  detail::def_address(c, "found_inf", &MultiTensorArgs::found_inf, "float32 [1], or 0: none");
+  detail::def_address(c, "tickets", &MultiTensorArgs::tickets, "CUDA, ESGD-M: int32 [ntensors], zero between launches");
+  detail::def_addresses(c, "state_ptrs", &MultiTensorArgs::state_ptrs,
+                        "the int64 [ntensors] address rows of the state slots (0: no such buffer)");
+  detail::def_addresses(c, "scalar_state", &MultiTensorArgs::scalar_state,
+                        "ESGD-M: the float64 [ntensors] scalar state columns, advanced in place");
 }
 
 // A functor's layout, as Python reads it: its columns and its state slots,
@@ -65,22 +117,5 @@ inline pybind11::dict layout_of() {
   d["states"] = states;
   return d;
 }
-
-#define FASTMUP_ARGS_SIGNATURE                                                                                 \
-  int64_t ntensors, int64_t nblocks, int64_t block, uint64_t tensor_of_block, uint64_t start_of_block,         \
-      uint64_t numels, uint64_t param_ptrs, uint64_t grad_ptrs, const std::vector<uint64_t>&state_ptrs,         \
-      uint64_t rows, int64_t ncols, uint64_t steps, uint64_t grad_scale, uint64_t found_inf, int param_dtype, \
-      int grad_dtype, int state_dtype
-
-#define FASTMUP_ARGS_FORWARD                                                                                  \
-  ntensors, nblocks, block, tensor_of_block, start_of_block, numels, param_ptrs, grad_ptrs, state_ptrs, rows, \
-      ncols, steps, grad_scale, found_inf, param_dtype, grad_dtype, state_dtype
-
-#define FASTMUP_ARGS_NAMES                                                                                    \
-  pybind11::arg("ntensors"), pybind11::arg("nblocks"), pybind11::arg("block"), pybind11::arg("tensor_of_block"), \
-      pybind11::arg("start_of_block"), pybind11::arg("numels"), pybind11::arg("param_ptrs"),                  \
-      pybind11::arg("grad_ptrs"), pybind11::arg("state_ptrs"), pybind11::arg("rows"), pybind11::arg("ncols"),   \
-      pybind11::arg("steps"), pybind11::arg("grad_scale"), pybind11::arg("found_inf"),                        \
-      pybind11::arg("param_dtype"), pybind11::arg("grad_dtype"), pybind11::arg("state_dtype")
 
 }  // namespace fastmup

@@ -13,20 +13,20 @@ using namespace fastmup;
 namespace {
 
 template <void (*Run)(const MultiTensorArgs&, int, uintptr_t)>
-void launch(FASTMUP_ARGS_SIGNATURE, int device, uint64_t stream) {
-  const MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
+void launch(const MultiTensorArgs& a, int device, uint64_t stream) {
+  check_args(a);
   py::gil_scoped_release release;
   Run(a, device, static_cast<uintptr_t>(stream));
 }
 
-void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_state, uint64_t tickets, int hvp_step, int device,
-                 uint64_t stream) {
-  MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
-  if (scalar_state.size() != 3 || !scalar_state[0] || !scalar_state[1] || !scalar_state[2] || tickets == 0) throw std::invalid_argument("fastmup esgd: a scalar state/ticket address is 0");
-  for (int k = 0; k < 3; ++k) a.scalar_state[k] = address<double>(scalar_state[k]);
-  a.steps_out = address<float>(steps);
-  a.tickets = address<int32_t>(tickets);
-  a.hvp_step = hvp_step;
+// ESGD-M: the launch also advances its per-tensor scalar state
+// (a.scalar_state) and the step counts (a.steps) in place; a.tickets elects
+// the block that stores them.
+void launch_esgd(const MultiTensorArgs& args, int device, uint64_t stream) {
+  check_args(args);
+  check_scalar_state(args, true);
+  MultiTensorArgs a = args;
+  a.steps_out = const_cast<float*>(a.steps);
   py::gil_scoped_release release;
   cuda::esgd(a, device, static_cast<uintptr_t>(stream));
 }
@@ -43,11 +43,11 @@ PYBIND11_MODULE(_fastmup_cuda, m) {
   layouts["SgdOp"] = layout_of<SgdOp>();
   layouts["EsgdOp"] = layout_of<EsgdOp>();
   m.attr("LAYOUTS") = layouts;
-  m.def("adam", &launch<cuda::adam>, FASTMUP_ARGS_NAMES, py::arg("device"), py::arg("stream"),
+  bind_multi_tensor_args(m);
+  m.def("adam", &launch<cuda::adam>, py::arg("args"), py::arg("device"), py::arg("stream"),
         "One Adam/AdamW launch over a batch (asynchronous, on `stream`).");
-  m.def("sgd", &launch<cuda::sgd>, FASTMUP_ARGS_NAMES, py::arg("device"), py::arg("stream"),
+  m.def("sgd", &launch<cuda::sgd>, py::arg("args"), py::arg("device"), py::arg("stream"),
         "One SGD launch over a batch (asynchronous, on `stream`).");
-  m.def("esgd", &launch_esgd, FASTMUP_ARGS_NAMES, py::arg("scalar_state"), py::arg("tickets"), py::arg("hvp_step"),
-        py::arg("device"), py::arg("stream"),
+  m.def("esgd", &launch_esgd, py::arg("args"), py::arg("device"), py::arg("stream"),
         "One ESGD-M launch over a batch; advances its scalar state and steps in the same launch (asynchronous).");
 }

@@ -17,21 +17,19 @@ void register_rounding(py::module_& m);  // rounding_host.cpp
 namespace {
 
 template <void (*Run)(const MultiTensorArgs&, int)>
-void launch(FASTMUP_ARGS_SIGNATURE, int nthreads) {
-  const MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
+void launch(const MultiTensorArgs& a, int nthreads) {
+  check_args(a);
   py::gil_scoped_release release;  // the update never touches Python objects
   Run(a, nthreads);
 }
 
-// ESGD-M: the common launch description plus its per-tensor scalar state
-// (double [3, ntensors]: bc1, bc2, cum; advanced in place), the step counts
-// (float [ntensors], advanced in place) and whether this step has HVPs.
-void launch_esgd(FASTMUP_ARGS_SIGNATURE, const std::vector<uint64_t>& scalar_state, int hvp_step, int nthreads) {
-  MultiTensorArgs a = make_args(FASTMUP_ARGS_FORWARD);
-  if (scalar_state.size() != 3 || !scalar_state[0] || !scalar_state[1] || !scalar_state[2]) throw std::invalid_argument("fastmup esgd: the scalar state address is 0");
-  for (int k = 0; k < 3; ++k) a.scalar_state[k] = address<double>(scalar_state[k]);
-  a.steps_out = address<float>(steps);
-  a.hvp_step = hvp_step;
+// ESGD-M: the launch also advances its per-tensor scalar state
+// (a.scalar_state: bc1, bc2, cum) and the step counts (a.steps) in place.
+void launch_esgd(const MultiTensorArgs& args, int nthreads) {
+  check_args(args);
+  check_scalar_state(args, false);
+  MultiTensorArgs a = args;
+  a.steps_out = const_cast<float*>(a.steps);
   py::gil_scoped_release release;
   host::esgd(a, nthreads);
 }
@@ -91,14 +89,15 @@ PYBIND11_MODULE(_fastmup_cpu, m) {
   layouts["SgdOp"] = layout_of<SgdOp>();
   layouts["EsgdOp"] = layout_of<EsgdOp>();
   m.attr("LAYOUTS") = layouts;
+  bind_multi_tensor_args(m);
 #if defined(_OPENMP)
   m.attr("THREADING") = "openmp";
 #else
   m.attr("THREADING") = "std::thread";
 #endif
-  m.def("adam", &launch<host::adam>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One Adam/AdamW step over a batch.");
-  m.def("sgd", &launch<host::sgd>, FASTMUP_ARGS_NAMES, py::arg("nthreads"), "One SGD step over a batch.");
-  m.def("esgd", &launch_esgd, FASTMUP_ARGS_NAMES, py::arg("scalar_state"), py::arg("hvp_step"), py::arg("nthreads"),
+  m.def("adam", &launch<host::adam>, py::arg("args"), py::arg("nthreads"), "One Adam/AdamW step over a batch.");
+  m.def("sgd", &launch<host::sgd>, py::arg("args"), py::arg("nthreads"), "One SGD step over a batch.");
+  m.def("esgd", &launch_esgd, py::arg("args"), py::arg("nthreads"),
         "One ESGD-M step over a batch (advances its scalar state and steps).");
   m.def("isa", &host::isa_name, "The instruction-set variant of the update loops in use ('avx2' or 'generic').");
   m.def(

@@ -20,8 +20,6 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
-import weakref
-
 import numpy as np
 
 from fastmup.ext import build as _build  # noqa: F401  (the submodule fastmup.ext.build)
@@ -148,36 +146,39 @@ def host_block(largest: int, total: int, threads: int) -> int:
     return block
 
 
-# Per launch plan (weakly: a re-plan drops them), what every launch of it
-# passes unchanged.
-_fixed_args: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class _Fixed:
+    """What every launch of one launch plan passes unchanged, kept with the
+    plan (:meth:`~fastmup.plan.launch.LaunchPlan.memo`): the module's
+    ``MultiTensorArgs`` with the plan's tables, sizes and dtype codes, the
+    spec's state slots, and whether the optional buffer's gate needs a check
+    each step."""
 
-
-def _launch_args(plan, batch) -> dict:
-    sig, spec, device = batch.signature, batch.spec, batch.device
-    codes = [_dtype_code(d, what, device) for what, d in (("param", sig.param_dtype), ("grad", sig.grad_dtype), ("state", sig.state_dtype))]
-    optional = spec.optional
-    # only where some tensor lacks the optional buffer is there a gate to check each step
-    lacking = optional is not None and (optional.name not in plan.present or not plan.present[optional.name].all())
-    return {
-        "args": dict(
-            ntensors=plan.n_tensors,
-            nblocks=plan.nblocks,
-            block=plan.block,
-            tensor_of_block=plan.tensor_of_block.data_ptr(),
-            start_of_block=plan.start_of_block.data_ptr(),
-            numels=plan.numels.data_ptr(),
-            param_ptrs=plan.row_address("param"),
-            grad_ptrs=plan.row_address("grad"),
-            state_ptrs=[plan.row_address(name) for name in spec.buffers],
-            ncols=len(spec.columns),
-            param_dtype=codes[0],
-            grad_dtype=codes[1],
-            state_dtype=codes[2],
-        ),
-        "lacking": lacking,
-        "steps_checked": None,
-    }
+    def __init__(self, module, plan, batch) -> None:
+        sig, spec, device = batch.signature, batch.spec, batch.device
+        args = module.MultiTensorArgs()
+        args.ntensors = plan.n_tensors
+        args.nblocks = plan.nblocks
+        args.block = plan.block
+        args.tensor_of_block = plan.tensor_of_block.data_ptr()
+        args.start_of_block = plan.start_of_block.data_ptr()
+        args.numels = plan.numels.data_ptr()
+        args.param_ptrs = plan.row_address("param")
+        args.grad_ptrs = plan.row_address("grad")
+        self.state_ptrs = [plan.row_address(name) for name in spec.buffers]
+        args.state_ptrs = self.state_ptrs
+        args.ncols = len(spec.columns)
+        args.param_dtype = _dtype_code(sig.param_dtype, "param", device)
+        args.grad_dtype = _dtype_code(sig.grad_dtype, "grad", device)
+        args.state_dtype = _dtype_code(sig.state_dtype, "state", device)
+        if spec.advances_scalars:
+            args.scalar_state = [batch.scalars[s.name].data_ptr() for s in spec.scalars[1:]]
+            if plan.tickets is not None and device.type != "cpu":
+                args.tickets = plan.tickets.data_ptr()
+        self.args = args
+        optional = spec.optional
+        # only where some tensor lacks the optional buffer is there a gate to check each step
+        self.lacking = optional is not None and (optional.name not in plan.present or not plan.present[optional.name].all())
+        self.steps_checked = None
 
 
 def _scalar_arg(t: Optional[Any], device, name: str):
@@ -235,46 +236,43 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     plan = batch.launch_plan(block)
     if plan.nblocks == 0:
         return  # only empty tensors
-    fixed = _fixed_args.get(plan)
-    if fixed is None:
-        fixed = _fixed_args[plan] = _launch_args(plan, batch)
-    # The per-step work here is a few attribute reads: on a CPU a step of a
+    fixed = plan.memo(("ext", device.type), lambda: _Fixed(module, plan, batch))
+    # The per-step work here is a few attribute writes: on a CPU a step of a
     # few million parameters takes about a millisecond.
     host_rows = batch.rows
     if host_rows.dtype != np.float64 or not host_rows.flags.c_contiguous:
         host_rows = np.ascontiguousarray(host_rows, dtype=np.float64)
-    if fixed["lacking"]:  # some tensor lacks the optional buffer: its gate must be 0
+    if fixed.lacking:  # some tensor lacks the optional buffer: its gate must be 0
         check_gates(plan, spec, host_rows)
     scale_ptr, scale_keep = _scalar_arg(grad_scale, device, "grad_scale")
     inf_ptr, inf_keep = _scalar_arg(found_inf, device, "found_inf")
     steps = batch.scalars["step"] if spec.advances_scalars else batch.steps
-    if steps is not fixed["steps_checked"]:
+    if steps is not fixed.steps_checked:
         if steps.dtype != torch.float32 or steps.device != device or not steps.is_contiguous():
             raise RuntimeError(f"fastmup: batch.steps must be a contiguous float32 tensor on {device}")
-        fixed["steps_checked"] = steps
+        fixed.steps_checked = steps
     if device.type == "cpu":
         rows_ptr, rows_keep = host_rows.ctypes.data, host_rows
     else:
         rows_keep = batch.device_rows()
         rows_ptr = rows_keep.data_ptr()
-    args = dict(fixed["args"], rows=rows_ptr, steps=steps.data_ptr(), grad_scale=scale_ptr, found_inf=inf_ptr)
+    args = module.MultiTensorArgs(fixed.args)
+    args.rows = rows_ptr
+    args.steps = steps.data_ptr()
+    args.grad_scale = scale_ptr
+    args.found_inf = inf_ptr
     hvp_keep = None
-    if algorithm == "esgd":
-        hvp_table = 0
+    if spec.inputs:  # ESGD-M: the HVP slot follows the state buffers
         if hvps is not None:
             # read in the dtype the spec declares (the grads'): csrc/common.h, Slot2
             hvp_keep, _ = input_table(batch, "hvp", hvps)
-            hvp_table = hvp_keep.data_ptr()
-        args["state_ptrs"] = [*args["state_ptrs"], hvp_table]
-        args["scalar_state"] = [batch.scalars[s.name].data_ptr() for s in spec.scalars[1:]]
-        args["hvp_step"] = int(hvps is not None)
-        if device.type != "cpu":
-            args["tickets"] = plan.tickets.data_ptr()
+            args.state_ptrs = [*fixed.state_ptrs, hvp_keep.data_ptr()]
+        args.hvp_step = int(hvps is not None)
     run = getattr(module, algorithm)
     if device.type == "cpu":
-        run(**args, nthreads=torch.get_num_threads())
+        run(args, nthreads=torch.get_num_threads())
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(index).cuda_stream
-        run(**args, device=index, stream=stream)
+        run(args, device=index, stream=stream)
     del scale_keep, inf_keep, rows_keep, hvp_keep

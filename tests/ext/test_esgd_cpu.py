@@ -206,12 +206,12 @@ def spy(cpu_ext, monkeypatch):
                 calls["hvps"][(backend, id(owner))] = None if h is None else h.detach().clone()
         return real_esgd(batch, backend=backend, hvps=hvps, **kw)
 
-    def run(**kw):
-        calls["fused"].append(bool(kw["hvp_step"]))
-        return real_run(**kw)
+    def run(args, **kw):
+        calls["fused"].append(bool(args.hvp_step))
+        return real_run(args, **kw)
 
     monkeypatch.setattr(esgd_module, "esgd", esgd)  # MuESGD.step looks it up per call
-    monkeypatch.setattr(cpu_ext, "esgd", run)  # a launch plan binds it when first built
+    monkeypatch.setattr(cpu_ext, "esgd", run)  # fastmup.ext looks it up per launch
     return calls
 
 
