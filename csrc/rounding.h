@@ -135,4 +135,12 @@ FASTMUP_HD FASTMUP_INLINE float decode_remainder(uint16_t param, int16_t rem) {
 // ---------------------------------------------------------------------------
 enum Storage : int { kNearest = 0, kStochastic = 1, kMaster = 2, kRemainder = 3 };
 
+// One contiguous run of a tensor's elements as its storage mode sees it.
+struct StorageRun {
+  int mode = kNearest;
+  void* aux = nullptr;    // the fp32 master or int16 remainder of the run's first element
+  RoundingKey key{0u, 0u};
+  uint64_t element0 = 0;  // the flat index of the run's first element
+};
+
 }  // namespace fastmup

@@ -44,7 +44,7 @@ class Refusal(NamedTuple):
 #: the parameter storage modes (``fastmup.plan.spec.ParamStorage``) each fused backend implements
 STORAGE_MODES: dict[str, tuple[str, ...]] = {
     "triton": ("nearest", "stochastic", "master", "remainder"),
-    "cpu": ("nearest",),
+    "cpu": ("nearest", "stochastic", "master", "remainder"),
     "cuda": ("nearest",),
 }
 
