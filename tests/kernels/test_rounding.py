@@ -228,3 +228,16 @@ def test_found_inf_skips_every_mode_on_the_device():
         for p, (value, state) in zip(params, before):
             assert torch.equal(p, value)
             assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
+def test_fp16_stochastic_round_of_subnormals_matches_reference():
+    """The fp16 subnormal case densely: every binade from 2^-45 to fp16's
+    smallest normal, both signs."""
+    g = torch.Generator().manual_seed(9)
+    n = 1 << 15
+    x = (torch.rand(n, generator=g) + 1) * torch.exp2(torch.randint(-45, -13, (n,), generator=g).float())
+    x = torch.where(torch.rand(n, generator=g) < 0.5, -x, x)
+    r = torch.randint(0, 1 << 16, (n,), dtype=torch.int64, generator=g)
+    out = torch.empty(n, dtype=torch.float16, device=DEVICE)
+    _sr_kernel[_grid(n)](x.to(DEVICE), r.to(torch.int32).to(DEVICE), out, n, DTYPE=tl.float16, BLOCK=BLOCK)
+    assert torch.equal(out.cpu().view(torch.int16), precision.stochastic_round(x, torch.float16, r).view(torch.int16))
