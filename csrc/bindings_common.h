@@ -14,7 +14,10 @@
 #include <string>
 #include <vector>
 
+#include "adam_math.h"
 #include "common.h"
+#include "esgd_math.h"
+#include "sgd_math.h"
 
 namespace fastmup {
 
@@ -128,6 +131,18 @@ inline pybind11::dict layout_of() {
   d["columns"] = columns;
   d["states"] = states;
   return d;
+}
+
+// What both modules have: the MultiTensorArgs class and LAYOUTS, each
+// functor's columns and state slots by name (CI checks them against the
+// algorithms' specs, so a column added on one side only fails a test).
+inline void bind_common(pybind11::module_& m) {
+  bind_multi_tensor_args(m);
+  pybind11::dict layouts;
+  layouts["AdamOp"] = layout_of<AdamOp>();
+  layouts["SgdOp"] = layout_of<SgdOp>();
+  layouts["EsgdOp"] = layout_of<EsgdOp>();
+  m.attr("LAYOUTS") = layouts;
 }
 
 }  // namespace fastmup

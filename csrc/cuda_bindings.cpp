@@ -1,10 +1,7 @@
 // The `cuda` backend module: fastmup/ext loads it as _fastmup_cuda.  Built by
 // the host C++ compiler and linked with the nvcc-compiled kernels; the CUDA
 // stream and device come from Python (torch.cuda.current_stream()).
-#include "adam_math.h"
 #include "bindings_common.h"
-#include "esgd_math.h"
-#include "sgd_math.h"
 #include "cuda_api.h"
 
 namespace py = pybind11;
@@ -36,14 +33,7 @@ void launch_esgd(const MultiTensorArgs& args, int device, uint64_t stream) {
 PYBIND11_MODULE(_fastmup_cuda, m) {
   m.doc() = "fastmup multi-tensor optimizer kernels (the `cuda` backend)";
   m.attr("BLOCK") = py::int_(cuda::block_size());
-  // Each functor's columns and state slots, by name: CI checks them against
-  // the algorithms' specs, so a column added on one side only fails a test.
-  py::dict layouts;
-  layouts["AdamOp"] = layout_of<AdamOp>();
-  layouts["SgdOp"] = layout_of<SgdOp>();
-  layouts["EsgdOp"] = layout_of<EsgdOp>();
-  m.attr("LAYOUTS") = layouts;
-  bind_multi_tensor_args(m);
+  bind_common(m);
   m.def("adam", &launch<cuda::adam>, py::arg("args"), py::arg("device"), py::arg("stream"),
         "One Adam/AdamW launch over a batch (asynchronous, on `stream`).");
   m.def("sgd", &launch<cuda::sgd>, py::arg("args"), py::arg("device"), py::arg("stream"),

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmup.sharpness import model_device
+
 __all__ = [
     "FDICT",
     "cov",
@@ -136,14 +138,6 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _loss(output: torch.Tensor, target: torch.Tensor, lossfn, flatten_output: bool, one_hot_target) -> torch.Tensor:
     if flatten_output:
         output = output.reshape(-1, output.shape[-1])
@@ -206,7 +200,7 @@ def _get_coord_data(
                 model = make_model().train()
                 if cuda:
                     model = model.cuda()
-                device = _model_device(model)
+                device = model_device(model)
                 optimizer = optcls(model)
                 for t, batch in enumerate(dataloader, 1):
                     handles = [

@@ -108,7 +108,8 @@ def _batch_size(inputs: Any) -> int:
     return 1
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (else buffer; else the CPU)."""
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -229,7 +230,7 @@ def keskar_sharpness_result(
             "not an optimizer instance: the ascent never reuses (and so never disturbs) a user's optimizer"
         )
     make_optimizer: OptimizerFactory = optimizer if optimizer is not None else torch.optim.SGD
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

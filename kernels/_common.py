@@ -16,9 +16,8 @@ jit helpers (the common prologue and the tile I/O of every kernel):
 * :func:`lerp_coefficients` / :func:`lerp`: ``torch.lerp`` with a scalar weight.
 * :func:`grad_unscaling` / :func:`scale_reciprocal` / :func:`unscale`: AMP's
   ``g / grad_scale``, as an exact multiplication when the scale is a power
-  of two.  The kernels run
-  their tile loops once for each case (that one first), so neither loop
-  tests it per tile.
+  of two.  The kernels run their tile loops once for each case (that one
+  first), so neither loop tests it per tile.
 * :func:`bias_correction` computes ``1 - β^t`` in float64 inside a kernel.
 
 host side:

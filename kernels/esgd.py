@@ -57,8 +57,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmup.plan.launch import input_dtype, input_table
-
 from . import _common
 from ._common import (
     block_extent,
@@ -291,7 +289,7 @@ def launch(
     aligned = plan.aligned
     hvp_ptrs = plan.numels  # placeholder, never read without HVPs
     if hvps is not None:
-        hvp_ptrs, hvps_aligned = input_table(batch, "hvp", hvps)
+        hvp_ptrs, hvps_aligned = batch.input_table("hvp", hvps)
         aligned = aligned and hvps_aligned
     spec, s = batch.spec, batch.scalars
     with _common.device_guard(batch.device):
@@ -312,7 +310,7 @@ def launch(
             COL_EPS=spec.col("eps"),
             COL_VARIANT=spec.col("variant"),
             HVP=hvps is not None,
-            HVP_DTYPE=_common.tl_dtype(input_dtype(batch, "hvp")),
+            HVP_DTYPE=_common.tl_dtype(batch.input_dtype("hvp")),
             BLOCK=BLOCK,
             TILE=TILE,
             num_warps=NUM_WARPS if aligned else NUM_WARPS_UNALIGNED,

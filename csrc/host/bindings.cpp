@@ -1,8 +1,5 @@
 // The `cpu` backend module: fastmup/ext loads it as _fastmup_cpu.
-#include "../adam_math.h"
 #include "../bindings_common.h"
-#include "../esgd_math.h"
-#include "../sgd_math.h"
 #include "multi_tensor_host.h"
 
 namespace py = pybind11;
@@ -82,14 +79,7 @@ void lerp_by(float w, uint64_t a, uint64_t b, uint64_t dst, int64_t n) {
 PYBIND11_MODULE(_fastmup_cpu, m) {
   m.doc() = "fastmup multi-tensor optimizer updates on the host (the `cpu` backend)";
   m.attr("BLOCK") = py::int_(host::kBlock);
-  // Each functor's columns and state slots, by name: CI checks them against
-  // the algorithms' specs, so a column added on one side only fails a test.
-  py::dict layouts;
-  layouts["AdamOp"] = layout_of<AdamOp>();
-  layouts["SgdOp"] = layout_of<SgdOp>();
-  layouts["EsgdOp"] = layout_of<EsgdOp>();
-  m.attr("LAYOUTS") = layouts;
-  bind_multi_tensor_args(m);
+  bind_common(m);
 #if defined(_OPENMP)
   m.attr("THREADING") = "openmp";
 #else

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,41 +175,7 @@ def train_one(
 ) -> Dict[str, Any]:
     """One run, as :func:`fastmup.demo.mutransfer.train_one` (same keys), on a transformers model."""
     _quiet_transformers()
-    torch.manual_seed(seed)
-    model = build(cfg.model, width, parametrization, cfg.base_width, **cfg.model_kwargs).train()
-    opt = mt.make_optimizer(model, parametrization, 2.0**log2_lr, backend)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, mt._schedule(cfg))
-    losses: List[float] = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    batches, (x_eval, y_eval) = mt._data(cfg, seed)
-    for xb, yb in batches:
-        loss = _loss(model, xb, yb)
-        value = loss.item()
-        losses.append(value)
-        if not math.isfinite(value):
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    final = float("nan")
-    if len(losses) == cfg.steps and math.isfinite(losses[-1]):
-        with torch.no_grad():
-            final = _loss(model.eval(), x_eval, y_eval).item()
-        if not math.isfinite(final):
-            final = float("nan")
-    return dict(
-        model=cfg.model,
-        parametrization=parametrization,
-        width=width,
-        log2_lr=log2_lr,
-        seed=seed,
-        final=final,
-        first=losses[0],
-        losses=losses,
-        seconds=time.perf_counter() - start,
-        cpu_seconds=time.process_time() - cpu_start,
-    )
+    return mt.train_one(cfg, parametrization, width, log2_lr, seed, backend, build=build, loss=_loss)
 
 
 def coord_check(
@@ -235,9 +200,6 @@ def coord_check(
     ``torch.optim.Adam`` and μP with ``fastmup.MuAdam``; returns ``(df_sp,
     df_mup)`` and with ``path`` saves both plots, SP above μP, as one PNG.
     """
-    import fastmup
-    from fastmup.coord_check import get_coord_data, plot_coord_data
-
     _quiet_transformers()
     model_kwargs = dict(_MODEL if model_kwargs is None else model_kwargs)
     task = tasks.MarkovTask(**(_TASK if task_kwargs is None else task_kwargs))
@@ -247,33 +209,10 @@ def coord_check(
     def lazy(width: int, parametrization: str):
         return lambda: build(kind, width, parametrization, base_width, **model_kwargs)
 
-    def mu_adam(params, lr):
-        return fastmup.MuAdam(params, lr=lr, backend=backend)
-
-    def adam(params, lr):
-        return torch.optim.Adam(params, lr=lr)
-
-    dfs = {}
-    for p, opt in (("sp", adam), ("mup", mu_adam)):
-        dfs[p] = get_coord_data(
-            {w: lazy(w, p) for w in widths}, loader, optimizer=opt, lr=lr, nsteps=nsteps, nseeds=nseeds,
-            dict_in_out=True, show_progress=progress,
-        )
-    if path is not None:
-        figs = []
-        for p in ("sp", "mup"):
-            df = dfs[p] if modules is None else dfs[p][dfs[p]["module"].isin(list(modules))]
-            figs.append(
-                plot_coord_data(
-                    df,
-                    suptitle=f"{_TITLES[kind]}: coordinate check, {_PANELS[p]}, lr=2^{math.log2(lr):g}, "
-                    f"{nseeds} seed(s); t=1 is the initialization",
-                    subplot_width=3.6,
-                    subplot_height=3.3,
-                )
-            )
-        mt._stack_figures(figs, path)
-    return dfs["sp"], dfs["mup"]
+    return mt.coord_check_sp_mup(
+        lazy, loader, widths, lr=lr, nsteps=nsteps, nseeds=nseeds, progress=progress, backend=backend,
+        path=path, modules=modules, title=_TITLES[kind], panels=_PANELS, dict_in_out=True,
+    )
 
 
 # ---------------------------------------------------------------------------

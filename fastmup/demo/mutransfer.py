@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +197,9 @@ def train_one(
     log2_lr: float,
     seed: int,
     backend: str = "auto",
+    *,
+    build: Callable[..., torch.nn.Module] = demo_models.build,
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = _loss,
 ) -> Dict[str, Any]:
     """Train one model at learning rate ``2**log2_lr``; return a dict of results.
 
@@ -206,10 +209,12 @@ def train_one(
     step; a run stops at the first non-finite one), ``seconds``,
     ``cpu_seconds`` and the run's coordinates.  The init depends on
     ``(width, seed)`` and the data on ``seed`` only, so the runs along one
-    curve differ by their learning rate alone.
+    curve differ by their learning rate alone.  ``build(kind, width,
+    parametrization, base_width, **model_kwargs)`` makes the model (those of
+    :mod:`fastmup.demo.models` by default), ``loss(model, x, y)`` its loss.
     """
     torch.manual_seed(seed)
-    model = demo_models.build(cfg.model, width, parametrization, cfg.base_width, **cfg.model_kwargs)
+    model = build(cfg.model, width, parametrization, cfg.base_width, **cfg.model_kwargs).train()
     lr = 2.0**log2_lr
     opt = make_optimizer(model, parametrization, lr, backend)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
@@ -217,19 +222,19 @@ def train_one(
     start, cpu_start = time.perf_counter(), time.process_time()
     batches, (x_eval, y_eval) = _data(cfg, seed)
     for xb, yb in batches:
-        loss = _loss(model, xb, yb)
-        value = loss.item()
+        value_t = loss(model, xb, yb)
+        value = value_t.item()
         losses.append(value)
         if not math.isfinite(value):
             break
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value_t.backward()
         opt.step()
         sched.step()
     final = float("nan")
     if len(losses) == cfg.steps and math.isfinite(losses[-1]):
         with torch.no_grad():
-            final = _loss(model.eval(), x_eval, y_eval).item()
+            final = loss(model.eval(), x_eval, y_eval).item()
         if not math.isfinite(final):
             final = float("nan")
     return dict(
@@ -524,8 +529,6 @@ def coord_check(
     :func:`fastmup.coord_check.plot_coord_data` (only ``modules``, if given)
     and saves the two figures stacked, SP above μP, as one PNG.
     """
-    from fastmup.coord_check import get_coord_data, plot_coord_data
-
     model_kwargs = dict(model_kwargs or {})
     if model == "mlp":
         x, y = _digits()
@@ -539,6 +542,36 @@ def coord_check(
     def lazy(width: int, parametrization: str):
         return lambda: demo_models.build(model, width, parametrization, base_width, **model_kwargs)
 
+    names = {"sp": "SP (torch.optim.Adam)", "mup": "μP (fastmup.MuAdam)"}
+    return coord_check_sp_mup(
+        lazy, loader, widths, lr=lr, nsteps=nsteps, nseeds=nseeds, progress=progress, backend=backend,
+        path=path, modules=modules, title=_TITLES.get(model, model), panels=names, **extra,
+    )
+
+
+def coord_check_sp_mup(
+    lazy: Callable[[int, str], Callable[[], torch.nn.Module]],
+    loader,
+    widths: Sequence[int],
+    *,
+    lr: float,
+    nsteps: int,
+    nseeds: int,
+    progress: bool,
+    backend: str,
+    path: Optional[str],
+    modules: Optional[Sequence[str]],
+    title: str,
+    panels: Dict[str, str],
+    **coord_kwargs: Any,
+):
+    """:func:`fastmup.coord_check.get_coord_data` of the models
+    ``lazy(width, parametrization)()`` in SP (``torch.optim.Adam``) and in μP
+    (``fastmup.MuAdam``) on ``loader``; returns ``(df_sp, df_mup)`` and with
+    ``path`` saves their plots (only ``modules``, if given; ``panels`` names
+    the two), SP above μP, as one PNG."""
+    from fastmup.coord_check import get_coord_data, plot_coord_data
+
     def mu_adam(params, lr):
         return fastmup.MuAdam(params, lr=lr, backend=backend)
 
@@ -549,17 +582,16 @@ def coord_check(
     for p, opt in (("sp", adam), ("mup", mu_adam)):
         dfs[p] = get_coord_data(
             {w: lazy(w, p) for w in widths}, loader, optimizer=opt, lr=lr, nsteps=nsteps, nseeds=nseeds,
-            show_progress=progress, **extra,
+            show_progress=progress, **coord_kwargs,
         )
     if path is not None:
-        names = {"sp": "SP (torch.optim.Adam)", "mup": "μP (fastmup.MuAdam)"}
         figs = []
         for p in ("sp", "mup"):
             df = dfs[p] if modules is None else dfs[p][dfs[p]["module"].isin(list(modules))]
             figs.append(
                 plot_coord_data(
                     df,
-                    suptitle=f"{_TITLES.get(model, model)}: coordinate check, {names[p]}, "
+                    suptitle=f"{title}: coordinate check, {panels[p]}, "
                     f"lr=2^{math.log2(lr):g}, {nseeds} seed(s); t=1 is the initialization",
                     subplot_width=3.6,
                     subplot_height=3.3,

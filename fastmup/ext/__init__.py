@@ -223,7 +223,7 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     import numpy as np
     import torch
 
-    from fastmup.plan.launch import check_gates, input_table
+    from fastmup.plan.launch import check_gates
 
     hvps = kwargs.pop("hvps", None) if algorithm == "esgd" else None
     device = batch.device
@@ -275,7 +275,7 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     if spec.inputs:  # ESGD-M: the HVP slot follows the state buffers
         if hvps is not None:
             # read in the dtype the spec declares (the grads'): csrc/common.h, Slot2
-            hvp_keep, _ = input_table(batch, "hvp", hvps)
+            hvp_keep, _ = batch.input_table("hvp", hvps)
             args.state_ptrs = [*fixed.state_ptrs, hvp_keep.data_ptr()]
         args.hvp_step = int(hvps is not None)
     run = getattr(module, algorithm)

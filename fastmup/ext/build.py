@@ -120,12 +120,19 @@ def csrc_dir() -> Path:
     )
 
 
-def cache_root() -> Path:
-    root = os.environ.get("FASTMUP_EXT_DIR")
+def user_cache(variable: str, name: str) -> Path:
+    """``$variable`` when set, else ``fastmup/<name>`` under the user's cache
+    directory (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    root = os.environ.get(variable)
     if root:
         return Path(root).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastmup" / "ext"
+    return Path(base) / "fastmup" / name
+
+
+def cache_root() -> Path:
+    """Where built extensions go: ``$FASTMUP_EXT_DIR``, else ``~/.cache/fastmup/ext``."""
+    return user_cache("FASTMUP_EXT_DIR", "ext")
 
 
 def module_name(kind: str) -> str:

@@ -75,11 +75,9 @@ def resource_usage(binary: Path, arch: Optional[int] = None) -> dict[str, dict[s
 
 def cache_dir() -> Path:
     """``$FASTMUP_INSPECT_CACHE``, else ``~/.cache/fastmup/inspect``."""
-    root = os.environ.get("FASTMUP_INSPECT_CACHE")
-    if root:
-        return Path(root).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastmup" / "inspect"
+    from fastmup.ext.build import user_cache
+
+    return user_cache("FASTMUP_INSPECT_CACHE", "inspect")
 
 
 def cached(kind: str, key_parts: list[str | bytes], compute: Callable[[], dict]) -> dict:

@@ -13,8 +13,9 @@ For each tensor, with ``lr`` and ``wd`` already multiplied by its μP factors
 
 One entry point, :func:`adam`, runs a :class:`TensorBatch` with the chosen
 backend: ``_single_tensor_adam`` is the readable reference (fp32 math,
-one rounding to the storage dtype), ``_fused_adam`` hands the whole batch to
-one kernel launch.
+one rounding to the storage dtype), a fused backend's launcher
+(:func:`fastmup.optim.backend.launcher`) steps the whole batch in one
+kernel launch.
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastmup.optim import precision
+from fastmup.optim.backend import launcher
 from fastmup.optim.checks import check_adam
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
 
@@ -222,11 +225,11 @@ def adam(
     if backend == "eager":
         _single_tensor_adam(batch, grad_scale=grad_scale, found_inf=found_inf)
     else:
-        _fused_adam(batch, backend=backend, grad_scale=grad_scale, found_inf=found_inf)
+        launcher(backend, "adam")(batch, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    if found_inf is not None and bool(found_inf.item()):
+    if skips_step(found_inf):
         return
     steps = batch.steps.tolist()
     exp_avgs, exp_avg_sqs = batch.state["exp_avg"], batch.state["exp_avg_sq"]
@@ -235,15 +238,12 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         if g is None:
             continue  # no gradient this step
         lr, wd, beta1, beta2, eps, amsgrad, maximize, decoupled = batch.rows[i].tolist()
-        # math in fp32 (fp64 for fp64 storage) on copies; tensors already of
-        # that dtype are used in place.  The parameter's value is read as its
-        # storage mode holds it (the fp32 master weight, say).
+        # The parameter's value is read as its storage mode holds it (the fp32
+        # master weight, say).
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
         param = precision.load_batch_param(batch, i, dtype)
         exp_avg, exp_avg_sq = exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
-        grad = g.to(dtype)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, dtype)
+        grad = unscaled(g, dtype, grad_scale)
         if maximize:
             grad = -grad
         if wd != 0:
@@ -260,18 +260,9 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
             max_sq = max_exp_avg_sqs[i].to(dtype)
             torch.maximum(max_sq, exp_avg_sq, out=max_sq)
             denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            if max_sq is not max_exp_avg_sqs[i]:
-                max_exp_avg_sqs[i].copy_(max_sq)
+            store((max_exp_avg_sqs[i], max_sq))
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
         precision.store_batch_param(batch, i, param, step)
-        for stored, computed in ((exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq)):
-            if stored is not computed:
-                stored.copy_(computed)
-
-
-def _fused_adam(batch: TensorBatch, *, backend: str, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    from fastmup.optim.backend import launcher
-
-    launcher(backend, "adam")(batch, grad_scale=grad_scale, found_inf=found_inf)
+        store((exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq))

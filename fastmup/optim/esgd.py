@@ -135,8 +135,8 @@ from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
 from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
 from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
-from fastmup.plan.launch import input_dtype
 from fastmup.plan.spec import AlgorithmSpec, ReadOnlyInput, ScalarState
 
 __all__ = ["MuESGD", "ESGD", "esgd", "draw_probes", "tensor_scalars", "esgd_per_tensor_torch", "SPEC", "VARIANTS"]
@@ -519,7 +519,7 @@ def _hvp_inputs(batch: TensorBatch, hvps: Sequence[Optional[Tensor]]) -> list[Te
     tensor the gradients do not depend on (``None``)."""
     if len(hvps) != len(batch):
         raise ValueError(f"esgd: {len(hvps)} HVPs for a batch of {len(batch)} tensors")
-    dtype = input_dtype(batch, "hvp")
+    dtype = batch.input_dtype("hvp")
     return [
         torch.zeros(p.shape, dtype=dtype, device=p.device) if h is None else h.to(dtype).contiguous()
         for p, h in zip(batch.params, hvps)
@@ -540,7 +540,7 @@ def _single_tensor_esgd(
     :func:`tensor_scalars` in float64, rounded once to the math dtype by
     torch when they meet a tensor.
     """
-    if found_inf is not None and bool(found_inf.item()):
+    if skips_step(found_inf):
         return
     hvp_step = hvps is not None
     columns = {k: batch.scalars[k].tolist() for k in ("step",) + PRODUCTS}
@@ -558,15 +558,11 @@ def _single_tensor_esgd(
         new["exp_avg_bias_corr"][i], new["exp_avg_d_bias_corr"][i] = s.bc1, s.bc2
         new["lr_warmup_cumprod"][i], new["step"][i] = s.cum, s.step
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
-        param, grad = p.to(dtype), g.to(dtype)
+        param, grad = p.to(dtype), unscaled(g, dtype, grad_scale)
         exp_avg, exp_avg_d = exp_avgs[i].to(dtype), exp_avg_ds[i].to(dtype)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, dtype)
         exp_avg.lerp_(grad, s.lerp_m)
         if hvp_step:
-            hvp = hvps[i].to(dtype)
-            if grad_scale is not None:
-                hvp = hvp / grad_scale.to(hvp.device, dtype)
+            hvp = unscaled(hvps[i], dtype, grad_scale)
             if s.is_max:
                 torch.maximum(exp_avg_d.mul_(s.beta2), hvp * hvp, out=exp_avg_d)
             else:
@@ -575,9 +571,7 @@ def _single_tensor_esgd(
             denom = (exp_avg_d.sqrt() / s.bc2_sqrt).add_(s.eps)
             m_est = torch.lerp(exp_avg, grad, s.lerp_qhm)
             param.mul_(s.decay).addcdiv_(m_est, denom, value=s.coef)
-        for stored, computed in ((p, param), (exp_avgs[i], exp_avg), (exp_avg_ds[i], exp_avg_d)):
-            if stored is not computed:
-                stored.copy_(computed)
+        store((p, param), (exp_avgs[i], exp_avg), (exp_avg_ds[i], exp_avg_d))
     for key, values in new.items():
         column = batch.scalars[key]
         column.copy_(torch.tensor(values, dtype=column.dtype))

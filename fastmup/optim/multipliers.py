@@ -48,6 +48,10 @@ class Multiplier(NamedTuple):
     def over(x: float) -> "Multiplier":
         return Multiplier(1.0, float(x))
 
+    def inverse(self) -> "Multiplier":
+        """``den / num``: exact, the same fraction upside down."""
+        return Multiplier(self.den, self.num)
+
 
 ONE = Multiplier()
 
@@ -64,33 +68,26 @@ def mup_multipliers(infshape, family: Family, decoupled_wd: bool = False) -> tup
             f"μP has no rule for tensors with {ninf} infinite dimensions (at most 2 are supported); "
             f"infshape {infshape}"
         )
+    # The lr multiplier by class; weight decay scales inversely, so that the
+    # decay per step (lr·wd) does not depend on width.
     if family == "adam":
-        if ninf == 2:
-            m = infshape.width_mult()
-            lr, wd = Multiplier.over(m), Multiplier.times(m)
-        else:
-            lr, wd = ONE, ONE
+        lr = Multiplier.over(infshape.width_mult()) if ninf == 2 else ONE
     elif family == "sgd":
         if ninf == 2:
-            ratio = infshape.fanin_fanout_mult_ratio()
-            lr, wd = Multiplier.over(ratio), Multiplier.times(ratio)
+            lr = Multiplier.over(infshape.fanin_fanout_mult_ratio())
         elif ninf == 1:
-            m = infshape.width_mult()
-            lr, wd = Multiplier.times(m), Multiplier.over(m)
+            lr = Multiplier.times(infshape.width_mult())
         else:
-            lr, wd = ONE, ONE
+            lr = ONE
     elif family == "esgd":
         # sqrt(adam multiplier x sgd multiplier), class by class
         if ninf == 2:
-            r = math.sqrt(infshape.width_mult() * infshape.fanin_fanout_mult_ratio())
-            lr, wd = Multiplier.over(r), Multiplier.times(r)
+            lr = Multiplier.over(math.sqrt(infshape.width_mult() * infshape.fanin_fanout_mult_ratio()))
         elif ninf == 1:
-            r = math.sqrt(infshape.width_mult())
-            lr, wd = Multiplier.times(r), Multiplier.over(r)
+            lr = Multiplier.times(math.sqrt(infshape.width_mult()))
         else:
-            lr, wd = ONE, ONE
+            lr = ONE
     else:
         raise ValueError(f"unknown optimizer family {family!r}; expected 'adam', 'sgd' or 'esgd'")
-    if decoupled_wd:
-        wd = ONE
+    wd = ONE if decoupled_wd else lr.inverse()
     return lr, wd

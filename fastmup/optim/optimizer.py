@@ -49,8 +49,9 @@ _ALIGNMENT = 16
 
 
 @dataclass(eq=False)
-class _PlanKey:
-    """What a plan depends on, recorded when it was built.
+class _PlanInputs:
+    """What the batches of a plan were built from (not a plan: what tells
+    whether the cached batches still hold), recorded when they were built.
 
     Gradients are held weakly: ``zero_grad(set_to_none=True)`` must free
     them, as it does with torch's optimizers."""
@@ -232,11 +233,11 @@ class MuOptimizer(Optimizer):
     # pickling and deepcopy: configuration travels, plan caches are rebuilt
     # ------------------------------------------------------------------
     #: attributes that are caches of the plan (rebuilt on the next step)
-    _PLAN_CACHES = ("_batches", "_plan_key", "_backend_ready", "_eager_noted")
+    _PLAN_CACHES = ("_batches", "_plan_inputs", "_backend_ready", "_eager_noted")
 
     def _reset_plan(self) -> None:
         self._batches: list[TensorBatch] = []
-        self._plan_key: Optional[_PlanKey] = None
+        self._plan_inputs: Optional[_PlanInputs] = None
         self._backend_ready = False
         self._eager_noted = False
 
@@ -276,7 +277,7 @@ class MuOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         self._mults.update(mults)
-        self._plan_key = None
+        self._plan_inputs = None
 
     def _check_storage_options(self, group: Mapping[str, Any]) -> None:
         if self._storage_modes:
@@ -340,7 +341,7 @@ class MuOptimizer(Optimizer):
     # ------------------------------------------------------------------
     # the plan
     # ------------------------------------------------------------------
-    def _snapshot(self) -> _PlanKey:
+    def _snapshot(self) -> _PlanInputs:
         """Record what the plan just built depends on."""
         params = [p for g in self.param_groups for p in g["params"]]
         member_sig = {p: b.signature for b in self._batches for p in b.owners}
@@ -360,7 +361,7 @@ class MuOptimizer(Optimizer):
             else:
                 layout = p.grad.layout if p.grad is not None else torch.strided
                 meta.append((sig.grad_dtype, local(p).shape, sig.device, layout))
-        return _PlanKey(
+        return _PlanInputs(
             group_keys=[self._group_key(g) for g in self.param_groups],
             params=params,
             grad_refs=[_grad_ref(p.grad) for p in params],
@@ -380,18 +381,18 @@ class MuOptimizer(Optimizer):
         and its storage options."""
         return (self._state_keys(group), group.get("stochastic_rounding", False), group.get("master_weights"))
 
-    def _structure_is_current(self, key: _PlanKey) -> bool:
+    def _structure_is_current(self, inputs: _PlanInputs) -> bool:
         """Cheap per-step check: the same groups, state objects and param /
         state addresses as when the plan was built (a new ``p.data`` or a
         replaced state buffer invalidate it)."""
-        if [self._group_key(g) for g in self.param_groups] != key.group_keys:
+        if [self._group_key(g) for g in self.param_groups] != inputs.group_keys:
             return False
         # map() over C-level callables: this runs every step, over every tensor
-        if not all(map(operator.is_, map(dict.get, key.slot_dicts, key.slot_keys), key.state_tensors)):
+        if not all(map(operator.is_, map(dict.get, inputs.slot_dicts, inputs.slot_keys), inputs.state_tensors)):
             return False
-        return list(map(Tensor.data_ptr, key.tensors)) == key.ptrs
+        return list(map(Tensor.data_ptr, inputs.tensors)) == inputs.ptrs
 
-    def _bind_grads(self, key: _PlanKey) -> bool:
+    def _bind_grads(self, inputs: _PlanInputs) -> bool:
         """Point the plan at this step's gradients.
 
         The usual loop (``zero_grad(set_to_none=True)``, backward) makes new
@@ -403,17 +404,17 @@ class MuOptimizer(Optimizer):
         A param outside the plan that has a gradient now, or a gradient of
         another kind, re-plans (the caller rebuilds).
         """
-        grads = list(map(_GRAD, key.params))
-        locals_ = [None if g is None else local(g) for g in grads] if key.sharded else grads
-        if all(map(operator.is_, grads, [ref() for ref in key.grad_refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
+        grads = list(map(_GRAD, inputs.params))
+        locals_ = [None if g is None else local(g) for g in grads] if inputs.sharded else grads
+        if all(map(operator.is_, grads, [ref() for ref in inputs.grad_refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
             # the same tensors: only their storage may have been swapped
-            if list(map(_address, locals_)) == key.grad_ptrs:
+            if list(map(_address, locals_)) == inputs.grad_ptrs:
                 for batch in self._batches:
-                    batch.grads = self._batch_grads(batch, key)
+                    batch.grads = self._batch_grads(batch, inputs)
                 return True
         skips = self._skips_tensors_without_grad
         ptrs = []
-        for g, meta, fused, old in zip(locals_, key.grad_meta, key.fused, key.grad_ptrs):
+        for g, meta, fused, old in zip(locals_, inputs.grad_meta, inputs.fused, inputs.grad_ptrs):
             if g is None:
                 if meta is not None and not skips:
                     return False
@@ -428,18 +429,18 @@ class MuOptimizer(Optimizer):
                 if ptr % _ALIGNMENT and not old % _ALIGNMENT:
                     return False
             ptrs.append(_address(g))
-        key.grad_refs = [_grad_ref(g) for g in grads]
-        key.grad_ptrs = ptrs
+        inputs.grad_refs = [_grad_ref(g) for g in grads]
+        inputs.grad_ptrs = ptrs
         flat_ptrs = np.asarray(ptrs, dtype=np.int64)
         has_grad = np.fromiter((g is not None for g in grads), dtype=bool, count=len(grads))
         for batch in self._batches:  # batch.index: each tensor's place in the flat list
-            batch.rebind_grads(self._batch_grads(batch, key), flat_ptrs[batch.index])
+            batch.rebind_grads(self._batch_grads(batch, inputs), flat_ptrs[batch.index])
             batch.set_active(has_grad[batch.index])
         return True
 
     @staticmethod
-    def _batch_grads(batch: TensorBatch, key: _PlanKey) -> list[Optional[Tensor]]:
-        if key.sharded:
+    def _batch_grads(batch: TensorBatch, inputs: _PlanInputs) -> list[Optional[Tensor]]:
+        if inputs.sharded:
             return [local(p.grad) for p in batch.owners]
         return list(map(_GRAD, batch.owners))
 
@@ -612,15 +613,13 @@ class MuOptimizer(Optimizer):
                 scalars=scalars,
                 rounding_seed=self.rounding_seed,
                 rounding_prefix=precision.seed_prefix(self.rounding_seed),
+                group_index=np.array([gi for _, gi, _, _ in entries], dtype=np.int64),
+                lr_num=np.array([self._mults[p][0].num for p in params]),
+                lr_den=np.array([self._mults[p][0].den for p in params]),
+                wd_num=np.array([self._mults[p][1].num for p in params]),
+                wd_den=np.array([self._mults[p][1].den for p in params]),
             )
             batch.set_active(np.array([p.grad is not None for p in params], dtype=bool))
-            batch.group_index = np.array([gi for _, gi, _, _ in entries], dtype=np.int64)
-            lr_m = [self._mults[p][0] for p in params]
-            wd_m = [self._mults[p][1] for p in params]
-            batch.lr_num = np.array([m.num for m in lr_m])
-            batch.lr_den = np.array([m.den for m in lr_m])
-            batch.wd_num = np.array([m.num for m in wd_m])
-            batch.wd_den = np.array([m.den for m in wd_m])
             batches.append(batch)
         return batches
 
@@ -632,11 +631,11 @@ class MuOptimizer(Optimizer):
         Host-side bookkeeping over weak references and addresses: a compiled
         training loop runs it as it is, never traced (a guard on a weak
         reference that has died since would fail)."""
-        key = self._plan_key
-        if key is None or not self._structure_is_current(key) or not self._bind_grads(key):
-            self._plan_key = None
+        inputs = self._plan_inputs
+        if inputs is None or not self._structure_is_current(inputs) or not self._bind_grads(inputs):
+            self._plan_inputs = None
             self._batches = self._build_plan()
-            self._plan_key = self._snapshot()
+            self._plan_inputs = self._snapshot()
         return self._batches
 
     def _refresh_rows(self, batches: list[TensorBatch]) -> None:

@@ -21,9 +21,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastmup.optim import precision
+from fastmup.optim.backend import launcher
 from fastmup.optim.checks import check_sgd
 from fastmup.optim.mup_groups import new_or_impl
 from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
 
@@ -160,13 +162,11 @@ def sgd(
     if backend == "eager":
         _single_tensor_sgd(batch, grad_scale=grad_scale, found_inf=found_inf)
     else:
-        from fastmup.optim.backend import launcher
-
         launcher(backend, "sgd")(batch, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    if found_inf is not None and bool(found_inf.item()):
+    if skips_step(found_inf):
         return
     steps = batch.steps.tolist()
     buffers = batch.state.get("momentum_buffer", [None] * len(batch))
@@ -176,12 +176,8 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
         lr, wd, momentum, dampening, nesterov, maximize = batch.rows[i].tolist()
         if g.layout != torch.strided:
             g = g.to_dense()
-        # math in fp32 (fp64 for fp64 storage) on copies; tensors already of
-        # that dtype are used in place.
         dtype = math_dtype(p.dtype, g.dtype, *([] if buffers[i] is None else [buffers[i].dtype]))
-        param, grad = precision.load_batch_param(batch, i, dtype), g.to(dtype)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, dtype)
+        param, grad = precision.load_batch_param(batch, i, dtype), unscaled(g, dtype, grad_scale)
         if maximize:
             grad = -grad
         if wd != 0:
@@ -192,8 +188,7 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
                 buf.copy_(grad)
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            if buf is not buffers[i]:
-                buffers[i].copy_(buf)
+            store((buffers[i], buf))
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
         precision.store_batch_param(batch, i, param, steps[i])

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmup.plan.launch import LaunchPlan, block_map, build_launch_plan
-from fastmup.plan.spec import AlgorithmSpec
+from fastmup.plan.launch import ALIGNMENT, LaunchPlan, block_map
+from fastmup.plan.spec import STORAGE_BUFFERS, AlgorithmSpec, ParamStorage
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ class TensorBatch:
     rounding_prefix: int = 0
     #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
     device_lr: list[Tensor] | None = None
+    #: per tensor: its param group, and its μP multipliers of ``lr`` and
+    #: ``weight_decay`` as exact fractions ``num / den`` (the rows apply them)
     group_index: np.ndarray | None = None
     lr_num: np.ndarray | None = None
     lr_den: np.ndarray | None = None
@@ -284,8 +286,115 @@ class TensorBatch:
         chunks of ``block`` elements, built (and its tensors checked) once."""
         plan = self._launch_plans.get(block)
         if plan is None:
-            plan = self._launch_plans[block] = build_launch_plan(self, block)
+            plan = self._launch_plans[block] = self._build_launch_plan(block)
         return plan
+
+    def _build_launch_plan(self, block: int) -> LaunchPlan:
+        spec = self.spec
+        if spec is None:
+            raise ValueError("a launch plan needs the batch's AlgorithmSpec (batch.spec)")
+        if tuple(self.columns) != spec.columns:
+            raise ValueError(f"{spec.name} launch: the batch's columns {tuple(self.columns)} are not {spec.columns}")
+        for s in spec.scalars:
+            col = self.scalars.get(s.name)
+            if col is None or col.dtype != s.dtype or tuple(col.shape) != (len(self),) or not col.is_contiguous():
+                raise ValueError(f"{spec.name} launch: scalar state {s.name!r} must be a contiguous {s.dtype} column of {len(self)} entries")
+        has_optional = spec.optional is not None and spec.optional.name in self.state
+        roles = ("param", "grad") + spec.state + ((spec.optional.name,) if has_optional else ())
+        storage = self.signature.storage
+        storage_role = STORAGE_BUFFERS[storage][0] if storage in STORAGE_BUFFERS else None
+        if storage_role is not None:  # the storage mode's buffer comes last
+            roles += (storage_role,)
+        tensors = self._checked_tensors(roles)
+        tensor_of_block, start_of_block, nblocks = self.block_map(block, at_least_one=spec.advances_scalars)
+        sig = self.signature
+        empty = self.numel_counts() == 0  # address 0, and nothing to read
+        return LaunchPlan(
+            roles=roles,
+            pointers=self.pointers(roles),
+            numels=self.numels(),
+            tensor_of_block=tensor_of_block,
+            start_of_block=start_of_block,
+            nblocks=nblocks,
+            block=block,
+            n_tensors=len(self),
+            param_dtype=sig.param_dtype,
+            grad_dtype=sig.grad_dtype,
+            state_dtype=sig.state_dtype,
+            aligned=all(t.data_ptr() % ALIGNMENT == 0 for t in tensors),
+            has_optional=has_optional,
+            tickets=torch.zeros(len(self), dtype=torch.int32, device=self.device) if spec.advances_scalars else None,
+            present={role: np.array([t is not None for t in self.state[role]], dtype=bool) | empty for role in roles[2:]},
+            storage=storage,
+            storage_role=storage_role,
+            tensor_ids=(
+                torch.tensor(list(self.index), dtype=torch.int64).to(self.device) if storage == ParamStorage.STOCHASTIC else None
+            ),
+        )
+
+    def _checked_tensors(self, roles: tuple[str, ...]) -> list[Tensor]:
+        """Every tensor a plan with pointer rows ``roles`` addresses, checked;
+        raise naming the tensor and role."""
+        sig, spec = self.signature, self.spec
+        want = {"param": sig.param_dtype, "grad": sig.grad_dtype}
+        want.update(STORAGE_BUFFERS.values())  # the storage modes' buffers have dtypes of their own
+        gate = self.col(spec.optional.gate) if spec.optional is not None else None
+        checked = []
+        for role in roles:
+            listed = self.params if role == "param" else self.grads if role == "grad" else self.state.get(role)
+            for i, p in enumerate(self.params):
+                t = None if listed is None else listed[i]
+                if t is None:
+                    optional_absent = spec.optional is not None and role == spec.optional.name and self.rows[i, gate] == 0
+                    if optional_absent or (role == "grad" and not self.is_active(i)) or p.numel() == 0:
+                        continue  # address 0: never read
+                    raise ValueError(f"{spec.name} launch: tensor #{i} of the batch has no {role!r} buffer")
+                dtype = want.get(role, sig.state_dtype)
+                if t.dtype != dtype or t.numel() != p.numel() or not t.is_contiguous() or t.device != sig.device:
+                    raise ValueError(
+                        f"{spec.name} launch: the {role} of tensor #{i} of the batch must be a contiguous {dtype} tensor "
+                        f"of {p.numel()} elements on {sig.device}, got {t.dtype} {tuple(t.shape)} on {t.device} "
+                        f"(contiguous={t.is_contiguous()})"
+                    )
+                checked.append(t)
+        return checked
+
+    # ------------------------------------------------------------------
+    # a step's read-only inputs (spec.inputs)
+    # ------------------------------------------------------------------
+    def input_dtype(self, name: str) -> torch.dtype:
+        """The dtype every backend reads read-only input ``name`` of the
+        batch's spec in: that of the batch's grads, params or state, as its
+        :class:`~fastmup.plan.spec.ReadOnlyInput` declares."""
+        spec, sig = self.spec, self.signature
+        declared = next((x for x in spec.inputs if x.name == name), None)
+        if declared is None:
+            raise ValueError(f"{spec.name} has no read-only input {name!r} (it has {[x.name for x in spec.inputs]})")
+        return {"param": sig.param_dtype, "grad": sig.grad_dtype, "state": sig.state_dtype}[declared.like]
+
+    def input_table(self, name: str, tensors: Sequence[Tensor]) -> tuple[Tensor, bool]:
+        """The addresses of read-only input ``name`` (one tensor per tensor
+        of the batch) as an int64 ``[n]`` table on the batch's device, and
+        whether every one is a multiple of ``ALIGNMENT`` bytes.
+
+        Each tensor must be a contiguous tensor with its param's element
+        count, on the batch's device, in the dtype of :meth:`input_dtype`."""
+        spec, sig = self.spec, self.signature
+        dtype = self.input_dtype(name)
+        if len(tensors) != len(self):
+            raise ValueError(f"{spec.name} launch: {len(tensors)} {name} tensors for a batch of {len(self)} tensors")
+        for i, (t, p) in enumerate(zip(tensors, self.params)):
+            if t is None or t.dtype != dtype or t.numel() != p.numel() or not t.is_contiguous() or t.device != sig.device:
+                got = "None" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
+                raise ValueError(
+                    f"{spec.name} launch: the {name} of tensor #{i} of the batch must be a contiguous {dtype} tensor "
+                    f"of {p.numel()} elements on {sig.device}, got {got}"
+                )
+        addresses = [t.data_ptr() for t in tensors]
+        table = torch.tensor(addresses, dtype=torch.int64)
+        if sig.device.type != "cpu":
+            table = table.to(sig.device, non_blocking=True)
+        return table, all(a % ALIGNMENT == 0 for a in addresses)
 
 
 def math_dtype(*storage: torch.dtype) -> torch.dtype:
