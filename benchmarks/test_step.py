@@ -22,7 +22,7 @@ def test_step(benchmark, bench_settings, bench_cases, bench_model, bench_optimiz
     case, n_copies, reason = bench_cases.get(bench_model, bench_optimizer)
     if reason is not None:
         pytest.skip(reason)
-    reason = impl.unavailable(opt, device)
+    reason = impl.unavailable(opt, device, case.cfg.dtype)
     if reason is not None:
         pytest.skip(reason)
 
@@ -51,7 +51,7 @@ def test_step(benchmark, bench_settings, bench_cases, bench_model, bench_optimiz
             benchmark.extra_info["GBps"] = case.bytes_per_step / stats.median / 1e9
     finally:
         instance.close()
-    tolerance = TOLERANCE.get(case.cfg.dtype, 1e-2)
+    tolerance = impl.tolerance(TOLERANCE.get(case.cfg.dtype, 1e-2), case.cfg.check_steps)
     if not impl.is_reference:
         assert err <= tolerance, f"{bench_impl} differs from the eager reference: max rel err {err:.3g} > {tolerance:g}"
 

@@ -35,6 +35,13 @@ inline uint64_t address_of(T* p) {
 // ones (state rows, grad_scale, found_inf).
 inline void check_args(const MultiTensorArgs& a) {
   if (a.ntensors < 0 || a.nblocks < 0 || a.block <= 0) throw std::invalid_argument("fastmup: bad batch sizes");
+  if (a.storage < 0 || a.storage > 3) throw std::invalid_argument("fastmup: unknown parameter storage mode " + std::to_string(a.storage));
+  if (a.nblocks > 0 && (((a.storage == 2 || a.storage == 3) && !a.storage_ptrs) || (a.storage == 1 && !a.tensor_ids)))
+    throw std::invalid_argument("fastmup: the parameter storage mode's table address is 0");
+  if (a.storage != 0 && a.param_dtype == kFloat32)
+    throw std::invalid_argument("fastmup: parameter storage modes apply to bf16/fp16 parameters");
+  if (a.storage == 3 && a.param_dtype != kBFloat16)
+    throw std::invalid_argument("fastmup: remainders apply to bf16 parameters");
   if (a.nblocks > 0 && (!a.tensor_of_block || !a.start_of_block || !a.numels || !a.param_ptrs || !a.grad_ptrs || !a.rows ||
                         !a.steps))
     throw std::invalid_argument("fastmup: a required table address is 0");
@@ -91,7 +98,9 @@ inline void bind_multi_tensor_args(pybind11::module_& m) {
       .def_readwrite("param_dtype", &MultiTensorArgs::param_dtype, "storage dtype codes (enum DType)")
       .def_readwrite("grad_dtype", &MultiTensorArgs::grad_dtype)
       .def_readwrite("state_dtype", &MultiTensorArgs::state_dtype)
-      .def_readwrite("hvp_step", &MultiTensorArgs::hvp_step, "ESGD-M: this step has Hessian-vector products");
+      .def_readwrite("hvp_step", &MultiTensorArgs::hvp_step, "ESGD-M: this step has Hessian-vector products")
+      .def_readwrite("storage", &MultiTensorArgs::storage, "parameter storage mode (rounding.h, enum Storage)")
+      .def_readwrite("rounding_prefix", &MultiTensorArgs::rounding_prefix, "the seed's part of the rounding bits' hash");
   detail::def_address(c, "tensor_of_block", &MultiTensorArgs::tensor_of_block, "int32 [nblocks]");
   detail::def_address(c, "start_of_block", &MultiTensorArgs::start_of_block, "int64 [nblocks]");
   detail::def_address(c, "numels", &MultiTensorArgs::numels, "int64 [ntensors]");
@@ -104,6 +113,9 @@ inline void bind_multi_tensor_args(pybind11::module_& m) {
   detail::def_address(c, "grad_clip", &MultiTensorArgs::grad_clip,
                       "float32 [1], or 0: none (a clip coefficient deferred into the step, csrc/grad_norm.h)");
   detail::def_address(c, "tickets", &MultiTensorArgs::tickets, "CUDA, ESGD-M: int32 [ntensors], zero between launches");
+  detail::def_address(c, "storage_ptrs", &MultiTensorArgs::storage_ptrs,
+                      "int64 [ntensors] addresses of the storage mode's buffer (fp32 master, int16 remainder), or 0");
+  detail::def_address(c, "tensor_ids", &MultiTensorArgs::tensor_ids, "int64 [ntensors] tensor ids (stochastic rounding), or 0");
   detail::def_addresses(c, "state_ptrs", &MultiTensorArgs::state_ptrs,
                         "the int64 [ntensors] address rows of the state slots (0: no such buffer)");
   detail::def_addresses(c, "scalar_state", &MultiTensorArgs::scalar_state,

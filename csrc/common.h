@@ -184,6 +184,11 @@ struct MultiTensorArgs {
   float* steps_out = nullptr;                 // [ntensors] where the new step counts go (may alias steps)
   int32_t* tickets = nullptr;                 // CUDA: [ntensors] per-tensor counters, zero between launches
   int hvp_step = 0;                           // ESGD-M: this step has Hessian-vector products
+  // How the parameters are stored (rounding.h, enum Storage; bf16/fp16 params only):
+  int storage = 0;
+  const int64_t* storage_ptrs = nullptr;      // [ntensors] addresses of the fp32 masters / int16 remainders
+  const int64_t* tensor_ids = nullptr;        // [ntensors] positions in the optimizer's list (stochastic rounding)
+  uint32_t rounding_prefix = 0;               // the seed's part of the rounding bits' hash
 };
 
 // Undoing the loss scale of the gradients (torch.amp's GradScaler): g / scale.

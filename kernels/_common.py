@@ -388,7 +388,9 @@ def launch_plan(batch, kernel, block: int, *, algorithm: Optional[str], roles: O
 
 def _check_plan(plan: LaunchPlan, kernel, device: torch.device, roles: Optional[Sequence[str]]) -> None:
     check_device(kernel, device)
-    if roles is not None and tuple(roles[: len(plan.roles)]) != plan.roles:
+    # the storage mode's buffer (master weight, remainder), if any, comes last
+    own = plan.roles[:-1] if plan.storage_role is not None else plan.roles
+    if roles is not None and tuple(roles[: len(own)]) != own:
         raise ValueError(f"{kernel.__name__} reads pointer rows {roles}, the launch plan has {plan.roles}")
     for dtype in (plan.param_dtype, plan.grad_dtype, plan.state_dtype):
         tl_dtype(dtype)  # raises for a dtype no kernel takes

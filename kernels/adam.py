@@ -39,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, rounding
 from .grad_norm import clip_grad
+from .rounding import load_param, storage_key, storage_pointer, store_param
 from ._common import (
     bias_correction,
     block_extent,
@@ -75,16 +76,17 @@ ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 @triton.jit
 def _tile(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, at, left,
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr, at, left, element0, key, key2,
     scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
     amsgrad, bc2_sqrt, eps, neg_step_size,
     clip,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, STORAGE: tl.constexpr,
 ):
-    """One tile of ``_single_tensor_adam`` (elements ``at`` on, ``left`` of them valid)."""
-    p = load_tile(param_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
+    """One tile of ``_single_tensor_adam`` (elements ``at`` on, ``left`` of them valid;
+    ``element0``: the flat index of element ``at``)."""
+    p = load_param(param_ptr + at, aux_ptr + at, left, PARAM, STORAGE, TILE, MASKED, ALIGNED)
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     v = load_tile(exp_avg_sq_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
@@ -111,7 +113,7 @@ def _tile(
     denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
 
-    store_tile(param_ptr + at, p, left, PARAM, TILE, MASKED, ALIGNED)
+    store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, key2, PARAM, STORAGE, TILE, MASKED, ALIGNED)
     store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
     store_tile(exp_avg_sq_ptr + at, v, left, STATE, TILE, MASKED, ALIGNED)
 
@@ -119,7 +121,7 @@ def _tile(
 @triton.jit
 def adam_kernel(
     rows_ptr,  # float64 [n, NCOLS]: per-tensor hyperparameters
-    ptrs_ptr,  # int64 [4 or 5, n]: data_ptr() of the ROLES
+    ptrs_ptr,  # int64 [4 to 6, n]: data_ptr() of the ROLES, then the storage mode's buffer
     steps_ptr,  # float32 [n]: step counts, already incremented
     numels_ptr,  # int64 [n]
     tensor_of_block_ptr,  # int32 [nblocks]
@@ -127,6 +129,8 @@ def adam_kernel(
     grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
     grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
+    ids_ptr,  # int64 [n]: tensor ids (read only for stochastic rounding)
+    rounding_prefix,  # int32: the seed's part of the rounding bits' hash
     n_tensors,  # row stride of the pointer table
     NCOLS: tl.constexpr,
     # where each hyperparameter is in a row: the spec's columns
@@ -146,6 +150,8 @@ def adam_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
+    STORAGE: tl.constexpr,  # how the parameters are stored (fastmup.kernels.rounding)
+    ROW_STORAGE: tl.constexpr,  # the pointer row of the storage mode's buffer
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -192,15 +198,18 @@ def adam_kernel(
         if HAS_AMSGRAD:
             # Address 0 for tensors without amsgrad: only touched when the row says so.
             max_sq_ptr = tensor_ptr(ptrs_ptr, 4, n_tensors, i, STATE, ALIGNED) + start
+        aux_ptr = storage_pointer(ptrs_ptr, n_tensors, i, start, param_ptr, STORAGE, ROW_STORAGE, ALIGNED)
+        key, key2 = storage_key(ids_ptr, rounding_prefix, tl.load(steps_ptr + i), i, start, STORAGE)
         # With a grad_scale: the pass for a power of two first, else the dividing one.
         for divide in tl.static_range(2):
             if exact == (divide == 0):
                 for tile in range(first_tile, end_tile):
                     _tile(
-                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, tile * TILE, n - tile * TILE,
+                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr, tile * TILE,
+                        n - tile * TILE, start + tile * TILE, key, key2,
                         scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
                         amsgrad, bc2_sqrt, eps32, neg_step_size, clip,
-                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED, STORAGE,
                     )
 
 
@@ -220,6 +229,7 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
     with _common.device_guard(batch.device):
         adam_kernel[(plan.nblocks,)](
             **_common.batch_args(batch, plan, grad_scale, found_inf),
+            **rounding.storage_args(batch, plan),
             steps_ptr=batch.steps,
             COL_LR=spec.col("lr"),
             COL_WEIGHT_DECAY=spec.col("weight_decay"),

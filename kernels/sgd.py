@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, rounding
 from .grad_norm import clip_grad
+from .rounding import load_param, storage_key, storage_pointer, store_param
 from ._common import block_extent, grad_unscaling, load_tile, program_pass, store_tile, tensor_ptr, unscale
 
 __all__ = ["sgd_kernel", "launch", "BLOCK", "TILE"]
@@ -49,14 +50,15 @@ ROLES = ("param", "grad", "momentum_buffer")
 
 @triton.jit
 def _tile(
-    param_ptr, grad_ptr, buf_ptr, at, left,
+    param_ptr, grad_ptr, buf_ptr, aux_ptr, at, left, element0, key, key2,
     scale, inv_scale, maximize, wd, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr, clip,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, STORAGE: tl.constexpr,
 ):
-    """One tile of ``_single_tensor_sgd`` (elements ``at`` on, ``left`` of them valid)."""
-    p = load_tile(param_ptr + at, left, PARAM, TILE, MASKED, ALIGNED)
+    """One tile of ``_single_tensor_sgd`` (elements ``at`` on, ``left`` of them valid;
+    ``element0``: the flat index of element ``at``)."""
+    p = load_param(param_ptr + at, aux_ptr + at, left, PARAM, STORAGE, TILE, MASKED, ALIGNED)
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
     if HAS_CLIP:
         g = clip_grad(g, clip, GRAD)  # a deferred clip: what g.mul_(clip) would hold
@@ -81,13 +83,13 @@ def _tile(
                 g = b
 
     p = tl.fma(neg_lr, g, p)
-    store_tile(param_ptr + at, p, left, PARAM, TILE, MASKED, ALIGNED)
+    store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, key2, PARAM, STORAGE, TILE, MASKED, ALIGNED)
 
 
 @triton.jit
 def sgd_kernel(
     rows_ptr,  # float64 [n, NCOLS]: per-tensor hyperparameters
-    ptrs_ptr,  # int64 [2 or 3, n]: data_ptr() of the ROLES
+    ptrs_ptr,  # int64 [2 to 4, n]: data_ptr() of the ROLES, then the storage mode's buffer
     steps_ptr,  # float32 [n]: step counts, already incremented
     numels_ptr,  # int64 [n]
     tensor_of_block_ptr,  # int32 [nblocks]
@@ -95,6 +97,8 @@ def sgd_kernel(
     grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
     found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
     grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
+    ids_ptr,  # int64 [n]: tensor ids (read only for stochastic rounding)
+    rounding_prefix,  # int32: the seed's part of the rounding bits' hash
     n_tensors,  # row stride of the pointer table
     NCOLS: tl.constexpr,
     # where each hyperparameter is in a row: the spec's columns
@@ -112,6 +116,8 @@ def sgd_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
+    STORAGE: tl.constexpr,  # how the parameters are stored (fastmup.kernels.rounding)
+    ROW_STORAGE: tl.constexpr,  # the pointer row of the storage mode's buffer
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -148,14 +154,16 @@ def sgd_kernel(
         if HAS_MOMENTUM:
             # Address 0 for tensors with momentum 0: only touched when the row says so.
             buf_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
+        aux_ptr = storage_pointer(ptrs_ptr, n_tensors, i, start, param_ptr, STORAGE, ROW_STORAGE, ALIGNED)
+        key, key2 = storage_key(ids_ptr, rounding_prefix, tl.load(steps_ptr + i), i, start, STORAGE)
         # With a grad_scale: the pass for a power of two first, else the dividing one.
         for divide in tl.static_range(2):
             if exact == (divide == 0):
                 for tile in range(first_tile, end_tile):
                     _tile(
-                        param_ptr, grad_ptr, buf_ptr, tile * TILE, n - tile * TILE,
+                        param_ptr, grad_ptr, buf_ptr, aux_ptr, tile * TILE, n - tile * TILE, start + tile * TILE, key, key2,
                         scale, inv_scale, maximize, wd32, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr, clip,
-                        PARAM, GRAD, STATE, HAS_MOMENTUM, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                        PARAM, GRAD, STATE, HAS_MOMENTUM, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED, STORAGE,
                     )
 
 
@@ -175,6 +183,7 @@ def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optio
     with _common.device_guard(batch.device):
         sgd_kernel[(plan.nblocks,)](
             **_common.batch_args(batch, plan, grad_scale, found_inf),
+            **rounding.storage_args(batch, plan),
             steps_ptr=batch.steps,
             COL_LR=spec.col("lr"),
             COL_WEIGHT_DECAY=spec.col("weight_decay"),

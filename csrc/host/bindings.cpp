@@ -7,6 +7,12 @@
 namespace py = pybind11;
 using namespace fastmup;
 
+namespace fastmup {
+namespace host {
+void register_rounding(py::module_& m);  // rounding_host.cpp
+}  // namespace host
+}  // namespace fastmup
+
 namespace {
 
 template <void (*Run)(const MultiTensorArgs&, int)>
@@ -113,4 +119,5 @@ PYBIND11_MODULE(_fastmup_cpu, m) {
         "(exact, factor, divisor): how the functors undo a loss scale (Unscale).");
   m.def("lerp_by", &lerp_by, py::arg("w"), py::arg("a"), py::arg("b"), py::arg("dst"), py::arg("n"),
         "torch.lerp(a, b, w) of n fp32 pairs as the functors compute it (Lerp).");
+  host::register_rounding(m);
 }

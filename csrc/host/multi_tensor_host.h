@@ -18,6 +18,7 @@
 
 #include "../common.h"
 #include "../grad_norm.h"
+#include "../rounding.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -109,7 +110,17 @@ struct EntryUpdater {
     S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
     S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
     Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-    dispatch_variant<Op>(s, unscale, [&](auto mask) { K::template update_range<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n, a.grad_clip); });
+    StorageRun run;
+    run.mode = a.storage;
+    if (run.mode == kMaster) run.aux = tensor_ptr<float>(a.storage_ptrs, t, start);
+    if (run.mode == kRemainder) run.aux = tensor_ptr<int16_t>(a.storage_ptrs, t, start);
+    if (run.mode == kStochastic) {
+      const uint64_t e0 = static_cast<uint64_t>(start);  // entries never straddle 2^32 elements (kBlock divides it)
+      run.key = RoundingKey::of(a.rounding_prefix, static_cast<uint32_t>(a.steps[t]), static_cast<uint32_t>(a.tensor_ids[t]),
+                                static_cast<uint32_t>(e0 >> 32));
+      run.element0 = e0;
+    }
+    dispatch_variant<Op>(s, unscale, [&](auto mask) { K::template update_range<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n, run, a.grad_clip); });
   }
 };
 

@@ -1,5 +1,9 @@
 """The implementations compared: fastmup backends, torch's three (under mup's
-group splitting, as a mup user runs them today) and mup itself.
+group splitting, as a mup user runs them today) and mup itself; on bf16
+parameter sets also fastmup's parameter storage modes and, where installed,
+torchao's AdamW with ``bf16_stochastic_round=True`` and torch-optimi's AdamW
+with Kahan summation (``pip install --no-deps torchao torch-optimi``: neither
+pulls a torch build then), under mup's group splitting like torch's.
 
 Availability is decided at run time; :meth:`Impl.unavailable` returns the
 reason an implementation cannot run here (shown in the output's notes).
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -82,10 +86,24 @@ class Impl:
     kind: str  # "fastmup", "torch" or "mup"
     backend: Optional[str] = None  # fastmup backend
     flags: tuple[tuple[str, bool], ...] = ()  # torch.optim implementation flags
+    # fastmup parameter storage options (stochastic_rounding, master_weights): bf16/fp16 sets only;
+    # for an "external" optimizer, those of the fastmup eager run it is checked against
+    options: tuple[tuple[str, Any], ...] = ()
+    # "external": (module, class, extra keyword arguments, what to pip install)
+    external: Optional[tuple[str, str, tuple[tuple[str, Any], ...], str]] = None
 
     @property
     def is_reference(self) -> bool:
         return self.name == REFERENCE
+
+    def tolerance(self, base: float, check_steps: int) -> float:
+        """The max relative error allowed against the eager reference:
+        ``base`` (the dtype's), or, for stochastic rounding with random bits
+        of another generator (torchao), one bf16 ulp (2^-7 relative) per
+        checked step: each element may round the other way at every step."""
+        if self.kind == "external" and dict(self.options).get("stochastic_rounding"):
+            return max(base, check_steps * 2.0**-7)
+        return base
 
     def prepare(self, device: torch.device) -> Optional[str]:
         """Load (building on first use) what this implementation needs, outside
@@ -109,11 +127,19 @@ class Impl:
             return f"{self.name}: {_LOAD_ERRORS[self.backend]}"
         return f"{self.name}: fastmup.ext ({self.backend}) loaded in {time.perf_counter() - began:.1f} s (includes a build if it was not cached)"
 
-    def unavailable(self, opt: OptimizerSpec, device: torch.device) -> Optional[str]:
-        """Why this implementation cannot run ``opt`` on ``device`` (None: it can)."""
+    def unavailable(self, opt: OptimizerSpec, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """Why this implementation cannot run ``opt`` on ``device`` with
+        parameters of ``dtype`` (None: it can)."""
         if self.kind == "fastmup":
             if fastmup_class(opt) is None:
                 return f"fastmup has no {opt.fastmup_name} yet"
+            if self.options:
+                options = dict(self.options)
+                if not getattr(fastmup_class(opt), "_storage_modes", False):
+                    return f"{opt.label} takes no parameter storage options"
+                wanted = (torch.bfloat16,) if options.get("master_weights") == "remainder" else (torch.bfloat16, torch.float16)
+                if dtype is not None and dtype not in wanted:
+                    return f"{', '.join(f'{k}={v!r}' for k, v in self.options)} applies to {'/'.join(str(d).replace('torch.', '') for d in wanted)} parameters"
             if self.backend == "triton":
                 if device.type != "cuda":
                     return "Triton backend runs on GPU only"
@@ -127,6 +153,17 @@ class Impl:
             return None
         if self.kind == "per-tensor":
             return None if opt.name == "esgd" else f"the per-tensor torch loop exists for ESGD-M only, not {opt.label}"
+        if self.kind == "external":
+            module, cls, _, package = self.external
+            if opt.name != "adamw":
+                return f"{module}.{cls} is benchmarked as μAdamW only"
+            if dtype is not None and dtype != torch.bfloat16:
+                return f"{module}.{cls} is benchmarked on bf16 parameters only"
+            try:
+                getattr(importlib.import_module(module), cls)
+            except Exception as e:  # noqa: BLE001 - not installed, or broken: skipped with the reason
+                return f"{module}.{cls} is not importable ({type(e).__name__}; pip install --no-deps {package})"
+            return None
         mup = mup_module()
         if self.kind == "torch":
             if opt.torch_name is None or opt.mup_splitter is None:
@@ -152,8 +189,15 @@ class Impl:
         params = list(params)
         if self.kind == "per-tensor":
             return PerTensorESGD(params, **opt.hparams)
+        if self.kind == "external":
+            module, cls, extra, _ = self.external
+            ext_cls = getattr(importlib.import_module(module), cls)
+            hparams = dict(opt.hparams)
+            lr, wd = hparams.pop("lr"), hparams.pop("weight_decay", 0.0)
+            groups = mup_param_groups(params, "adam", lr, wd)
+            return ext_cls(groups, lr=lr, weight_decay=wd, **hparams, **dict(extra))
         if self.kind == "fastmup":
-            optimizer = fastmup_class(opt)(params, backend=self.backend, **opt.hparams)
+            optimizer = fastmup_class(opt)(params, backend=self.backend, **opt.hparams, **dict(self.options))
             used = getattr(optimizer, "backend", self.backend)
             if used != self.backend:
                 raise RuntimeError(f"asked for backend {self.backend!r}, got {used!r}")
@@ -179,6 +223,18 @@ IMPLS: dict[str, Impl] = {
         Impl("fastmup-triton", "fastmup", backend="triton"),
         Impl("fastmup-cuda", "fastmup", backend="cuda"),
         Impl("fastmup-cpu", "fastmup", backend="cpu"),
+        # parameter storage modes (bf16 / fp16 sets), each checked against the eager reference in that mode
+        Impl("fastmup-triton-sr", "fastmup", backend="triton", options=(("stochastic_rounding", True),)),
+        Impl("fastmup-triton-remainder", "fastmup", backend="triton", options=(("master_weights", "remainder"),)),
+        Impl("fastmup-triton-fp32master", "fastmup", backend="triton", options=(("master_weights", "fp32"),)),
+        Impl("fastmup-cpu-sr", "fastmup", backend="cpu", options=(("stochastic_rounding", True),)),
+        Impl("fastmup-cpu-remainder", "fastmup", backend="cpu", options=(("master_weights", "remainder"),)),
+        Impl("fastmup-cpu-fp32master", "fastmup", backend="cpu", options=(("master_weights", "fp32"),)),
+        # other projects' low-precision AdamWs (bf16 sets), checked against fastmup's eager run of the same remedy
+        Impl("torchao-adamw-sr", "external", options=(("stochastic_rounding", True),),
+             external=("torchao.optim", "_AdamW", (("bf16_stochastic_round", True),), "torchao")),  # torchao 0.18's name
+        Impl("optimi-adamw-kahan", "external", options=(("master_weights", "fp32"),),
+             external=("optimi", "AdamW", (("kahan_sum", True),), "torch-optimi")),
         Impl("torch-forloop", "torch", flags=(("foreach", False), ("fused", False))),
         Impl("torch-foreach", "torch", flags=(("foreach", True),)),
         Impl("torch-fused", "torch", flags=(("fused", True),)),

@@ -147,6 +147,9 @@ class Case:
         self.reference: Optional[list[torch.Tensor]] = None
         self.reference_device = cfg.device  # the host when the device is short of memory
         self.bytes_per_step: Optional[int] = None
+        # fastmup storage options (Impl.options) -> (reference params, bytes per step) of the eager
+        # reference with those options: an implementation is checked against the same rounding
+        self._mode_references: dict = {}
 
     # -- memory -----------------------------------------------------------
     def copy_bytes(self) -> int:
@@ -203,11 +206,36 @@ class Case:
         del optimizer, params
         _release(self.cfg.device, self.copy_bytes())
 
+    def reference_for(self, options: tuple) -> tuple[list[torch.Tensor], int]:
+        """``(reference params, bytes per step)`` of the eager reference run
+        with the fastmup storage options ``options`` (stochastic rounding,
+        master weights; ``()``: the plain reference)."""
+        if not options:
+            return self.reference, self.bytes_per_step
+        found = self._mode_references.get(options)
+        if found is None:
+            from fastmup.bench.impls import Impl as _Impl
+
+            params = self.new_params()
+            optimizer = _Impl(REFERENCE, "fastmup", backend="eager", options=options).make(params, self.opt)
+            self.run_checked_steps(optimizer, params)
+            # an fp32 master replaces the read of the parameter (it is only written)
+            nbytes = step_bytes(optimizer, params, self.opt.read_only_state)
+            if dict(options).get("master_weights") == "fp32":
+                nbytes -= sum(p.numel() * p.element_size() for p in params)
+            found = self._mode_references[options] = (
+                [p.detach().to(self.reference_device, copy=True) for p in params],
+                nbytes,
+            )
+            del optimizer, params
+        return found
+
     def instantiate(self, impl: Impl, n_copies: int) -> "Instance":
         return Instance(self, impl, n_copies)
 
     def close(self) -> None:
         self.reference = None
+        self._mode_references.clear()
         _release(self.cfg.device, self.copy_bytes())
 
 
@@ -271,7 +299,7 @@ class Instance:
         """Step copy 0 like the reference was stepped; its max relative error."""
         assert self.case.reference is not None, "prepare_reference() first"
         self.case.run_checked_steps(self.optimizers[0], self.copies[0])
-        err = max_rel_err(self.copies[0], self.case.reference)
+        err = max_rel_err(self.copies[0], self.case.reference_for(self.impl.options)[0])
         fill_grads(self.copies[0], GRAD_SEEDS[0])
         return err
 
@@ -378,7 +406,8 @@ def run(
 def _row(case: Case, impl: Impl, stats: Stats, err: float, n_copies: int, copy_bw_GBps: float,
          setup_s: float, timing_s: float, timing: str) -> dict:
     pset, cfg = case.pset, case.cfg
-    gbps = case.bytes_per_step / (stats.median * 1e-3) / 1e9
+    nbytes = case.reference_for(impl.options)[1]
+    gbps = nbytes / (stats.median * 1e-3) / 1e9
     return {
         "model": pset.name,
         "optimizer": case.opt.name,
@@ -397,7 +426,7 @@ def _row(case: Case, impl: Impl, stats: Stats, err: float, n_copies: int, copy_b
         "steps_timed": stats.n,
         "ms_samples": list(stats.samples),  # in timing order (interleaved: one per round)
         "n_copies": n_copies,
-        "bytes_per_step": case.bytes_per_step,
+        "bytes_per_step": nbytes,
         "dtype": str(cfg.dtype).replace("torch.", ""),
         "timing": timing,
         "setup_check_s": setup_s,  # building the input sets + the checked steps
@@ -428,13 +457,13 @@ def _time_case(case: Case, impls: Sequence[Impl], n_copies: int, budget: Callabl
     rows: list[dict] = []
     sequential = not cfg.interleave
     if not sequential:
-        usable = [i for i in impls if i.unavailable(case.opt, cfg.device) is None]
+        usable = [i for i in impls if i.unavailable(case.opt, cfg.device, cfg.dtype) is None]
         need = len(usable) * n_copies * case.copy_bytes()
         sequential = need > (free_bytes() - case.peak_bytes(0)) * MEMORY_HEADROOM
     try:
         for impl in impls:
             done(f"{label} {impl.name}")
-            reason = impl.unavailable(case.opt, cfg.device)
+            reason = impl.unavailable(case.opt, cfg.device, cfg.dtype)
             if reason is not None:
                 out.skip(case.pset.name, case.opt.name, impl.name, reason)
                 continue

@@ -7,6 +7,9 @@ a CPU in minutes (see :mod:`fastmup.demo.mutransfer`).
 ``python -m fastmup.demo hf [--quick] ...``: the same on Hugging Face
 transformers' GPT-2 and Llama (see :mod:`fastmup.demo.hf_mutransfer`; needs
 ``fastmup[hf]``).
+``python -m fastmup.demo low-precision [--quick] ...``: bf16 parameters under
+μP with round-to-nearest, stochastic rounding, 16-bit remainders and fp32
+(see :mod:`fastmup.demo.low_precision`).
 
 Importing this package imports nothing heavy; the demos need scikit-learn,
 matplotlib, pandas and tqdm, imported when used.
@@ -16,6 +19,7 @@ DEMOS = {
     "mutransfer": "fastmup.demo.mutransfer",
     "deptransfer": "fastmup.demo.deptransfer",
     "hf": "fastmup.demo.hf_mutransfer",
+    "low-precision": "fastmup.demo.low_precision",
 }
 
 __all__ = ["DEMOS", "main"]

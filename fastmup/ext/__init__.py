@@ -119,6 +119,9 @@ def _dtype_codes():
     return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+#: parameter storage modes (fastmup.plan.spec.ParamStorage) -> csrc/rounding.h's enum Storage
+STORAGE_CODES = {"nearest": 0, "stochastic": 1, "master": 2, "remainder": 3}
+
 #: the algorithms with a C++ functor (the batch's spec names which)
 _FUNCTORS = {"AdamOp": "adam", "SgdOp": "sgd", "EsgdOp": "esgd"}
 
@@ -170,6 +173,13 @@ class _Fixed:
         args.param_dtype = _dtype_code(sig.param_dtype, "param", device)
         args.grad_dtype = _dtype_code(sig.grad_dtype, "grad", device)
         args.state_dtype = _dtype_code(sig.state_dtype, "state", device)
+        # how the parameters are stored (csrc/rounding.h, enum Storage)
+        args.storage = STORAGE_CODES[plan.storage]
+        if plan.storage_role is not None:
+            args.storage_ptrs = plan.row_address(plan.storage_role)
+        if plan.tensor_ids is not None:
+            args.tensor_ids = plan.tensor_ids.data_ptr()
+        args.rounding_prefix = batch.rounding_prefix & 0xFFFFFFFF
         if spec.advances_scalars:
             args.scalar_state = [batch.scalars[s.name].data_ptr() for s in spec.scalars[1:]]
             if plan.tickets is not None and device.type != "cpu":

@@ -56,7 +56,15 @@ RECIPE_VERSION = "1"
 
 KINDS = ("cpu", "cuda")
 
-_CPU_SOURCES = ("host/adam_host.cpp", "host/sgd_host.cpp", "host/esgd_host.cpp", "host/isa.cpp", "host/grad_norm_host.cpp", "host/bindings.cpp")
+_CPU_SOURCES = (
+    "host/adam_host.cpp",
+    "host/sgd_host.cpp",
+    "host/esgd_host.cpp",
+    "host/isa.cpp",
+    "host/rounding_host.cpp",
+    "host/grad_norm_host.cpp",
+    "host/bindings.cpp",
+)
 _CUDA_CXX_SOURCES = ("cuda_bindings.cpp",)
 _SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu", ".inc")
 

@@ -111,6 +111,8 @@ def label(variant: dict) -> str:
         flags.append("unaligned")
     if "mask" in variant:
         flags.insert(0, variant["mask"])
+    if "storage" in variant:  # a parameter storage mode (Triton's STORAGE)
+        flags.append(variant["storage"])
     return dtypes + (" " + " ".join(flags) if flags else "")
 
 

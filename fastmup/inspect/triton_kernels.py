@@ -51,6 +51,8 @@ class Settings:
     ``grad_scale`` / ``found_inf`` the step gets (``found_inf`` alone: after
     ``scaler.unscale_``).  ``aligned=False``: the params are views one element
     into a buffer, so no address of the batch is 16-byte aligned.
+    ``storage``: how the parameters are stored (``fastmup.plan.spec.ParamStorage``:
+    "nearest", "stochastic", "master", "remainder"; bf16/fp16 params, Adam and SGD).
     """
 
     algorithm: str
@@ -59,6 +61,7 @@ class Settings:
     option: bool = False
     amp: str = "none"
     aligned: bool = True
+    storage: str = "nearest"
 
 
 def all_settings(algorithms: Sequence[str] = ALGORITHMS) -> list[Settings]:
@@ -193,11 +196,18 @@ def _run_steps(settings: Settings) -> None:
 
     params = _params(settings)
     state_dtype = getattr(torch, _TORCH_DTYPES[settings.state])
+    storage = {
+        "nearest": {},
+        "stochastic": {"stochastic_rounding": True},
+        "master": {"master_weights": "fp32"},
+        "remainder": {"master_weights": "remainder"},
+    }[settings.storage]
     if settings.algorithm == "adam":
         groups = [dict(params=params[:2]), dict(params=params[2:], amsgrad=settings.option)]
-        opt = MuAdam(groups, lr=1e-3, weight_decay=0.01, backend="triton", state_dtype=state_dtype)
+        opt = MuAdam(groups, lr=1e-3, weight_decay=0.01, backend="triton", state_dtype=state_dtype, **storage)
     elif settings.algorithm == "sgd":
-        opt = MuSGD(params, lr=1e-2, momentum=0.9 if settings.option else 0.0, backend="triton", state_dtype=state_dtype)
+        opt = MuSGD(params, lr=1e-2, momentum=0.9 if settings.option else 0.0, backend="triton", state_dtype=state_dtype,
+                    **storage)
     elif settings.algorithm == "esgd":
         # ESGD's first step computes an HVP (probes, then the update with
         # d); with d_warmup=1 the second one does not.
@@ -371,14 +381,20 @@ def _size(tl_dtype) -> int:
 def streams(module: str, c: dict) -> list[records.Stream]:
     """The arrays a kernel variant reads and writes per element."""
     S = records.Stream
+    if module in ("adam", "sgd"):
+        # the parameter under its storage mode (fastmup.kernels.rounding: 2 = fp32 master, 3 = remainder)
+        storage = c.get("STORAGE", 0)
+        out = [S("param", _size(c["PARAM"]), 0 if storage == 2 else 1, 1), S("grad", _size(c["GRAD"]), 1, 0)]
+        if storage == 2:
+            out.append(S("master_weight", 4, 1, 1))
+        elif storage == 3:
+            out.append(S("weight_remainder", 2, 1, 1))
     if module == "adam":
-        out = [S("param", _size(c["PARAM"]), 1, 1), S("grad", _size(c["GRAD"]), 1, 0)]
         out += [S("exp_avg", _size(c["STATE"]), 1, 1), S("exp_avg_sq", _size(c["STATE"]), 1, 1)]
         if c["HAS_AMSGRAD"]:
             out.append(S("max_exp_avg_sq", _size(c["STATE"]), 1, 1))
         return out
     if module == "sgd":
-        out = [S("param", _size(c["PARAM"]), 1, 1), S("grad", _size(c["GRAD"]), 1, 0)]
         if c["HAS_MOMENTUM"]:
             out.append(S("momentum_buffer", _size(c["STATE"]), 1, 1))
         return out
@@ -397,6 +413,8 @@ def is_default(module: str, c: dict) -> bool:
     """Default settings: no amsgrad, no AMP, aligned buffers."""
     if c.get("HAS_SCALE") or c.get("HAS_FOUND_INF") or c.get("ALIGNED") is False or c.get("HAS_AMSGRAD"):
         return False
+    if c.get("STORAGE", 0) != 0:  # a storage mode does more work per element than the default
+        return False
     return True
 
 
@@ -409,6 +427,8 @@ def describe(variant: Variant) -> dict:
     for key, value in sorted(c.items()):
         if isinstance(value, bool):
             out[key.lower()] = value
+    if c.get("STORAGE", 0):
+        out["storage"] = {1: "stochastic", 2: "master", 3: "remainder"}.get(c["STORAGE"], str(c["STORAGE"]))
     return out
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastmup.infshape_registry import find_infshape
+from fastmup.optim import precision
 from fastmup.optim.backend import launcher
 from fastmup.optim.checks import check_adam
 from fastmup.optim.clip import clipped
@@ -71,6 +72,15 @@ class MuAdam(MuOptimizer):
     scales the learning rate and weight decay of those tensors
     (:mod:`fastmup.optim.multipliers`).
 
+    Low-precision parameters (:mod:`fastmup.optim.precision`; also per
+    param group): ``stochastic_rounding=True`` writes bf16/fp16 parameters
+    with unbiased stochastic rounding (bits seeded by ``rounding_seed``, no
+    extra memory); ``master_weights="fp32"`` keeps an fp32 master per
+    bf16/fp16 parameter (``state["master_weight"]``, 4 bytes per element)
+    and ``master_weights="remainder"`` its low 16 bits next to a bf16
+    parameter (``state["weight_remainder"]``, 2 bytes), the two giving
+    bit-identical trajectories; the update then runs on the fp32 master.
+
     ``impl`` is mup's way to make other Adam-like μP optimizers:
     ``MuAdam(params, impl=torch.optim.RMSprop, lr=...)`` returns that torch
     optimizer built on mup's split param groups, as mup does
@@ -106,6 +116,9 @@ class MuAdam(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
+        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         if impl is torch.optim.AdamW:
@@ -128,7 +141,16 @@ class MuAdam(MuOptimizer):
             decoupled_wd=decoupled_wd,
             eps_scaling=eps_scaling,
         )
-        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            state_dtype=state_dtype,
+            param_lr_scales=param_lr_scales,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            rounding_seed=rounding_seed,
+        )
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_adam(group)
@@ -227,6 +249,9 @@ class MuAdamW(MuAdam):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
+        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         super().__init__(
@@ -247,6 +272,9 @@ class MuAdamW(MuAdam):
             backend=backend,
             state_dtype=state_dtype,
             param_lr_scales=param_lr_scales,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            rounding_seed=rounding_seed,
         )
 
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
@@ -278,8 +306,11 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         if g is None:
             continue  # no gradient this step
         lr, wd, beta1, beta2, eps, amsgrad, maximize, decoupled = batch.rows[i].tolist()
+        # The parameter's value is read as its storage mode holds it (the fp32
+        # master weight, say).
         dtype = math_dtype(p.dtype, g.dtype, exp_avgs[i].dtype)
-        param, exp_avg, exp_avg_sq = p.to(dtype), exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
+        param = precision.load_batch_param(batch, i, dtype)
+        exp_avg, exp_avg_sq = exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
         grad = unscaled(clipped(g, batch.grad_clip), dtype, grad_scale)
         if maximize:
             grad = -grad
@@ -301,4 +332,5 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         else:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
-        store((p, param), (exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq))
+        precision.store_batch_param(batch, i, param, step)
+        store((exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq))

@@ -41,12 +41,31 @@ class Refusal(NamedTuple):
     error: type
 
 
-def fused_refusal(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype) -> Optional[Refusal]:
-    """None when every fused backend can step ``param`` with ``grad``
-    (local tensors) and state of ``state_dtype``; else why not.
+#: the parameter storage modes (``fastmup.plan.spec.ParamStorage``) each fused backend implements
+STORAGE_MODES: dict[str, tuple[str, ...]] = {
+    "triton": ("nearest", "stochastic", "master", "remainder"),
+    "cpu": ("nearest", "stochastic", "master", "remainder"),
+    "cuda": ("nearest",),
+}
+
+
+def fused_refusal(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state_dtype: torch.dtype,
+    storage: str = "nearest",
+    backend: Optional[str] = None,
+) -> Optional[Refusal]:
+    """None when every fused backend (or ``backend``) can step ``param`` with
+    ``grad`` (local tensors), state of ``state_dtype`` and the parameter
+    storage mode ``storage``; else why not.
 
     Under ``backend="auto"`` such a tensor runs on the eager reference in the
     same step; a requested fused backend raises ``Refusal.error``."""
+    if storage != "nearest":
+        names = (backend,) if backend in STORAGE_MODES else tuple(STORAGE_MODES)
+        if any(storage not in STORAGE_MODES[n] for n in names):
+            return Refusal(f"parameter storage {storage!r} (not in the {'/'.join(names)} kernels)", NotImplementedError)
     for what, dtype in (("param", param.dtype), ("gradient", grad.dtype), ("state", state_dtype)):
         if dtype not in FUSED_DTYPES:
             return Refusal(f"{dtype} {what}s: fused kernels take float32, bfloat16 and float16", TypeError)

@@ -259,6 +259,9 @@ class MuESGD(MuOptimizer):
         backend: ``"auto"``, ``"eager"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
         state_dtype: dtype of ``exp_avg`` / ``exp_avg_d`` (default: the param's).
         param_lr_scales: extra per-tensor lr factors.
+        stochastic_rounding, master_weights: not supported by ESGD-M (its
+            fused kernels and HVP step read the parameters as stored); any
+            value but the default raises ``NotImplementedError`` naming it.
 
     Depth: no depth rule is derived for ESGD-M (its Hessian preconditioner
     sees the branch multiplier of :func:`fastmup.set_depth` squared), so a
@@ -277,6 +280,7 @@ class MuESGD(MuOptimizer):
     # the fused ESGD-M kernels advance every tensor's scalar state: a tensor
     # without a gradient leaves the plan instead
     _skips_tensors_without_grad = False
+    _storage_modes = False
 
     def __init__(
         self,
@@ -296,6 +300,8 @@ class MuESGD(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
     ) -> None:
         for name, value in (("update_d_every", update_d_every), ("d_warmup", d_warmup)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -319,7 +325,15 @@ class MuESGD(MuOptimizer):
         self.probe_seed = seed
         self.probe_counter = 0
         self._hvp_step = False
-        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            state_dtype=state_dtype,
+            param_lr_scales=param_lr_scales,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+        )
 
     # ------------------------------------------------------------------
     # subclass interface of MuOptimizer

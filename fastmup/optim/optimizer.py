@@ -31,8 +31,9 @@ from fastmup.optim import backend as backends
 from fastmup.optim import clip as clipping
 from fastmup.optim.mup_groups import regroup_state_dict
 from fastmup.optim.multipliers import Family, Multiplier, mup_multipliers
+from fastmup.optim import precision
 from fastmup.plan.batch import Signature, TensorBatch, stack_scalars
-from fastmup.plan.spec import AlgorithmSpec
+from fastmup.plan.spec import STORAGE_BUFFERS, AlgorithmSpec, ParamStorage
 
 try:  # DTensor (FSDP2) parameters are updated through their local shards
     from torch.distributed.tensor import DTensor as _DTensor
@@ -44,6 +45,8 @@ __all__ = ["MuOptimizer"]
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _PLAIN = (float, int, bool)  # hyperparameter values compared between steps as they are
+#: state buffers whose dtype is their own, whatever the state dtype
+_STORAGE_DTYPES = {name: dtype for name, dtype in STORAGE_BUFFERS.values()}
 # Fused kernels specialise on 16-byte aligned addresses (vector loads); a new
 # gradient that is not aligned where the last one was needs a new plan.
 _ALIGNMENT = 16
@@ -117,11 +120,20 @@ class MuOptimizer(Optimizer):
     :meth:`_check_step` (every step, before anything is mutated),
     :meth:`_step_inputs` (per-batch inputs of the update, such as ESGD-M's
     HVPs) and :meth:`_after_step`.
+
+    Low-precision parameters (:mod:`fastmup.optim.precision`): the param
+    group keys ``stochastic_rounding`` (bool) and ``master_weights`` (None,
+    ``"fp32"`` or ``"remainder"``), defaulting to the constructor's, choose
+    how each bf16/fp16 parameter is stored; ``rounding_seed`` seeds the
+    stochastic-rounding bits.  A subclass whose update cannot store
+    parameters that way sets ``_storage_modes = False``.
     """
 
     family: Family
     spec: AlgorithmSpec
     _step_supports_amp_scaling = True
+    #: whether the algorithm takes the low-precision parameter options
+    _storage_modes = True
 
     def __init__(
         self,
@@ -131,7 +143,23 @@ class MuOptimizer(Optimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
+        rounding_seed: int = 0,
     ) -> None:
+        if not self._storage_modes:
+            for name, value, default in (
+                ("stochastic_rounding", stochastic_rounding, False),
+                ("master_weights", master_weights, None),
+            ):
+                if value != default:
+                    raise NotImplementedError(f"{type(self).__name__} does not support {name}={value!r}")
+        else:
+            defaults = dict(defaults, stochastic_rounding=stochastic_rounding, master_weights=master_weights)
+            precision.check_precision_options(defaults)
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+            raise ValueError(f"Invalid rounding_seed={rounding_seed!r}: must be an int")
+        self.rounding_seed = rounding_seed
         # torch's order: the hyperparameters are checked before the params
         self._validate(defaults)
         if backend not in backends.NAMES:
@@ -246,17 +274,61 @@ class MuOptimizer(Optimizer):
     # ------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):
-            self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+            merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+            self._validate(merged)
+            self._check_storage_options(merged)
         index = len(self.param_groups)
         super().add_param_group(param_group)  # torch's checks: types, names, duplicates, overlaps
         group = self.param_groups[-1]
         try:
             mults = self._group_multipliers(group["params"], group, index)
+            for position, p in enumerate(group["params"]):
+                self._check_storage(p, group, index, position)
         except BaseException:
             self.param_groups.pop()
             raise
         self._mults.update(mults)
         self._plan_inputs = None
+
+    def _check_storage_options(self, group: Mapping[str, Any]) -> None:
+        if self._storage_modes:
+            precision.check_precision_options(group)
+            return
+        for name, default in (("stochastic_rounding", False), ("master_weights", None)):
+            if group.get(name, default) != default:
+                raise NotImplementedError(f"{type(self).__name__} does not support {name}={group[name]!r}")
+
+    def _check_storage(self, p: Tensor, group: Mapping[str, Any], group_index: int, position: int) -> None:
+        """The group's storage options fit ``p``'s dtype (ValueError naming both)."""
+        if self._storage_modes and (group.get("stochastic_rounding") or group.get("master_weights")):
+            precision.check_param_storage(p.dtype, group, describe_param(p, group, group_index, position))
+
+    def _storage_of(self, p: Tensor, group: Mapping[str, Any]) -> str:
+        """``p``'s storage mode (:class:`~fastmup.plan.spec.ParamStorage`)."""
+        if not self._storage_modes:
+            return ParamStorage.NEAREST
+        return precision.param_storage(p.dtype, group)
+
+    def sync_master_weights(self) -> None:
+        """Set every master weight to its parameter's value (and every
+        remainder to 0), after the parameters were changed outside the
+        optimizer (e.g. loaded from a checkpoint without the optimizer).
+
+        With ``master_weights="fp32"`` the master is the truth: a step
+        overwrites the parameter with the master's rounded copy, so a change
+        made to the parameter alone is lost unless this is called.  (With
+        remainders a changed parameter keeps its new value, plus the old
+        remainder's fraction of an ulp.)"""
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if not st:
+                        continue
+                    if precision.MASTER_BUFFER in st:
+                        st[precision.MASTER_BUFFER].copy_(p.detach())
+                    if precision.REMAINDER_BUFFER in st:
+                        st[precision.REMAINDER_BUFFER].zero_()
 
     def _group_multipliers(self, tensors: list, group: Mapping[str, Any], group_index: int) -> dict:
         mults = {}
@@ -306,7 +378,7 @@ class MuOptimizer(Optimizer):
                 layout = p.grad.layout if p.grad is not None else torch.strided
                 meta.append((sig.grad_dtype, local(p).shape, sig.device, layout))
         return _PlanInputs(
-            group_keys=[self._state_keys(g) for g in self.param_groups],
+            group_keys=[self._group_key(g) for g in self.param_groups],
             params=params,
             grad_refs=[_grad_ref(p.grad) for p in params],
             grad_meta=meta,
@@ -320,11 +392,16 @@ class MuOptimizer(Optimizer):
             sharded=any(local(p) is not p for p in params),
         )
 
+    def _group_key(self, group: Mapping[str, Any]) -> tuple:
+        """What of a group the plan's structure depends on: its state buffers
+        and its storage options."""
+        return (self._state_keys(group), group.get("stochastic_rounding", False), group.get("master_weights"))
+
     def _structure_is_current(self, inputs: _PlanInputs) -> bool:
         """Cheap per-step check: the same groups, state objects and param /
         state addresses as when the plan was built (a new ``p.data`` or a
         replaced state buffer invalidate it)."""
-        if [self._state_keys(g) for g in self.param_groups] != inputs.group_keys:
+        if [self._group_key(g) for g in self.param_groups] != inputs.group_keys:
             return False
         # map() over C-level callables: this runs every step, over every tensor
         if not all(map(operator.is_, map(dict.get, inputs.slot_dicts, inputs.slot_keys), inputs.state_tensors)):
@@ -463,6 +540,13 @@ class MuOptimizer(Optimizer):
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
         return self.state_dtype or p.dtype
 
+    def _with_grads_and_storage(self) -> Iterator[tuple[Tensor, Tensor, Callable[[], str], str]]:
+        """:meth:`_with_grads` with each param's storage mode."""
+        for gi, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    yield p, p.grad, functools.partial(describe_param, p, group, gi, position), self._storage_of(p, group)
+
     def _with_grads(self) -> Iterator[tuple[Tensor, Tensor, Callable[[], str]]]:
         """``(param, grad, where)`` for every param with a gradient, in group
         order; ``where()`` names the param for an error message (built only
@@ -478,7 +562,13 @@ class MuOptimizer(Optimizer):
     def _check(self) -> None:
         """Validate every tensor of the next step before anything is mutated."""
         explicit_fused = self._requested_backend != "auto" and self.backend != "eager"
-        for p, g, where in self._with_grads():
+        if self._storage_modes:
+            for gi, group in enumerate(self.param_groups):
+                if group.get("stochastic_rounding") or group.get("master_weights"):
+                    for position, p in enumerate(group["params"]):
+                        if p.grad is not None:
+                            self._check_storage(p, group, gi, position)
+        for p, g, where, storage in self._with_grads_and_storage():
             if g.layout != torch.strided and (explicit_fused or not self._sparse_grads):
                 raise RuntimeError(
                     f"{where()} has a sparse gradient ({g.layout}); "
@@ -498,7 +588,7 @@ class MuOptimizer(Optimizer):
             if g.device != p.device:
                 raise RuntimeError(f"{where()} is on {p.device} but its gradient is on {g.device}")
             if explicit_fused:
-                refusal = backends.fused_refusal(local(p), local(g), self._state_dtype_for(p))
+                refusal = backends.fused_refusal(local(p), local(g), self._state_dtype_for(p), storage, self.backend)
                 if refusal is not None:
                     raise refusal.error(
                         f"{where()}: backend {self.backend!r} cannot step it ({refusal.reason}); "
@@ -514,6 +604,9 @@ class MuOptimizer(Optimizer):
         for key, (initial, dtype) in self.scalar_state.items():
             if key not in state:
                 state[key] = torch.full((), initial, dtype=dtype, device=p.device)
+        if self._storage_modes:
+            # a master weight starts as the parameter (as after loading a torch.optim state)
+            precision.init_storage_state(p, self._storage_of(p, group), state)
 
     def _ensure_backend(self) -> None:
         """Build the compiled backend before its first step.  Under
@@ -540,12 +633,12 @@ class MuOptimizer(Optimizer):
                 self.backend = "eager"
         self._backend_ready = True
 
-    def _backend_for(self, p: Tensor, g: Tensor, refused: dict[str, int]) -> str:
+    def _backend_for(self, p: Tensor, g: Tensor, storage: str, refused: dict[str, int]) -> str:
         """The backend of ``p``'s batch: under ``auto``, a tensor the fused
         backend cannot take runs on the eager path in the same step."""
         if self.backend == "eager" or self._requested_backend != "auto":
             return self.backend
-        refusal = backends.fused_refusal(local(p), local(g), self._state_dtype_for(p))
+        refusal = backends.fused_refusal(local(p), local(g), self._state_dtype_for(p), storage, self.backend)
         if refusal is None:
             return self.backend
         refused[refusal.reason] = refused.get(refusal.reason, 0) + 1
@@ -564,8 +657,9 @@ class MuOptimizer(Optimizer):
                 if p.grad is not None:
                     self._init_state(p, group)
                     device = local(p).device
-                    backend = self._backend_for(p, p.grad, refused)
-                    sig = Signature(device, p.dtype, p.grad.dtype, self._state_dtype_for(p), backend)
+                    storage = self._storage_of(p, group)
+                    backend = self._backend_for(p, p.grad, storage, refused)
+                    sig = Signature(device, p.dtype, p.grad.dtype, self._state_dtype_for(p), backend, storage)
                     members.setdefault(sig, []).append((flat, gi, p, group))
                 elif p in previous and p in self.state:
                     # keeps its place: skipped while it has no gradient
@@ -586,6 +680,8 @@ class MuOptimizer(Optimizer):
             params = [p for _, _, p, _ in entries]
             st = [self.state[p] for p in params]
             state_keys = sorted({k for _, _, _, g in entries for k in self._state_keys(g)})
+            if sig.storage in STORAGE_BUFFERS:
+                state_keys.append(STORAGE_BUFFERS[sig.storage][0])
             scalars = {}
             for key, (_, dtype) in self.scalar_state.items():
                 scalars[key] = stack_scalars([self.state[p][key] for p in params], sig.device, dtype)
@@ -603,6 +699,8 @@ class MuOptimizer(Optimizer):
                 rows=np.zeros((len(params), len(self.columns)), dtype=np.float64),
                 steps=scalars["step"],
                 scalars=scalars,
+                rounding_seed=self.rounding_seed,
+                rounding_prefix=precision.seed_prefix(self.rounding_seed),
                 group_index=np.array([gi for _, gi, _, _ in entries], dtype=np.int64),
                 lr_num=np.array([self._mults[p][0].num for p in params]),
                 lr_den=np.array([self._mults[p][0].den for p in params]),
@@ -811,6 +909,23 @@ class MuOptimizer(Optimizer):
     # state_dict: keep the state's own dtype (torch casts state to the
     # param's dtype on load, which would round fp32 state of bf16 params)
     # ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, plus ``"precision"``: the seed of the
+        stochastic-rounding bits (master weights and remainders are per-tensor
+        state, ``master_weight`` fp32 and ``weight_remainder`` int16).
+
+        ``torch.optim`` optimizers load it and ignore those two buffers
+        (keeping them unused, cast to the parameter's dtype): training
+        continues from the bf16/fp16 parameters and the low bits are lost;
+        :func:`fastmup.optim.precision.strip_master_weights` removes them
+        first.  Back in fastmup, a master or remainder that is no longer fp32
+        / int16 is such a cast copy: it is dropped and built again from the
+        parameter, as for a state without them."""
+        sd = super().state_dict()
+        if self._storage_modes:
+            sd["precision"] = {"rounding_seed": self.rounding_seed}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = regroup_state_dict(self, state_dict)  # a mup optimizer's layout, if it is one
         saved_groups = state_dict["param_groups"]
@@ -827,15 +942,26 @@ class MuOptimizer(Optimizer):
             id_map.update(zip(sg["params"], g["params"]))
         saved_state = state_dict["state"]
         for gi, sg in enumerate(saved_groups):
-            self._validate({**self.defaults, **{k: v for k, v in sg.items() if k != "params"}})
+            merged = {**self.defaults, **{k: v for k, v in sg.items() if k != "params"}}
+            self._validate(merged)
+            self._check_storage_options(merged)
+        extra = state_dict.get("precision")
+        seed = self.rounding_seed
+        if isinstance(extra, Mapping) and "rounding_seed" in extra:
+            seed = extra["rounding_seed"]
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"loaded state dict: invalid rounding_seed={seed!r} (must be an int)")
         super().load_state_dict(state_dict)
+        self.rounding_seed = seed
         for gi, group in enumerate(self.param_groups):
             self._mults.update(self._group_multipliers(group["params"], group, gi))
+        warned = False
         for pid, values in saved_state.items():
             p = id_map.get(pid)
             if p is None:
                 continue
             restored = {}
+            dropped: list[str] = []
             for key, value in values.items():
                 if not isinstance(value, Tensor):
                     if key in self.scalar_state:  # a plain number (older checkpoints): a tensor, as torch does
@@ -844,7 +970,21 @@ class MuOptimizer(Optimizer):
                 elif key in self.scalar_state:
                     dtype = self.scalar_state[key][1]
                     restored[key] = value.detach().to(device=p.device, dtype=dtype).clone()
+                elif key in _STORAGE_DTYPES:
+                    if value.dtype != _STORAGE_DTYPES[key] or value.shape != p.shape:
+                        dropped.append(key)  # cast by torch.optim: built again from the parameter
+                        continue
+                    restored[key] = value.detach().to(device=p.device).clone()
                 else:
                     restored[key] = value.detach().to(device=p.device, dtype=self._state_dtype_for(p)).clone()
             self.state[p] = restored
+            if dropped and not warned:
+                warned = True
+                warnings.warn(
+                    f"fastmup: the loaded state's {', '.join(sorted(set(dropped)))} is not "
+                    f"{' / '.join(str(_STORAGE_DTYPES[k]) for k in sorted(set(dropped)))} (another optimizer cast it): "
+                    "dropped, and built again from the parameters at the next step",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self._reset_plan()

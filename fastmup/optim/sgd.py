@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastmup.optim import precision
 from fastmup.optim.backend import launcher
 from fastmup.optim.checks import check_sgd
 from fastmup.optim.clip import clipped
@@ -60,6 +61,10 @@ class MuSGD(MuOptimizer):
     ``foreach`` and ``fused`` are accepted and kept in the param groups;
     ``differentiable=True`` raises ``NotImplementedError``.
 
+    ``stochastic_rounding``, ``master_weights`` and ``rounding_seed``: the
+    low-precision parameter options of :class:`~fastmup.optim.MuAdam`
+    (:mod:`fastmup.optim.precision`).
+
     ``impl`` is mup's way to make other SGD-like μP optimizers:
     ``MuSGD(params, impl=torch.optim.ASGD, lr=...)`` returns that torch
     optimizer built on mup's split param groups, as mup does
@@ -93,6 +98,9 @@ class MuSGD(MuOptimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         param_lr_scales: Optional[Mapping[Tensor, float]] = None,
+        stochastic_rounding: bool = False,
+        master_weights: Optional[str] = None,
+        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
     ) -> None:
         defaults = dict(
@@ -108,7 +116,16 @@ class MuSGD(MuOptimizer):
             decoupled_wd=decoupled_wd,
             capturable=capturable,
         )
-        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, param_lr_scales=param_lr_scales)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            state_dtype=state_dtype,
+            param_lr_scales=param_lr_scales,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            rounding_seed=rounding_seed,
+        )
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_sgd(group)
@@ -164,7 +181,7 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
         if g.layout != torch.strided:
             g = g.to_dense()
         dtype = math_dtype(p.dtype, g.dtype, *([] if buffers[i] is None else [buffers[i].dtype]))
-        param, grad = p.to(dtype), unscaled(clipped(g, batch.grad_clip), dtype, grad_scale)
+        param, grad = precision.load_batch_param(batch, i, dtype), unscaled(clipped(g, batch.grad_clip), dtype, grad_scale)
         if maximize:
             grad = -grad
         if wd != 0:
@@ -178,4 +195,4 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
             store((buffers[i], buf))
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
-        store((p, param))
+        precision.store_batch_param(batch, i, param, steps[i])

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastmup.plan.launch import ALIGNMENT, LaunchPlan, block_map
-from fastmup.plan.spec import AlgorithmSpec
+from fastmup.plan.spec import STORAGE_BUFFERS, AlgorithmSpec, ParamStorage
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Signature:
     grad_dtype: torch.dtype
     state_dtype: torch.dtype
     backend: str = "eager"
+    #: how the parameters are stored (``fastmup.plan.spec.ParamStorage``)
+    storage: str = "nearest"
 
 
 @dataclass(eq=False)
@@ -66,6 +68,11 @@ class TensorBatch:
     owners: list[Tensor] = field(default_factory=list)
     #: the algorithm whose update steps this batch (its columns are ``columns``)
     spec: Optional[AlgorithmSpec] = None
+    #: the seed of the stochastic-rounding bits (``ParamStorage.STOCHASTIC``)
+    #: and its part of their hash (``fastmup.optim.precision.seed_prefix``,
+    #: uint32), which the fused kernels start from
+    rounding_seed: int = 0
+    rounding_prefix: int = 0
     #: per-group lr tensors (capturable mode) or None; see :meth:`device_rows`
     device_lr: list[Tensor] | None = None
     #: the clip coefficient deferred into this step (float32, one element on
@@ -301,6 +308,10 @@ class TensorBatch:
                 raise ValueError(f"{spec.name} launch: scalar state {s.name!r} must be a contiguous {s.dtype} column of {len(self)} entries")
         has_optional = spec.optional is not None and spec.optional.name in self.state
         roles = ("param", "grad") + spec.state + ((spec.optional.name,) if has_optional else ())
+        storage = self.signature.storage
+        storage_role = STORAGE_BUFFERS[storage][0] if storage in STORAGE_BUFFERS else None
+        if storage_role is not None:  # the storage mode's buffer comes last
+            roles += (storage_role,)
         tensors = self._checked_tensors(roles)
         tensor_of_block, start_of_block, nblocks = self.block_map(block, at_least_one=spec.advances_scalars)
         sig = self.signature
@@ -321,6 +332,11 @@ class TensorBatch:
             has_optional=has_optional,
             tickets=torch.zeros(len(self), dtype=torch.int32, device=self.device) if spec.advances_scalars else None,
             present={role: np.array([t is not None for t in self.state[role]], dtype=bool) | empty for role in roles[2:]},
+            storage=storage,
+            storage_role=storage_role,
+            tensor_ids=(
+                torch.tensor(list(self.index), dtype=torch.int64).to(self.device) if storage == ParamStorage.STOCHASTIC else None
+            ),
         )
 
     def _checked_tensors(self, roles: tuple[str, ...]) -> list[Tensor]:
@@ -328,6 +344,7 @@ class TensorBatch:
         raise naming the tensor and role."""
         sig, spec = self.signature, self.spec
         want = {"param": sig.param_dtype, "grad": sig.grad_dtype}
+        want.update(STORAGE_BUFFERS.values())  # the storage modes' buffers have dtypes of their own
         gate = self.col(spec.optional.gate) if spec.optional is not None else None
         checked = []
         for role in roles:

@@ -15,6 +15,12 @@ the batch (one per block size):
   own scalar state gets one entry even for an empty tensor;
 * ``numels`` — the batch's device table of element counts (0 for a tensor
   not stepped now: its blocks load and store nothing);
+* the parameter storage mode (``storage``, a
+  :class:`~fastmup.plan.spec.ParamStorage` name); the modes with extra state
+  (an fp32 master weight, an int16 remainder) add that buffer's row last,
+  ``storage_role``; ``tensor_ids`` — int64 ``[n]`` on the device, each
+  tensor's position in the optimizer's parameter list (what keys its
+  stochastic-rounding bits);
 * the storage dtypes, whether every address is 16-byte aligned (vector
   accesses), whether the optional buffer exists in the batch, and for
   algorithms that advance their scalar state a ``tickets`` counter per
@@ -39,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmup.plan.spec import AlgorithmSpec
+from fastmup.plan.spec import AlgorithmSpec, ParamStorage
 
 __all__ = ["ALIGNMENT", "LaunchPlan", "block_map", "check_gates"]
 
@@ -67,6 +73,10 @@ class LaunchPlan:
     tickets: Optional[Tensor]
     #: which tensors have each buffer, by role (host; for per-step checks of the gates)
     present: dict
+    #: how the parameters are stored, and the role of the buffer that mode adds (None: none)
+    storage: str = ParamStorage.NEAREST
+    storage_role: Optional[str] = None
+    tensor_ids: Optional[Tensor] = None
     _memo: dict = field(default_factory=dict, repr=False)
 
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:

@@ -17,6 +17,12 @@ extension all read that declaration:
 * ``kernel`` / ``functor`` — the Triton module (``fastmup.kernels.<kernel>``)
   and the C++ functor of ``csrc/`` that implement the update.
 
+How a parameter itself is stored (:class:`ParamStorage`: rounding to
+nearest, stochastic rounding, an fp32 master weight, a 16-bit remainder) is
+common to every algorithm: it is part of a batch's signature, and the
+modes with extra state add the buffer :data:`STORAGE_BUFFERS` names, after
+the algorithm's own (see :mod:`fastmup.optim.precision`).
+
 This module imports nothing of fastmup: the backends read specs from the
 batches they are handed, never from :mod:`fastmup.optim`.
 """
@@ -27,7 +33,42 @@ from typing import Optional
 
 import torch
 
-__all__ = ["AlgorithmSpec", "OptionalBuffer", "ReadOnlyInput", "ScalarState"]
+__all__ = [
+    "AlgorithmSpec",
+    "MASTER_BUFFER",
+    "OptionalBuffer",
+    "ParamStorage",
+    "REMAINDER_BUFFER",
+    "ReadOnlyInput",
+    "STORAGE_BUFFERS",
+    "ScalarState",
+]
+
+
+class ParamStorage:
+    """How an update's fp32 result becomes the stored parameter (the names
+    of the modes; the math is in :mod:`fastmup.optim.precision`)."""
+
+    #: round to nearest even (torch's ``.to(dtype)``): the default
+    NEAREST = "nearest"
+    #: stochastic rounding with counter-based bits (bf16, fp16 parameters)
+    STOCHASTIC = "stochastic"
+    #: an fp32 master weight in the state, the parameter its rounded copy (bf16, fp16)
+    MASTER = "master"
+    #: an int16 remainder in the state: bf16 parameter + remainder = the fp32 value
+    REMAINDER = "remainder"
+    ALL = (NEAREST, STOCHASTIC, MASTER, REMAINDER)
+
+
+#: the fp32 master weight of ``ParamStorage.MASTER``
+MASTER_BUFFER = "master_weight"
+#: the int16 remainder of ``ParamStorage.REMAINDER``
+REMAINDER_BUFFER = "weight_remainder"
+#: storage mode -> (its state buffer, the buffer's dtype), for the modes that have one
+STORAGE_BUFFERS: dict[str, tuple[str, torch.dtype]] = {
+    ParamStorage.MASTER: (MASTER_BUFFER, torch.float32),
+    ParamStorage.REMAINDER: (REMAINDER_BUFFER, torch.int16),
+}
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,42 @@ def test_reattach_from_explicit_base_shapes():
     reattach_infshapes(fresh, saved)
     assert require_base_shapes(fresh) == saved
     assert fresh.out.width_mult() == model.out.width_mult()
+
+
+# ----------------------------------------------------------------------
+# low-precision parameters on local shards
+# ----------------------------------------------------------------------
+def _storage_worker(rank: int, names: list) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from fastmup.optim.precision import decode_remainder
+    from fastmup.plan.spec import MASTER_BUFFER, REMAINDER_BUFFER
+    from tests.optim.conftest import build, loss_of
+
+    mesh = init_device_mesh("cpu", (2,))
+    for backend in names:
+        runs = []
+        for mode in ("fp32", "remainder"):
+            model = build("mlp", 32).to(torch.bfloat16)
+            shard_with_mup(model, mesh=mesh, submodules=units(model))
+            model.reshard()
+            opt = fastmup.MuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend, master_weights=mode)
+            for x, y in batches("mlp", 3):
+                opt.zero_grad()
+                loss_of("mlp", model, shard_of((x.to(torch.bfloat16), y), rank)).float().backward()
+                opt.step()
+            assert {b.signature.storage for b in opt._batches} == {"master" if mode == "fp32" else "remainder"}
+            opt._release_grads()
+            runs.append((model, opt))
+        (ma, oa), (mb, ob) = runs
+        for p, q in zip(ma.parameters(), mb.parameters()):
+            master, rem = oa.state[p][MASTER_BUFFER], ob.state[q][REMAINDER_BUFFER]
+            assert isinstance(master, DTensor) and isinstance(rem, DTensor)  # sharded like the parameter
+            assert master.to_local().shape == p.to_local().shape
+            assert torch.equal(p.to_local(), q.to_local())  # bit-identical trajectories on every rank
+            assert torch.equal(decode_remainder(q.to_local().detach(), rem.to_local()), master.to_local())
+
+
+def test_fsdp2_master_weights_and_remainders_on_local_shards():
+    spawn(_storage_worker, backends())

@@ -1,0 +1,146 @@
+// How an update's fp32 result becomes the stored bf16/fp16 parameter, for
+// the storage modes of fastmup.optim.precision (whose docstring, and
+// ALGORITHMS.md section 7, give the math): stochastic rounding with
+// counter-based bits, and the exact bf16 + 16-bit remainder split of an fp32
+// master weight.  Integer operations on the bit patterns only (no float
+// rounding mode involved), so host and device, and the Triton and torch
+// versions, give the same bits.
+#pragma once
+
+#include "common.h"
+
+namespace fastmup {
+
+// ---------------------------------------------------------------------------
+// The counter-based hash of fastmup.optim.rademacher (uint32 arithmetic
+// modulo 2^32).
+// ---------------------------------------------------------------------------
+namespace hash {
+constexpr uint32_t kIV = 0x6A09E667u;
+constexpr uint32_t kGolden = 0x9E3779B9u;
+constexpr uint32_t kMul1 = 0x21F0AAADu;
+constexpr uint32_t kMul2 = 0x735A2D97u;
+// The top bit of the counter's high word marks the rounding draws.
+constexpr uint32_t kRoundingCounterHi = 0x80000000u;
+
+FASTMUP_HD FASTMUP_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kMul1;
+  x ^= x >> 15;
+  x *= kMul2;
+  x ^= x >> 15;
+  return x;
+}
+
+FASTMUP_HD FASTMUP_INLINE uint32_t absorb(uint32_t h, uint32_t w) { return mix32(h ^ w); }
+}  // namespace hash
+
+// The per-tensor keys of the rounding bits of one step: computed once per
+// tensor (per run of 2^32 elements), then two mixes per element.
+struct RoundingKey {
+  uint32_t key;
+  uint32_t key2;
+
+  // seed_prefix = absorb(absorb(IV, seed_lo), seed_hi), computed on the host.
+  FASTMUP_HD static FASTMUP_INLINE RoundingKey of(uint32_t seed_prefix, uint32_t step, uint32_t tensor_id,
+                                                  uint32_t element_hi) {
+    uint32_t h = hash::absorb(seed_prefix, step);
+    h = hash::absorb(h, hash::kRoundingCounterHi);
+    h = hash::absorb(h, tensor_id);
+    h = hash::absorb(h, element_hi);
+    return RoundingKey{h, hash::mix32(h ^ hash::kGolden)};
+  }
+  // The 16 random bits of the element whose index has low word `element_lo`.
+  FASTMUP_HD FASTMUP_INLINE uint32_t bits(uint32_t element_lo) const {
+    return hash::mix32(hash::mix32(element_lo ^ key) ^ key2) >> 16;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Stochastic rounding of fp32 x with 16 random bits r (in [0, 2^16)).
+// ---------------------------------------------------------------------------
+// bf16: b = (u + r) >> 16; inf stays inf, NaN -> 0x7fc0 (torch's).
+FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_bf16(float x, uint32_t r) {
+  const uint32_t u = float_bits(x);
+  const uint32_t b = (u + r) >> 16;
+  return static_cast<uint16_t>((x != x) ? 0x7fc0u : b);
+}
+
+// fp16: normals (and overflow) add 13 random bits below the 10 kept and
+// truncate; subnormals (|x| < 2^-14) work in units of 2^-24 with exact fp32
+// scalings: up iff r + floor(2^16 frac) >= 2^16.  NaN -> sign | 0x7e00.
+FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_fp16(float x, uint32_t r) {
+  const uint32_t u = float_bits(x);
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t t = a + (r >> 3);
+  const uint32_t normal = (t >= 0x47800000u) ? 0x7c00u : ((t - (112u << 23)) >> 13);
+  // |x| / 2^-24 (exact), in [0, 1024); 0 outside the subnormal range, so
+  // that no conversion below sees an out-of-range value
+  const float q = bits_float(a < 0x38800000u ? a : 0u) * 16777216.0f;
+  const float whole = floorf(q);
+  const uint32_t frac = static_cast<uint32_t>((q - whole) * 65536.0f);  // exact, < 2^16
+  const uint32_t sub = static_cast<uint32_t>(whole) + ((r + frac) >> 16);
+  const uint32_t mag = (a > 0x7f800000u) ? 0x7e00u : (a >= 0x38800000u) ? normal : sub;
+  return static_cast<uint16_t>(mag | sign);
+}
+
+template <typename T>
+struct StochasticStore;
+template <>
+struct StochasticStore<Bf16> {
+  FASTMUP_HD static FASTMUP_INLINE Bf16 from(float x, uint32_t r) { return Bf16{stochastic_bf16(x, r)}; }
+};
+template <>
+struct StochasticStore<Fp16> {
+  FASTMUP_HD static FASTMUP_INLINE Fp16 from(float x, uint32_t r) { return Fp16{stochastic_fp16(x, r)}; }
+};
+
+// ---------------------------------------------------------------------------
+// The exact split of an fp32 master weight into a bf16 parameter (nearest,
+// ties away from zero) and a 16-bit remainder (the low half of the bits):
+// hi = u >> 16, lo = u & 0xffff, c = lo >> 15, b = hi + c, except for the two
+// NaN ranges swapped so that every quiet NaN shows as a NaN parameter.
+// ---------------------------------------------------------------------------
+FASTMUP_HD FASTMUP_INLINE uint16_t remainder_param_bits(uint32_t u) {
+  const uint32_t hi = u >> 16, c = (u >> 15) & 1u;
+  const uint32_t m = hi & 0x7fffu, s = hi & 0x8000u;
+  uint32_t b = (hi + c) & 0xffffu;
+  b = (c && m == 0x7fffu) ? (s | 0x7f81u) : b;  // quiet NaNs that would carry into -0 / +0
+  b = (c && m == 0x7f80u) ? (s ^ 0x8000u) : b;  // the signalling NaNs that take that zero
+  return static_cast<uint16_t>(b);
+}
+
+// The bf16 parameter of an fp32 master (the master_weights="fp32" copy).
+FASTMUP_HD FASTMUP_INLINE uint16_t round_nearest_away_bf16(float x) { return remainder_param_bits(float_bits(x)); }
+
+FASTMUP_HD FASTMUP_INLINE void encode_remainder(float x, uint16_t& param, int16_t& rem) {
+  const uint32_t u = float_bits(x);
+  param = remainder_param_bits(u);
+  rem = static_cast<int16_t>(static_cast<uint16_t>(u & 0xffffu));
+}
+
+FASTMUP_HD FASTMUP_INLINE float decode_remainder(uint16_t param, int16_t rem) {
+  const uint32_t b = param, lo = static_cast<uint16_t>(rem), c = lo >> 15;
+  const uint32_t m = b & 0x7fffu, s = b & 0x8000u;
+  uint32_t hi = (b - c) & 0xffffu;
+  hi = (c && m == 0x7f81u) ? (s | 0x7fffu) : hi;
+  hi = (c && m == 0u) ? ((s ^ 0x8000u) | 0x7f80u) : hi;
+  return bits_float((hi << 16) | lo);
+}
+
+// ---------------------------------------------------------------------------
+// The storage modes as the drivers see them (values of
+// fastmup.ext's STORAGE_CODES): how a parameter is loaded and stored.
+// ---------------------------------------------------------------------------
+enum Storage : int { kNearest = 0, kStochastic = 1, kMaster = 2, kRemainder = 3 };
+
+// One contiguous run of a tensor's elements as its storage mode sees it.
+struct StorageRun {
+  int mode = kNearest;
+  void* aux = nullptr;    // the fp32 master or int16 remainder of the run's first element
+  RoundingKey key{0u, 0u};
+  uint64_t element0 = 0;  // the flat index of the run's first element
+};
+
+}  // namespace fastmup
