@@ -19,20 +19,11 @@ namespace generic {
 }  // namespace generic
 
 #if FASTMUP_HAVE_AVX2
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#endif
+FASTMUP_AVX2_BEGIN
 namespace avx2 {
 #include "grad_norm_kernels.inc"
 }  // namespace avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+FASTMUP_AVX2_END
 #endif
 
 template <int NORM, class G>

@@ -19,6 +19,7 @@
 #include "../common.h"
 #include "../grad_norm.h"
 #include "../rounding.h"
+#include "isa_target.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -52,24 +53,12 @@ namespace generic {
 #include "kernels.inc"
 }  // namespace generic
 
-#if !defined(FASTMUP_NO_AVX2) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTMUP_HAVE_AVX2 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#endif
+#if FASTMUP_HAVE_AVX2
+FASTMUP_AVX2_BEGIN
 namespace avx2 {
 #include "kernels.inc"
 }  // namespace avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#else
-#define FASTMUP_HAVE_AVX2 0
+FASTMUP_AVX2_END
 #endif
 
 // Which variant runs: "avx2" when the CPU has it (and it was built), else
