@@ -25,15 +25,16 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import Unpack
 
 from fastmup.infshape_registry import find_infshape
 from fastmup.optim import precision
-from fastmup.optim.backend import launcher
+from fastmup.optim.backend import entry_point
 from fastmup.optim.checks import check_adam
 from fastmup.optim.clip import clipped
 from fastmup.optim.multipliers import Multiplier, eps_multiplier
-from fastmup.optim.mup_groups import new_or_impl
-from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.mup_groups import TakesImpl
+from fastmup.optim.optimizer import MuOptimizer, MuOptions, group_defaults
 from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
@@ -52,15 +53,16 @@ SPEC = AlgorithmSpec(
 )
 
 
-class MuAdam(MuOptimizer):
+class MuAdam(TakesImpl, MuOptimizer):
     """Adam with μP: hidden matrices use ``lr / m_in`` (and ``wd · m_in``
     unless ``decoupled_wd``); everything else uses the group's values.
 
     Signature as ``torch.optim.Adam`` plus ``decoupled_wd`` (mup's switch:
-    do not rescale weight decay with width), ``backend``, ``state_dtype``
-    (``None``: the param's dtype) and ``param_lr_scales`` (extra per-tensor
-    lr factors, e.g. architecture-aware depth scaling, applied in the same
-    fused launch).  torch's ``foreach`` and ``fused`` are accepted and kept
+    do not rescale weight decay with width) and the fastmup options of
+    :class:`~fastmup.optim.MuOptimizer` (:class:`~fastmup.optim.optimizer.MuOptions`):
+    ``backend``, ``state_dtype`` (``None``: the param's dtype) and
+    ``param_lr_scales`` (extra per-tensor lr factors, e.g.
+    architecture-aware depth scaling, applied in the same fused launch).  torch's ``foreach`` and ``fused`` are accepted and kept
     in the param groups (every backend is one pass over all tensors);
     ``differentiable=True`` raises ``NotImplementedError``.
 
@@ -93,9 +95,8 @@ class MuAdam(MuOptimizer):
     spec = SPEC
     _native_impls: tuple = (torch.optim.Adam, torch.optim.AdamW)
 
-    def __new__(cls, *args: Any, impl: Optional[Callable[..., Optimizer]] = None, **kwargs: Any):
-        return new_or_impl(cls, "adam", cls._native_impls, args, impl, kwargs)
-
+    # The keyword-only arguments are in the order of torch's param groups
+    # (``maximize`` before ``foreach``): the signature orders ``defaults``.
     def __init__(
         self,
         params: Iterable,
@@ -105,52 +106,24 @@ class MuAdam(MuOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
-        foreach: Optional[bool] = None,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         decoupled_wd: bool = False,
         eps_scaling: bool = False,
-        backend: str = "auto",
-        state_dtype: Optional[torch.dtype] = None,
-        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
-        stochastic_rounding: bool = False,
-        master_weights: Optional[str] = None,
-        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
+        **options: Unpack[MuOptions],
     ) -> None:
         if impl is torch.optim.AdamW:
             decoupled_weight_decay = True
+        defaults = group_defaults(locals())
         # ε multipliers of the tensors whose group has eps_scaling (before
         # super().__init__, which adds the groups)
         self._eps_mults: dict[Tensor, Multiplier] = {}
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-            decoupled_wd=decoupled_wd,
-            eps_scaling=eps_scaling,
-        )
-        super().__init__(
-            params,
-            defaults,
-            backend=backend,
-            state_dtype=state_dtype,
-            param_lr_scales=param_lr_scales,
-            stochastic_rounding=stochastic_rounding,
-            master_weights=master_weights,
-            rounding_seed=rounding_seed,
-        )
+        super().__init__(params, defaults, **options)
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_adam(group)
@@ -206,16 +179,7 @@ class MuAdam(MuOptimizer):
 
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
         beta1, beta2 = group["betas"]
-        return dict(
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-        )
+        return super()._group_values({**group, "beta1": beta1, "beta2": beta2})
 
     def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         adam(batch, backend=batch.backend, grad_scale=grad_scale, found_inf=found_inf)
@@ -225,8 +189,9 @@ class MuAdamW(MuAdam):
     """AdamW with μP (decoupled weight decay ``p ← p·(1 - lr·wd)``, with the
     μP-scaled ``lr`` and ``wd`` of each tensor).  Defaults as ``torch.optim.AdamW``;
     every param group decays decoupled, also after loading an Adam state dict
-    (as torch's AdamW).  ``impl`` as for :class:`MuAdam` (mup's ``MuAdamW``
-    takes none)."""
+    (as torch's AdamW).  The keyword arguments are :class:`MuAdam`'s but
+    ``decoupled_weight_decay`` (always on); ``impl`` as for :class:`MuAdam`
+    (mup's ``MuAdamW`` takes none)."""
 
     _native_impls: tuple = (torch.optim.AdamW,)
 
@@ -238,62 +203,13 @@ class MuAdamW(MuAdam):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
-        *,
-        foreach: Optional[bool] = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: Optional[bool] = None,
-        decoupled_wd: bool = False,
-        eps_scaling: bool = False,
-        backend: str = "auto",
-        state_dtype: Optional[torch.dtype] = None,
-        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
-        stochastic_rounding: bool = False,
-        master_weights: Optional[str] = None,
-        rounding_seed: int = 0,
-        impl: Optional[Callable[..., Optimizer]] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=True,
-            decoupled_wd=decoupled_wd,
-            eps_scaling=eps_scaling,
-            backend=backend,
-            state_dtype=state_dtype,
-            param_lr_scales=param_lr_scales,
-            stochastic_rounding=stochastic_rounding,
-            master_weights=master_weights,
-            rounding_seed=rounding_seed,
-        )
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, **kwargs)
 
     def _fill_group_defaults(self, group: dict[str, Any]) -> None:
         super()._fill_group_defaults(group)
         group["decoupled_weight_decay"] = True
-
-
-def adam(
-    batch: TensorBatch,
-    *,
-    backend: str = "eager",
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> None:
-    """Apply one Adam step to every tensor of ``batch`` (steps already advanced)."""
-    if backend == "eager":
-        _single_tensor_adam(batch, grad_scale=grad_scale, found_inf=found_inf)
-    else:
-        launcher(backend, "adam")(batch, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
@@ -334,3 +250,6 @@ def _single_tensor_adam(batch: TensorBatch, *, grad_scale: Optional[Tensor], fou
         param.addcdiv_(exp_avg, denom, value=-step_size)
         precision.store_batch_param(batch, i, param, step)
         store((exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq))
+
+
+adam = entry_point("adam", _single_tensor_adam, "Apply one Adam step to every tensor of ``batch`` (steps already advanced).")

@@ -19,9 +19,13 @@ import functools
 import importlib.util
 import os
 import warnings
-from typing import Iterable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Optional
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from fastmup.plan.batch import TensorBatch
 
 NAMES = ("auto", "eager", "triton", "cuda", "cpu")
 
@@ -152,3 +156,25 @@ def launcher(name: str, algorithm: str):
 
         return functools.partial(ext.launch, algorithm)
     raise ValueError(f"backend {name!r} has no fused launcher")
+
+
+def entry_point(algorithm: str, reference: Callable[..., None], doc: str) -> Callable[..., None]:
+    """The functional entry point of an element-wise ``algorithm``:
+    ``f(batch, *, backend="eager", grad_scale=None, found_inf=None)`` runs
+    ``reference`` (the single-tensor update) on the eager backend and
+    :func:`launcher` of ``algorithm`` on the others.  ``doc`` is its docstring."""
+
+    def step(
+        batch: TensorBatch,
+        *,
+        backend: str = "eager",
+        grad_scale: Optional[Tensor] = None,
+        found_inf: Optional[Tensor] = None,
+    ) -> None:
+        update = reference if backend == "eager" else launcher(backend, algorithm)
+        update(batch, grad_scale=grad_scale, found_inf=found_inf)
+
+    step.__name__ = step.__qualname__ = algorithm
+    step.__module__ = reference.__module__
+    step.__doc__ = doc
+    return step

@@ -414,13 +414,14 @@ def _loss_scale(opt, grad_scaler) -> Optional[Tensor]:
 def defer(
     opt,
     max_norm: float,
-    norm_type: float = 2.0,
-    error_if_nonfinite: bool = False,
-    foreach: Optional[bool] = None,
-    grad_scaler=None,
-    per_tensor: bool = False,
+    norm_type: float,
+    error_if_nonfinite: bool,
+    foreach: Optional[bool],
+    grad_scaler,
+    per_tensor: bool,
 ) -> Tensor:
-    """``MuOptimizer.clip_grad_norm_`` (see there)."""
+    """``MuOptimizer.clip_grad_norm_`` (see there: its signature holds the
+    defaults, and it passes every argument)."""
     max_norm, norm_type = float(max_norm), float(norm_type)
     batches = opt._plan()  # binds this step's gradients to the batches
     try:

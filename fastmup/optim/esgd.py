@@ -124,18 +124,21 @@ ops in the storage dtype: the unfused baseline for benchmarks.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from fastmup.optim import backend as backends
 from fastmup.optim import rademacher
 from fastmup.optim.multipliers import ONE, Multiplier
 from fastmup.optim.checks import check_betas, check_lr, check_nonnegative
 from fastmup.optim.clip import clipped
-from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.optimizer import MuOptimizer, MuOptions, group_defaults
 from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, ReadOnlyInput, ScalarState
@@ -256,12 +259,14 @@ class MuESGD(MuOptimizer):
         seed: seed of the probes' counter-based generator (any int; the
             global torch RNG is never used).
         decoupled_wd: do not rescale weight decay with width (mup's switch).
-        backend: ``"auto"``, ``"eager"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
-        state_dtype: dtype of ``exp_avg`` / ``exp_avg_d`` (default: the param's).
-        param_lr_scales: extra per-tensor lr factors.
-        stochastic_rounding, master_weights: not supported by ESGD-M (its
-            fused kernels and HVP step read the parameters as stored); any
-            value but the default raises ``NotImplementedError`` naming it.
+        options: the fastmup options of :class:`~fastmup.optim.MuOptimizer`:
+            ``backend`` (``"auto"``, ``"eager"``, ``"triton"``, ``"cpu"`` or
+            ``"cuda"``), ``state_dtype`` (dtype of ``exp_avg`` / ``exp_avg_d``,
+            default the param's), ``param_lr_scales`` (extra per-tensor lr
+            factors).  The low-precision ones (``stochastic_rounding``,
+            ``master_weights``, ``rounding_seed``) are not supported by ESGD-M
+            (its fused kernels and HVP step read the parameters as stored);
+            any value but the default raises ``NotImplementedError`` naming it.
 
     Depth: no depth rule is derived for ESGD-M (its Hessian preconditioner
     sees the branch multiplier of :func:`fastmup.set_depth` squared), so a
@@ -297,27 +302,14 @@ class MuESGD(MuOptimizer):
         variant: str = "ema",
         seed: int = 0,
         decoupled_wd: bool = False,
-        backend: str = "auto",
-        state_dtype: Optional[torch.dtype] = None,
-        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
-        stochastic_rounding: bool = False,
-        master_weights: Optional[str] = None,
+        **options: Unpack[MuOptions],
     ) -> None:
+        defaults = group_defaults(locals(), optimizer_wide=("update_d_every", "d_warmup", "seed"))
         for name, value in (("update_d_every", update_d_every), ("d_warmup", d_warmup)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}={value!r}: must be an int >= 1")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed={seed!r}: must be an int")
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            v=v,
-            lr_warmup=lr_warmup,
-            eps=eps,
-            weight_decay=weight_decay,
-            variant=variant,
-            decoupled_wd=decoupled_wd,
-        )
         self.update_d_every = update_d_every
         self.d_warmup = d_warmup
         self.steps = 0
@@ -325,15 +317,7 @@ class MuESGD(MuOptimizer):
         self.probe_seed = seed
         self.probe_counter = 0
         self._hvp_step = False
-        super().__init__(
-            params,
-            defaults,
-            backend=backend,
-            state_dtype=state_dtype,
-            param_lr_scales=param_lr_scales,
-            stochastic_rounding=stochastic_rounding,
-            master_weights=master_weights,
-        )
+        super().__init__(params, defaults, **options)
 
     # ------------------------------------------------------------------
     # subclass interface of MuOptimizer
@@ -594,27 +578,28 @@ def esgd_per_tensor_torch(
     exp_avg_ds: Sequence[Tensor],
     scalars: Sequence[dict],
     hvps: Optional[Sequence[Tensor]] = None,
-    *,
-    lr: float = 1.0,
-    betas: Tuple[float, float] = (0.9, 0.999),
-    v: Optional[float] = None,
-    lr_warmup: float = 0.99,
-    eps: float = 1e-4,
-    weight_decay: float = 0.0,
-    variant: str = "ema",
+    **hyperparameters: Any,
 ) -> None:
     """One ESGD-M step written as the original does it: a Python loop over
     tensors, torch ops in the storage dtype, scalar state as Python floats.
 
-    ``scalars[i]`` is a dict with ``exp_avg_bias_corr``,
+    ``hyperparameters``: ``lr``, ``betas``, ``v``, ``lr_warmup``, ``eps``,
+    ``weight_decay`` and ``variant``, as :class:`MuESGD` takes them and
+    with its defaults.  ``scalars[i]`` is a dict with ``exp_avg_bias_corr``,
     ``exp_avg_d_bias_corr`` and ``lr_warmup_cumprod`` (start at 1.0),
     updated in place; ``hvps`` is given on HVP steps.  No μP (pass the
     per-tensor lr yourself), no AMP.  The only departure from the seed is
     the no-NaN rule (no update before a tensor's first HVP).  Meant as the
     unfused baseline of benchmarks; the optimizer does not use it.
     """
-    beta1, beta2 = betas
-    is_max = variant == "max"
+    hp = _baseline_defaults()
+    unknown = sorted(set(hyperparameters) - set(hp))
+    if unknown:
+        raise TypeError(f"esgd_per_tensor_torch: unknown hyperparameters {unknown}; known: {sorted(hp)}")
+    hp.update(hyperparameters)
+    lr, v, lr_warmup, eps, weight_decay = hp["lr"], hp["v"], hp["lr_warmup"], hp["eps"], hp["weight_decay"]
+    beta1, beta2 = hp["betas"]
+    is_max = hp["variant"] == "max"
     if v is None or is_max:
         v = beta1
     for i, (p, grad) in enumerate(zip(params, grads)):
@@ -642,3 +627,15 @@ def esgd_per_tensor_torch(
         qhm_bias_corr = 1 - st["exp_avg_bias_corr"] * v
         p.mul_(1 - weight_decay * step_size)
         p.addcdiv_(exp_avg_est, denom, value=-step_size / qhm_bias_corr)
+
+
+@functools.lru_cache(maxsize=None)
+def _baseline_hyperparameters() -> tuple[tuple[str, Any], ...]:
+    # MuESGD's signature is the one place the defaults are written
+    names = ("lr", "betas", "v", "lr_warmup", "eps", "weight_decay", "variant")
+    parameters = inspect.signature(MuESGD).parameters
+    return tuple((name, parameters[name].default) for name in names)
+
+
+def _baseline_defaults() -> dict[str, Any]:
+    return dict(_baseline_hyperparameters())

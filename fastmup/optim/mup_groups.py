@@ -227,6 +227,18 @@ def new_or_impl(cls: type, family: Family, natives: tuple, args: tuple, impl: An
     return build_with_impl(impl, family, params, **kwargs)
 
 
+class TakesImpl:
+    """Mixin of the μP optimizers that take mup's ``impl=`` (``MuAdam``,
+    ``MuSGD``): their ``__new__`` is :func:`new_or_impl` with the class's
+    ``family`` and ``_native_impls`` (the torch optimizers it stands for)."""
+
+    family: Family
+    _native_impls: tuple = ()
+
+    def __new__(cls, *args: Any, impl: Optional[Callable[..., Optimizer]] = None, **kwargs: Any):
+        return new_or_impl(cls, cls.family, cls._native_impls, args, impl, kwargs)
+
+
 def _positional_impl(lr: Any) -> bool:
     return isinstance(lr, type) or (callable(lr) and not isinstance(lr, (numbers.Real, Tensor)))
 

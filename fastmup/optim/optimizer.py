@@ -19,7 +19,7 @@ import operator
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypedDict
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ try:  # DTensor (FSDP2) parameters are updated through their local shards
 except ImportError:  # torch without distributed support
     _DTensor = None
 
-__all__ = ["MuOptimizer"]
+__all__ = ["MuOptimizer", "MuOptions", "group_defaults"]
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
@@ -100,6 +100,36 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
+class MuOptions(TypedDict, total=False):
+    """The keyword options every fastmup optimizer takes besides torch's,
+    declared once by :class:`MuOptimizer`'s constructor (defaults and
+    meaning there); a subclass constructor takes them as
+    ``**options: Unpack[MuOptions]`` and hands them on."""
+
+    backend: str
+    state_dtype: Optional[torch.dtype]
+    param_lr_scales: Optional[Mapping[Tensor, float]]
+    stochastic_rounding: bool
+    master_weights: Optional[str]
+    rounding_seed: int
+
+
+#: constructor arguments that are never param-group defaults (``__class__``
+#: is the cell of a zero-argument ``super()``, which ``locals()`` shows)
+_NOT_GROUP_KEYS = frozenset(("self", "params", "impl", "options", "__class__"))
+
+
+def group_defaults(arguments: Mapping[str, Any], *, optimizer_wide: Iterable[str] = ()) -> dict[str, Any]:
+    """The param-group defaults of a subclass constructor: its arguments
+    (``locals()`` taken before any other local is bound), in the order of its
+    signature, without ``self``, ``params``, ``impl``, the fastmup options
+    (``**options``) and the ``optimizer_wide`` settings.  The signature is
+    then the one list of a group's keys, as torch's ``defaults`` holds every
+    hyperparameter its constructor takes."""
+    skip = _NOT_GROUP_KEYS.union(optimizer_wide)
+    return {key: value for key, value in arguments.items() if key not in skip}
+
+
 def describe_param(p: Tensor, group: Mapping[str, Any], group_index: int, position: int) -> str:
     """A name for error messages: the parameter's name when the user gave
     ``named_parameters()``, else its place in the groups and its shape."""
@@ -114,9 +144,13 @@ class MuOptimizer(Optimizer):
 
     Subclasses set ``family`` ("adam", "sgd" or "esgd": which μP rule
     applies) and ``spec`` (the algorithm: its columns, state buffers and
-    scalar state), and implement :meth:`_validate`, :meth:`_group_values`
-    (a param group's value of every column) and :meth:`_update` (one batch,
-    one backend).  The step has three hooks, no-ops here:
+    scalar state), and implement :meth:`_validate` and :meth:`_update` (one
+    batch, one backend); :meth:`_group_values` (a param group's value of
+    every column) reads the columns of the same name unless overridden.
+    A constructor takes its torch-style hyperparameters, builds ``defaults``
+    from them with :func:`group_defaults` and hands the fastmup options
+    (:class:`MuOptions`) on as ``**options``.  The step has three hooks,
+    no-ops here:
     :meth:`_check_step` (every step, before anything is mutated),
     :meth:`_step_inputs` (per-batch inputs of the update, such as ESGD-M's
     HVPs) and :meth:`_after_step`.
@@ -151,6 +185,7 @@ class MuOptimizer(Optimizer):
             for name, value, default in (
                 ("stochastic_rounding", stochastic_rounding, False),
                 ("master_weights", master_weights, None),
+                ("rounding_seed", rounding_seed, 0),
             ):
                 if value != default:
                     raise NotImplementedError(f"{type(self).__name__} does not support {name}={value!r}")
@@ -191,8 +226,10 @@ class MuOptimizer(Optimizer):
         """Raise ``ValueError`` naming the bad hyperparameter."""
 
     def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
-        """The value of every column of ``spec`` for the tensors of ``group``."""
-        raise NotImplementedError
+        """The value of every column of ``spec`` for the tensors of ``group``:
+        here the group's value of the same name (a subclass whose columns
+        are derived, such as Adam's ``beta1`` from ``betas``, overrides it)."""
+        return {column: group[column] for column in self.columns}
 
     def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor], **inputs: Any) -> None:
         raise NotImplementedError

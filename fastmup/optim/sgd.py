@@ -19,13 +19,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import Unpack
 
 from fastmup.optim import precision
-from fastmup.optim.backend import launcher
+from fastmup.optim.backend import entry_point
 from fastmup.optim.checks import check_sgd
 from fastmup.optim.clip import clipped
-from fastmup.optim.mup_groups import new_or_impl
-from fastmup.optim.optimizer import MuOptimizer
+from fastmup.optim.mup_groups import TakesImpl
+from fastmup.optim.optimizer import MuOptimizer, MuOptions, group_defaults
 from fastmup.optim.reference import skips_step, store, unscaled
 from fastmup.plan.batch import TensorBatch, math_dtype
 from fastmup.plan.spec import AlgorithmSpec, OptionalBuffer
@@ -45,11 +46,13 @@ SPEC = AlgorithmSpec(
 )
 
 
-class MuSGD(MuOptimizer):
+class MuSGD(TakesImpl, MuOptimizer):
     """SGD with μP: vector-like tensors use ``lr·m`` (``wd/m``), hidden
     matrices ``lr·m_out/m_in`` (``wd·m_in/m_out``), unless ``decoupled_wd``
     leaves weight decay unscaled.  Signature as ``torch.optim.SGD`` plus
-    ``decoupled_wd``, ``backend``, ``state_dtype`` and ``param_lr_scales``.
+    ``decoupled_wd`` and the fastmup options of
+    :class:`~fastmup.optim.MuOptimizer` (``backend``, ``state_dtype``,
+    ``param_lr_scales``, ...).
     Tensors inside the residual blocks of :func:`fastmup.set_depth` also get
     depth-μP's factors: ``lr · m_L^(2α-1)`` (1 at α = ½), ``wd · m_L^(-α)``
     (:mod:`fastmup.optim.multipliers`).
@@ -77,9 +80,6 @@ class MuSGD(MuOptimizer):
     _sparse_grads = True
     _native_impls: tuple = (torch.optim.SGD,)
 
-    def __new__(cls, *args: Any, impl: Optional[Callable[..., Optimizer]] = None, **kwargs: Any):
-        return new_or_impl(cls, "sgd", cls._native_impls, args, impl, kwargs)
-
     def __init__(
         self,
         params: Iterable,
@@ -95,37 +95,10 @@ class MuSGD(MuOptimizer):
         fused: Optional[bool] = None,
         decoupled_wd: bool = False,
         capturable: bool = False,
-        backend: str = "auto",
-        state_dtype: Optional[torch.dtype] = None,
-        param_lr_scales: Optional[Mapping[Tensor, float]] = None,
-        stochastic_rounding: bool = False,
-        master_weights: Optional[str] = None,
-        rounding_seed: int = 0,
         impl: Optional[Callable[..., Optimizer]] = None,
+        **options: Unpack[MuOptions],
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            foreach=foreach,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_wd=decoupled_wd,
-            capturable=capturable,
-        )
-        super().__init__(
-            params,
-            defaults,
-            backend=backend,
-            state_dtype=state_dtype,
-            param_lr_scales=param_lr_scales,
-            stochastic_rounding=stochastic_rounding,
-            master_weights=master_weights,
-            rounding_seed=rounding_seed,
-        )
+        super().__init__(params, group_defaults(locals()), **options)
 
     def _validate(self, group: Mapping[str, Any]) -> None:
         check_sgd(group)
@@ -141,32 +114,8 @@ class MuSGD(MuOptimizer):
             state["step"] = torch.full((), float(seeded), dtype=torch.float32, device=p.device)
         super()._init_state(p, group)
 
-    def _group_values(self, group: Mapping[str, Any]) -> dict[str, float]:
-        return dict(
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
-
     def _update(self, batch: TensorBatch, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         sgd(batch, backend=batch.backend, grad_scale=grad_scale, found_inf=found_inf)
-
-
-def sgd(
-    batch: TensorBatch,
-    *,
-    backend: str = "eager",
-    grad_scale: Optional[Tensor] = None,
-    found_inf: Optional[Tensor] = None,
-) -> None:
-    """Apply one SGD step to every tensor of ``batch`` (steps already advanced)."""
-    if backend == "eager":
-        _single_tensor_sgd(batch, grad_scale=grad_scale, found_inf=found_inf)
-    else:
-        launcher(backend, "sgd")(batch, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
@@ -196,3 +145,6 @@ def _single_tensor_sgd(batch: TensorBatch, *, grad_scale: Optional[Tensor], foun
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         param.add_(grad, alpha=-lr)
         precision.store_batch_param(batch, i, param, steps[i])
+
+
+sgd = entry_point("sgd", _single_tensor_sgd, "Apply one SGD step to every tensor of ``batch`` (steps already advanced).")
