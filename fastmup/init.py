@@ -245,34 +245,27 @@ def _kaiming_std(tensor: Tensor, a: float, mode: str, nonlinearity: str, fn: str
     return std
 
 
-def kaiming_uniform_(
-    tensor: Tensor,
-    a: float = 0,
-    mode: str = "fan_in",
-    nonlinearity: str = "leaky_relu",
-    *,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
-    """μP ``torch.nn.init.kaiming_uniform_`` (see the module docstring for the scaling)."""
+def _kaiming_(tensor: Tensor, a: float, mode: str, nonlinearity: str, generator: Optional[torch.Generator], fn: str) -> Tensor:
+    """Both ``kaiming_*``: the μP std of :func:`_kaiming_std`, drawn as torch's ``fn`` draws it."""
     if 0 in tensor.shape:
-        warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=2)
+        warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return tensor
-    std = _kaiming_std(tensor, a, mode, nonlinearity, "kaiming_uniform_")
+    std = _kaiming_std(tensor, a, mode, nonlinearity, fn)
+    if fn == "kaiming_normal_":
+        return torch.nn.init.normal_(tensor, 0, std, generator=generator)
     bound = math.sqrt(3.0) * std
     return torch.nn.init.uniform_(tensor, -bound, bound, generator=generator)
 
 
+def kaiming_uniform_(
+    tensor: Tensor, a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", *, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """μP ``torch.nn.init.kaiming_uniform_`` (see the module docstring for the scaling)."""
+    return _kaiming_(tensor, a, mode, nonlinearity, generator, "kaiming_uniform_")
+
+
 def kaiming_normal_(
-    tensor: Tensor,
-    a: float = 0,
-    mode: str = "fan_in",
-    nonlinearity: str = "leaky_relu",
-    *,
-    generator: Optional[torch.Generator] = None,
+    tensor: Tensor, a: float = 0, mode: str = "fan_in", nonlinearity: str = "leaky_relu", *, generator: Optional[torch.Generator] = None
 ) -> Tensor:
     """μP ``torch.nn.init.kaiming_normal_`` (see the module docstring for the scaling)."""
-    if 0 in tensor.shape:
-        warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=2)
-        return tensor
-    std = _kaiming_std(tensor, a, mode, nonlinearity, "kaiming_normal_")
-    return torch.nn.init.normal_(tensor, 0, std, generator=generator)
+    return _kaiming_(tensor, a, mode, nonlinearity, generator, "kaiming_normal_")

@@ -196,6 +196,22 @@ def _check_positive(name: str, value: float) -> float:
 
 
 def keskar_sharpness_result(
+    model: nn.Module, criterion: Callable[..., Tensor], loader: Iterable, **options: Any
+) -> KeskarResult:
+    r"""Measure Keskar sharpness and return every number involved:
+    :func:`keskar_sharpness` with ``return_result=True``.
+
+    The keyword arguments are those of :func:`keskar_sharpness` but
+    ``return_max`` and ``return_result``; ``eval_every=None`` here means one
+    full-loader evaluation at the end only, the cheapest setting.
+    """
+    for name in ("return_max", "return_result"):
+        if name in options:
+            raise TypeError(f"keskar_sharpness_result() got an unexpected keyword argument {name!r}")
+    return keskar_sharpness(model, criterion, loader, return_result=True, **options)
+
+
+def keskar_sharpness(
     model: nn.Module,
     criterion: Callable[..., Tensor],
     loader: Iterable,
@@ -204,16 +220,58 @@ def keskar_sharpness_result(
     lr: float = 1e-3,
     max_steps: int = 1000,
     optimizer: OptimizerFactory | None = None,
+    return_max: bool = False,
+    return_result: bool = False,
     eval_every: int | None = None,
     ascent_mode: Literal["eval", "train"] = "eval",
     progress: bool = True,
     device: torch.device | str | None = None,
-) -> KeskarResult:
-    r"""Measure Keskar sharpness and return every number involved.
+) -> float | KeskarResult:
+    r"""Keskar sharpness :math:`100\,(L_1 - L_0)/(1 + L_0)` of a trained model.
 
-    See :func:`keskar_sharpness` for the arguments; ``eval_every=None`` here
-    means one full-loader evaluation at the end only, the cheapest setting.
+    :math:`L_1` is the loss after ``max_steps`` steps of projected gradient
+    ascent inside the box :math:`|w - w_0| \le \epsilon(|w_0| + 1)` around the
+    current trainable parameters (buffers are neither perturbed nor clamped).
+
+    Args:
+        model: the trained model; returned untouched (see module docstring).
+        criterion: ``criterion(model_output, targets) -> scalar loss``,
+            averaging over the batch (torch's default reduction).
+        loader: re-iterable source of ``(inputs, targets)`` batches, e.g. a
+            ``DataLoader``.  ``inputs`` may be a tensor, a tuple/list (passed
+            as positional arguments) or a mapping (keyword arguments); all
+            tensors are moved to ``device``.  :math:`L_0` and :math:`L_1` are
+            batch-size weighted means over one full pass.
+        epsilon: relative box size, > 0.
+        lr: ascent learning rate, > 0.
+        max_steps: ascent steps (one batch each, cycling the loader), ≥ 1.
+        optimizer: class or factory called as ``optimizer(params, lr=lr)``
+            for the ascent, e.g. ``torch.optim.Adam`` or
+            ``functools.partial(torch.optim.SGD, momentum=0.9)``.  Default:
+            plain SGD, i.e. :math:`w \leftarrow \Pi(w + \text{lr}\,\nabla L_b)`.
+            It minimises :math:`-L`, so any torch optimizer works.  An
+            optimizer *instance* is refused.
+        return_max: return the max over evaluated iterates instead of the final
+            value.  With ``eval_every=None`` it then evaluates ten times,
+            every ``max(1, max_steps // 10)`` steps.
+        return_result: return the whole :class:`KeskarResult`.
+        eval_every: steps between full-loader evaluations of the iterate
+            (each costs one pass over the loader).  ``None``: only at the end
+            (unless ``return_max``).
+        ascent_mode: ``"eval"`` (default) runs the ascent with BatchNorm on
+            running statistics and dropout off, so it maximises the same loss
+            that :math:`L_0` and :math:`L_1` measure, deterministically.
+            ``"train"`` runs it in train mode like the original script (batch
+            statistics, dropout); running statistics are restored afterwards.
+        progress: show a tqdm bar when tqdm is installed.
+        device: where batches go; default the device of the model's first
+            parameter.
+
+    Returns:
+        A float, or a :class:`KeskarResult` if ``return_result``.
     """
+    if return_max and eval_every is None:
+        eval_every = max(1, max_steps // 10) if isinstance(max_steps, int) and max_steps >= 1 else None
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     epsilon = _check_positive("epsilon", epsilon)
@@ -292,88 +350,12 @@ def keskar_sharpness_result(
         finally:
             snapshot.restore()
 
-    return KeskarResult(
+    result = KeskarResult(
         sharpness=_relative_rise(loss1, loss0),
         max_sharpness=best,
         loss0=loss0,
         loss1=loss1,
         steps=max_steps,
-    )
-
-
-def keskar_sharpness(
-    model: nn.Module,
-    criterion: Callable[..., Tensor],
-    loader: Iterable,
-    *,
-    epsilon: float = 1e-4,
-    lr: float = 1e-3,
-    max_steps: int = 1000,
-    optimizer: OptimizerFactory | None = None,
-    return_max: bool = False,
-    return_result: bool = False,
-    eval_every: int | None = None,
-    ascent_mode: Literal["eval", "train"] = "eval",
-    progress: bool = True,
-    device: torch.device | str | None = None,
-) -> float | KeskarResult:
-    r"""Keskar sharpness :math:`100\,(L_1 - L_0)/(1 + L_0)` of a trained model.
-
-    :math:`L_1` is the loss after ``max_steps`` steps of projected gradient
-    ascent inside the box :math:`|w - w_0| \le \epsilon(|w_0| + 1)` around the
-    current trainable parameters (buffers are neither perturbed nor clamped).
-
-    Args:
-        model: the trained model; returned untouched (see module docstring).
-        criterion: ``criterion(model_output, targets) -> scalar loss``,
-            averaging over the batch (torch's default reduction).
-        loader: re-iterable source of ``(inputs, targets)`` batches, e.g. a
-            ``DataLoader``.  ``inputs`` may be a tensor, a tuple/list (passed
-            as positional arguments) or a mapping (keyword arguments); all
-            tensors are moved to ``device``.  :math:`L_0` and :math:`L_1` are
-            batch-size weighted means over one full pass.
-        epsilon: relative box size, > 0.
-        lr: ascent learning rate, > 0.
-        max_steps: ascent steps (one batch each, cycling the loader), ≥ 1.
-        optimizer: class or factory called as ``optimizer(params, lr=lr)``
-            for the ascent, e.g. ``torch.optim.Adam`` or
-            ``functools.partial(torch.optim.SGD, momentum=0.9)``.  Default:
-            plain SGD, i.e. :math:`w \leftarrow \Pi(w + \text{lr}\,\nabla L_b)`.
-            It minimises :math:`-L`, so any torch optimizer works.  An
-            optimizer *instance* is refused.
-        return_max: return the max over evaluated iterates instead of the final
-            value.  With ``eval_every=None`` it then evaluates ten times,
-            every ``max(1, max_steps // 10)`` steps.
-        return_result: return the whole :class:`KeskarResult`.
-        eval_every: steps between full-loader evaluations of the iterate
-            (each costs one pass over the loader).  ``None``: only at the end
-            (unless ``return_max``).
-        ascent_mode: ``"eval"`` (default) runs the ascent with BatchNorm on
-            running statistics and dropout off, so it maximises the same loss
-            that :math:`L_0` and :math:`L_1` measure, deterministically.
-            ``"train"`` runs it in train mode like the original script (batch
-            statistics, dropout); running statistics are restored afterwards.
-        progress: show a tqdm bar when tqdm is installed.
-        device: where batches go; default the device of the model's first
-            parameter.
-
-    Returns:
-        A float, or a :class:`KeskarResult` if ``return_result``.
-    """
-    if return_max and eval_every is None:
-        eval_every = max(1, max_steps // 10) if isinstance(max_steps, int) and max_steps >= 1 else None
-    result = keskar_sharpness_result(
-        model,
-        criterion,
-        loader,
-        epsilon=epsilon,
-        lr=lr,
-        max_steps=max_steps,
-        optimizer=optimizer,
-        eval_every=eval_every,
-        ascent_mode=ascent_mode,
-        progress=progress,
-        device=device,
     )
     if return_result:
         return result

@@ -51,6 +51,7 @@ are bit for bit those of the plain transformers model.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -481,12 +482,8 @@ def mup_causal_lm(
     base_config: Optional[PretrainedConfig] = None,
     delta_config: Optional[PretrainedConfig] = None,
     *,
-    base_shapes: Optional[Union[Mapping[str, Any], str]] = None,
-    attn_mult: Optional[float] = None,
-    output_mult: float = 1.0,
-    zero_query: bool = True,
-    readout_zero_init: Optional[bool] = None,
     model_class: Optional[type] = None,
+    **options: Any,
 ) -> PreTrainedModel:
     """The μP version of ``AutoModelForCausalLM.from_config(config)``.
 
@@ -495,7 +492,9 @@ def mup_causal_lm(
     numbers as the plain one (everything μP adds is computed without new
     draws), so with the same seed and at base width (``zero_query=False,
     readout_zero_init=False``) it is the plain model bit for bit.  The other
-    arguments are those of :func:`convert_to_mup`.
+    arguments are those of :func:`convert_to_mup` (its keyword ``options``:
+    ``base_shapes``, ``attn_mult``, ``output_mult``, ``zero_query``,
+    ``readout_zero_init``; ``init`` is always on).
 
     Example::
 
@@ -506,6 +505,10 @@ def mup_causal_lm(
     """
     if not isinstance(config, PretrainedConfig):
         raise TypeError(f"mup_causal_lm: config must be a transformers PretrainedConfig, got {type(config).__name__}")
+    # checked before the model is built (its random draws are the caller's)
+    unknown = sorted(set(options) - _CAUSAL_LM_OPTIONS)
+    if unknown:
+        raise TypeError(f"mup_causal_lm() got an unexpected keyword argument {unknown[0]!r}")
     config = copy.deepcopy(config)
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
@@ -513,17 +516,15 @@ def mup_causal_lm(
         model = AutoModelForCausalLM.from_config(config)
     else:
         model = model_class(config)
-    return convert_to_mup(
-        model,
-        base_config,
-        delta_config,
-        base_shapes=base_shapes,
-        attn_mult=attn_mult,
-        output_mult=output_mult,
-        init=True,
-        zero_query=zero_query,
-        readout_zero_init=readout_zero_init,
-    )
+    return convert_to_mup(model, base_config, delta_config, init=True, **options)
+
+
+#: the keyword arguments of convert_to_mup that mup_causal_lm passes on
+_CAUSAL_LM_OPTIONS = frozenset(
+    name
+    for name, parameter in inspect.signature(convert_to_mup).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "init"
+)
 
 
 def mup_from_pretrained(path: str, *args: Any, **kwargs: Any) -> PreTrainedModel:
