@@ -31,9 +31,7 @@ Run::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -47,7 +45,8 @@ import torch.nn.functional as F
 import fastmup
 from fastmup.demo import models as demo_models
 from fastmup.demo import mutransfer, tasks
-from fastmup.demo.mutransfer import _cpu_seconds, _grid, _job, _schedule, _usable_cpus, worker_pool
+from fastmup.demo.mutransfer import _grid, _schedule
+from fastmup.demo.runs import add_sweep_options, cpu_seconds, grid_jobs, run_jobs, sweep_record, train_run, usable_cpus, write_summary
 
 __all__ = [
     "PARAMETRIZATIONS",
@@ -58,6 +57,7 @@ __all__ = [
     "sweep",
     "mean_losses",
     "best_lrs",
+    "optimum_shift",
     "format_best_table",
     "plot_sweep",
     "coord_check",
@@ -126,33 +126,12 @@ def train_one(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     task = tasks.MarkovTask(vocab=cfg.vocab, seq_len=cfg.seq_len)
     held_out = task.sample(cfg.eval_size, seed=10**6)
-    losses: List[float] = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for xb, yb in task.batches(cfg.batch_size, cfg.steps, seed=1000 + seed):
-        loss = _loss(model, xb, yb)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    final = float("nan")
-    if len(losses) == cfg.steps and math.isfinite(losses[-1]):
-        with torch.no_grad():
-            final = _loss(model.eval(), held_out[:, :-1], held_out[:, 1:]).item()
-        final = final if math.isfinite(final) else float("nan")
-    return dict(
-        parametrization=parametrization,
-        depth=depth,
-        log2_lr=log2_lr,
-        seed=seed,
-        final=final,
-        first=losses[0],
-        losses=losses,
-        seconds=time.perf_counter() - start,
-        cpu_seconds=time.process_time() - cpu_start,
-    )
+
+    def data():
+        return task.batches(cfg.batch_size, cfg.steps, seed=1000 + seed), (held_out[:, :-1], held_out[:, 1:])
+
+    coordinates = dict(parametrization=parametrization, depth=depth, log2_lr=log2_lr, seed=seed)
+    return {**coordinates, **train_run(model, opt, sched, _loss, data, cfg.steps)}
 
 
 def sweep(
@@ -164,31 +143,8 @@ def sweep(
     pool=None,
 ) -> List[Dict[str, Any]]:
     """Every run of ``cfg``, in ``pool`` (or ``workers`` processes, or here)."""
-    jobs = [
-        (train_one, (cfg, p, d, lr, s, backend))
-        for d in sorted(cfg.depths, reverse=True)  # the long runs first
-        for p in parametrizations
-        for lr in cfg.log2_lrs
-        for s in range(cfg.seeds)
-    ]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="depth sweep", unit="run", dynamic_ncols=True)
-    results = []
-    try:
-        with (worker_pool(workers) if pool is None and workers > 1 else contextlib.nullcontext(pool)) as own:
-            stream = own.imap_unordered(_job, jobs) if own is not None else map(_job, jobs)
-            for r in stream:
-                results.append(r)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    results.sort(key=lambda r: (r["parametrization"], r["depth"], r["log2_lr"], r["seed"]))
-    return results
+    jobs = grid_jobs(train_one, cfg, cfg.depths, parametrizations, backend)
+    return run_jobs(jobs, "depth", workers=workers, pool=pool, progress=progress, desc="depth sweep")
 
 
 def mean_losses(results) -> Dict[Tuple[str, int], Dict[float, float]]:
@@ -387,14 +343,7 @@ def build_parser(prog: str = "python -m fastmup.demo deptransfer") -> argparse.A
     ap.add_argument("--depths", type=_ints, default=None, help="depths, e.g. '2,4,8,16'")
     ap.add_argument("--base-depth", type=int, default=None, help="base depth (default 2)")
     ap.add_argument("--width", type=int, default=None, help="model width (default 64)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per (depth, lr)")
-    ap.add_argument("--lr-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                    help="log2 learning-rate grid from LO to HI in steps of 1")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes, one thread each (default: usable CPUs)")
-    ap.add_argument("--backend", default="auto", help="fastmup optimizer backend (default: %(default)s)")
-    ap.add_argument("--no-coord-check", action="store_true", help="skip the depth coordinate check")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_sweep_options(ap, "depth")
     return ap
 
 
@@ -405,11 +354,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
         log2_lrs=_grid(*args.lr_range) if args.lr_range else None,
     )
     os.makedirs(args.out, exist_ok=True)
-    workers = args.workers if args.workers is not None else _usable_cpus()
+    workers = args.workers if args.workers is not None else usable_cpus()
     progress = not args.no_progress
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     try:
         results = sweep(cfg, workers=workers, backend=args.backend, progress=progress)
         png = os.path.join(args.out, "deptransfer.png")
@@ -418,12 +367,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
         print()
         print(format_best_table(results, title=f"== best learning rate per depth ({elapsed:.0f} s) =="))
         print(f"wrote {png}")
-        summary: Dict[str, Any] = dict(
-            config=dataclasses.asdict(cfg),
-            best={f"{p}/{d}": list(v) for (p, d), v in best_lrs(results).items()},
-            optimum_shift=optimum_shift(results),
-            runs=[{k: v for k, v in r.items() if k != "losses"} for r in results],
-        )
+        summary = sweep_record(cfg, results, best_lrs(results), optimum_shift=optimum_shift(results))
         if not args.no_coord_check:
             depths = (2, 8, 32) if args.quick else (2, 4, 8, 16, 32, 64)
             lr = 2.0**-6
@@ -434,13 +378,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Di
             print(f"wrote {cc}")
     finally:
         torch.set_num_threads(threads)
-    summary["seconds"] = time.perf_counter() - t0
-    summary["cpu_seconds"] = _cpu_seconds() - cpu0
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    print(f"\ntotal {summary['seconds']:.0f} s wall, {summary['cpu_seconds']:.0f} CPU-s ({workers} worker(s)); "
-          f"results in {args.out}/")
-    return summary
+    return write_summary(summary, args.out, t0, cpu0, workers)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,8 +24,6 @@ Needs ``transformers`` (``pip install fastmup[hf]``), matplotlib, pandas, tqdm.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
 import time
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 from fastmup.demo import mutransfer as mt
 from fastmup.demo import tasks
 from fastmup.demo.mutransfer import SweepConfig, _grid
+from fastmup.demo.runs import cpu_seconds, sweep_record, usable_cpus, worker_pool, write_summary
 
 __all__ = [
     "KINDS",
@@ -166,12 +165,7 @@ def _quiet_transformers() -> None:
 
 
 def train_one(
-    cfg: SweepConfig,
-    parametrization: str,
-    width: int,
-    log2_lr: float,
-    seed: int,
-    backend: str = "auto",
+    cfg: SweepConfig, parametrization: str, width: int, log2_lr: float, seed: int, backend: str = "auto"
 ) -> Dict[str, Any]:
     """One run, as :func:`fastmup.demo.mutransfer.train_one` (same keys), on a transformers model."""
     _quiet_transformers()
@@ -182,16 +176,11 @@ def coord_check(
     kind: str,
     widths: Sequence[int] = (32, 64, 128, 256, 512),
     base_width: int = 32,
-    lr: float = 2.0**-6,
-    nsteps: int = 4,
-    nseeds: int = 3,
+    *,
     batch_size: int = 16,
-    path: Optional[str] = None,
-    progress: bool = True,
-    backend: str = "auto",
     model_kwargs: Optional[Dict[str, Any]] = None,
     task_kwargs: Optional[Dict[str, Any]] = None,
-    modules: Optional[Sequence[str]] = None,
+    **options: Any,
 ):
     """Coordinate check of the transformers model in SP and in μP over ``widths``.
 
@@ -199,6 +188,9 @@ def coord_check(
     (``model(input_ids=..., labels=...)``, the model's own loss), SP with
     ``torch.optim.Adam`` and μP with ``fastmup.MuAdam``; returns ``(df_sp,
     df_mup)`` and with ``path`` saves both plots, SP above μP, as one PNG.
+    ``options`` (``lr``, ``nsteps``, ``nseeds``, ``progress``, ``backend``,
+    ``path``, ``modules``) are those of
+    :func:`fastmup.demo.mutransfer.coord_check_sp_mup`, with its defaults.
     """
     _quiet_transformers()
     model_kwargs = dict(_MODEL if model_kwargs is None else model_kwargs)
@@ -209,10 +201,7 @@ def coord_check(
     def lazy(width: int, parametrization: str):
         return lambda: build(kind, width, parametrization, base_width, **model_kwargs)
 
-    return mt.coord_check_sp_mup(
-        lazy, loader, widths, lr=lr, nsteps=nsteps, nseeds=nseeds, progress=progress, backend=backend,
-        path=path, modules=modules, title=_TITLES[kind], panels=_PANELS, dict_in_out=True,
-    )
+    return mt.coord_check_sp_mup(lazy, loader, widths, title=_TITLES[kind], panels=_PANELS, dict_in_out=True, **options)
 
 
 # ---------------------------------------------------------------------------
@@ -238,14 +227,14 @@ def run(args) -> Dict[str, Any]:
 
     os.makedirs(args.out, exist_ok=True)
     cfgs = mt.configs_from_args(args, table=QUICK_CONFIGS if args.quick else CONFIGS)
-    workers = args.workers if args.workers is not None else mt._usable_cpus()
+    workers = args.workers if args.workers is not None else usable_cpus()
     progress = not args.no_progress
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
-    t0, cpu0 = time.perf_counter(), mt._cpu_seconds()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     summary: Dict[str, Any] = {}
     try:
-        with (mt.worker_pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+        with (worker_pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
             for name, cfg in cfgs.items():
                 t = time.perf_counter()
                 results = mt.sweep(cfg, backend=args.backend, progress=progress, desc=f"{name} sweep", pool=pool,
@@ -260,13 +249,8 @@ def run(args) -> Dict[str, Any]:
                 print(mt.format_best_table(results, title=f"== {name}: best learning rate per width "
                                                           f"({elapsed:.0f} s) =="))
                 print(f"wrote {png}")
-                summary[name] = dict(
-                    config=dataclasses.asdict(cfg),
-                    seconds=elapsed,
-                    cpu_seconds=sum(r["cpu_seconds"] for r in results),
-                    best={f"{p}/{w}": list(v) for (p, w), v in mt.best_lrs(results).items()},
-                    runs=[{k: v for k, v in r.items() if k != "losses"} for r in results],
-                )
+                cpu = sum(r["cpu_seconds"] for r in results)
+                summary[name] = sweep_record(cfg, results, mt.best_lrs(results), seconds=elapsed, cpu_seconds=cpu)
         if not args.no_coord_check:
             for name, cfg in cfgs.items():
                 t = time.perf_counter()
@@ -280,18 +264,11 @@ def run(args) -> Dict[str, Any]:
                 print(f"wrote {png} ({time.perf_counter() - t:.0f} s)")
     finally:
         torch.set_num_threads(threads_before)
-    summary["seconds"] = time.perf_counter() - t0
-    summary["cpu_seconds"] = mt._cpu_seconds() - cpu0
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    print(f"\ntotal {summary['seconds']:.0f} s wall, {summary['cpu_seconds']:.0f} CPU-s ({workers} worker(s)); "
-          f"results in {args.out}/")
-    return summary
+    return write_summary(summary, args.out, t0, cpu0, workers)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Dict[str, Any]:
-    args = build_parser(prog or "python -m fastmup.demo hf").parse_args(argv)
-    return run(args)
+    return run(build_parser(prog or "python -m fastmup.demo hf").parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastmup
+from fastmup.demo import models as demo_models
 
 __all__ = ["Config", "CONFIG", "QUICK", "LABELS", "MODES", "run_mode", "run", "summary", "plot", "main"]
 
@@ -83,20 +84,9 @@ CONFIG = Config()
 QUICK = Config(width=256, base_width=32, steps=60, eval_every=10, batch_size=128, n_eval=512)
 
 
-class Net(nn.Module):
+def _net(width: int, cfg: Config) -> demo_models.MLP:
     """``d_in → width → … → width → d_out`` with tanh, a zero-initialised μP readout."""
-
-    def __init__(self, width: int, cfg: Config) -> None:
-        super().__init__()
-        self.inp = nn.Linear(cfg.d_in, width)
-        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(cfg.depth - 1))
-        self.out = fastmup.MuReadout(width, cfg.d_out, readout_zero_init=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.inp(x))
-        for layer in self.hidden:
-            h = torch.tanh(layer(h))
-        return self.out(h)
+    return demo_models.MLP(width, cfg.d_in, cfg.d_out, n_hidden=cfg.depth, mup=True, activation=torch.tanh)
 
 
 class Teacher(nn.Module):
@@ -112,12 +102,12 @@ class Teacher(nn.Module):
         return torch.tanh(x @ self.w1 * 2.0) @ self.w2
 
 
-def build_model(cfg: Config, dtype: torch.dtype) -> Net:
+def build_model(cfg: Config, dtype: torch.dtype) -> demo_models.MLP:
     """The μP model (base shapes from width ``base_width``), initialised
     identically for every mode, then cast to ``dtype``."""
     torch.manual_seed(cfg.seed)
-    model = Net(cfg.width, cfg)
-    fastmup.set_base_shapes(model, Net(cfg.base_width, cfg), delta=Net(2 * cfg.base_width, cfg))
+    model = _net(cfg.width, cfg)
+    fastmup.set_base_shapes(model, _net(cfg.base_width, cfg), delta=_net(2 * cfg.base_width, cfg))
     return model.to(dtype)
 
 

@@ -34,23 +34,28 @@ def _readout(width: int, d_out: int, mup: bool) -> nn.Linear:
 
 
 class MLP(nn.Module):
-    """``d_in → width → … → width → d_out`` with ReLUs (``n_hidden`` hidden activations).
+    """``d_in → width → … → width → d_out`` with ReLUs (``n_hidden`` hidden
+    activations; ``activation`` replaces the ReLU, e.g. ``torch.tanh``).
 
     ``fc_in`` and each ``hidden[i]`` are plain ``nn.Linear`` layers (their
     outputs are the pre-activations a coordinate check records), the readout
     an ``nn.Linear`` (SP) or a zero-initialised :class:`fastmup.MuReadout` (μP).
     """
 
-    def __init__(self, width: int, d_in: int = 64, d_out: int = 10, n_hidden: int = 2, mup: bool = False) -> None:
+    def __init__(
+        self, width: int, d_in: int = 64, d_out: int = 10, n_hidden: int = 2, mup: bool = False,
+        activation: Callable[[Tensor], Tensor] = F.relu,
+    ) -> None:
         super().__init__()
         self.fc_in = nn.Linear(d_in, width)
         self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(n_hidden - 1))
         self.readout = _readout(width, d_out, mup)
+        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.fc_in(x))
+        h = self.activation(self.fc_in(x))
         for layer in self.hidden:
-            h = F.relu(layer(h))
+            h = self.activation(layer(h))
         return self.readout(h)
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 import fastmup
 from fastmup.demo import models as demo_models
 from fastmup.demo import tasks
+from fastmup.demo.runs import add_sweep_options, cpu_seconds, grid_jobs, run_jobs, sweep_record, train_run, usable_cpus, worker_pool, write_summary
 
 __all__ = [
     "SweepConfig",
@@ -218,62 +218,12 @@ def train_one(
     lr = 2.0**log2_lr
     opt = make_optimizer(model, parametrization, lr, backend)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    losses: List[float] = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    batches, (x_eval, y_eval) = _data(cfg, seed)
-    for xb, yb in batches:
-        value_t = loss(model, xb, yb)
-        value = value_t.item()
-        losses.append(value)
-        if not math.isfinite(value):
-            break
-        opt.zero_grad(set_to_none=True)
-        value_t.backward()
-        opt.step()
-        sched.step()
-    final = float("nan")
-    if len(losses) == cfg.steps and math.isfinite(losses[-1]):
-        with torch.no_grad():
-            final = loss(model.eval(), x_eval, y_eval).item()
-        if not math.isfinite(final):
-            final = float("nan")
-    return dict(
-        model=cfg.model,
-        parametrization=parametrization,
-        width=width,
-        log2_lr=log2_lr,
-        seed=seed,
-        final=final,
-        first=losses[0],
-        losses=losses,
-        seconds=time.perf_counter() - start,
-        cpu_seconds=time.process_time() - cpu_start,
-    )
+    coordinates = dict(model=cfg.model, parametrization=parametrization, width=width, log2_lr=log2_lr, seed=seed)
+    return {**coordinates, **train_run(model, opt, sched, loss, lambda: _data(cfg, seed), cfg.steps)}
 
 
 # ---------------------------------------------------------------------------
 # the sweep
-
-
-def _job(job) -> Dict[str, Any]:
-    train, args = job
-    return train(*args)
-
-
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def worker_pool(workers: int):
-    """A pool of ``workers`` spawned processes with one torch thread each.
-
-    Use as a context manager and pass it to :func:`sweep` to share it between
-    sweeps (each worker imports torch once).  The caller's main module must be
-    import-safe (``if __name__ == "__main__":``), as for any spawned pool.
-    """
-    import multiprocessing as mp
-
-    return mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(1,))
 
 
 def sweep(
@@ -296,38 +246,8 @@ def sweep(
     module-level function, so that worker processes can import it).
     """
     train = train_one if train is None else train
-    jobs = [
-        (train, (cfg, p, w, lr, s, backend))
-        for w in sorted(cfg.widths, reverse=True)  # the long runs first
-        for p in parametrizations
-        for lr in cfg.log2_lrs
-        for s in range(cfg.seeds)
-    ]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc=desc or cfg.model, unit="run", dynamic_ncols=True)
-    try:
-        if pool is not None:
-            return _collect(pool.imap_unordered(_job, jobs), bar)
-        if workers > 1:
-            with worker_pool(workers) as own:
-                return _collect(own.imap_unordered(_job, jobs), bar)
-        return _collect(map(_job, jobs), bar)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _collect(stream, bar) -> List[Dict[str, Any]]:
-    results = []
-    for r in stream:
-        results.append(r)
-        if bar is not None:
-            bar.update(1)
-    results.sort(key=lambda r: (r["parametrization"], r["width"], r["log2_lr"], r["seed"]))
-    return results
+    jobs = grid_jobs(train, cfg, cfg.widths, parametrizations, backend)
+    return run_jobs(jobs, "width", workers=workers, pool=pool, progress=progress, desc=desc or cfg.model)
 
 
 def mean_losses(results: Iterable[Dict[str, Any]], axis: str = "width") -> Dict[Tuple[str, int], Dict[float, float]]:
@@ -555,15 +475,15 @@ def coord_check_sp_mup(
     loader,
     widths: Sequence[int],
     *,
-    lr: float,
-    nsteps: int,
-    nseeds: int,
-    progress: bool,
-    backend: str,
-    path: Optional[str],
-    modules: Optional[Sequence[str]],
     title: str,
     panels: Dict[str, str],
+    lr: float = 2.0**-6,
+    nsteps: int = 4,
+    nseeds: int = 3,
+    progress: bool = True,
+    backend: str = "auto",
+    path: Optional[str] = None,
+    modules: Optional[Sequence[str]] = None,
     **coord_kwargs: Any,
 ):
     """:func:`fastmup.coord_check.get_coord_data` of the models
@@ -638,15 +558,7 @@ def build_parser(prog: str = "python -m fastmup.demo mutransfer") -> argparse.Ar
     ap.add_argument("--models", default="mlp,transformer", help="comma-separated subset of mlp,transformer")
     ap.add_argument("--widths", type=_ints, default=None, help="widths, e.g. '64,128,256' (default per model)")
     ap.add_argument("--base-width", type=int, default=None, help="μP base width (default: per model)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default per model)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per (width, lr); losses are averaged")
-    ap.add_argument("--lr-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                    help="log2 learning-rate grid from LO to HI in steps of 1, e.g. --lr-range -12 -4")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="worker processes, one thread each (default: the usable CPUs, at most 8; 1 runs in-process)")
-    ap.add_argument("--backend", default="auto", help="fastmup optimizer backend for μP (default: %(default)s)")
-    ap.add_argument("--no-coord-check", action="store_true", help="skip the coordinate checks")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_sweep_options(ap, "width", backend_help="fastmup optimizer backend for μP")
     return ap
 
 
@@ -675,19 +587,11 @@ def configs_from_args(args, table: Optional[Dict[str, SweepConfig]] = None) -> D
     return out
 
 
-def _usable_cpus(cap: int = 8) -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(cap, n))
-
-
 def run(args) -> Dict[str, Any]:
     """Run the demo as parsed from the command line; returns the results."""
     os.makedirs(args.out, exist_ok=True)
     cfgs = configs_from_args(args)
-    workers = args.workers if args.workers is not None else _usable_cpus()
+    workers = args.workers if args.workers is not None else usable_cpus()
     progress = not args.no_progress
     # Parallelism is across runs (worker processes), one thread each: the
     # matrices are small, and single-threaded runs degrade gracefully when the
@@ -705,21 +609,10 @@ COORD_WIDTHS = {"mlp": (64, 128, 256, 512, 1024, 2048), "transformer": (32, 64, 
 QUICK_COORD_WIDTHS = {"mlp": (64, 256, 1024), "transformer": (32, 128)}
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the pool's workers)."""
-    import resource
-
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        ru = resource.getrusage(who)
-        total += ru.ru_utime + ru.ru_stime
-    return total
-
-
 def _run(args, cfgs: Dict[str, SweepConfig], workers: int, progress: bool) -> Dict[str, Any]:
     import contextlib
 
-    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     summary: Dict[str, Any] = {}
     with (worker_pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
         for name, cfg in cfgs.items():
@@ -733,13 +626,7 @@ def _run(args, cfgs: Dict[str, SweepConfig], workers: int, progress: bool) -> Di
             print(format_best_table(results, title=f"== {name}: best learning rate per width ({elapsed:.0f} s, "
                                                    f"{cpu:.0f} CPU-s in training) =="))
             print(f"wrote {png}")
-            summary[name] = dict(
-                config=dataclasses.asdict(cfg),
-                seconds=elapsed,
-                cpu_seconds=cpu,
-                best={f"{p}/{w}": list(v) for (p, w), v in best_lrs(results).items()},
-                runs=[{k: v for k, v in r.items() if k != "losses"} for r in results],
-            )
+            summary[name] = sweep_record(cfg, results, best_lrs(results), seconds=elapsed, cpu_seconds=cpu)
     if not args.no_coord_check:
         for name, cfg in cfgs.items():
             t = time.perf_counter()
@@ -760,14 +647,7 @@ def _run(args, cfgs: Dict[str, SweepConfig], workers: int, progress: bool) -> Di
                 modules=TRANSFORMER_COORD_MODULES if name == "transformer" else None,
             )
             print(f"wrote {png} ({time.perf_counter() - t:.0f} s)")
-    total = time.perf_counter() - t0
-    cpu_total = _cpu_seconds() - cpu0
-    summary["seconds"] = total
-    summary["cpu_seconds"] = cpu_total
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    print(f"\ntotal {total:.0f} s wall, {cpu_total:.0f} CPU-s ({workers} worker(s)); results in {args.out}/")
-    return summary
+    return write_summary(summary, args.out, t0, cpu0, workers)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Dict[str, Any]:
