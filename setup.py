@@ -8,7 +8,7 @@ import sys
 
 from setuptools import find_packages, setup
 
-install_requires = ["torch>=2.4", "numpy", "pyyaml"]
+install_requires = ["torch>=2.4", "numpy", "pyyaml", "typing_extensions>=4.1"]
 if sys.platform.startswith("linux"):
     install_requires.append("triton")
 

@@ -102,9 +102,21 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
 
 class MuOptions(TypedDict, total=False):
     """The keyword options every fastmup optimizer takes besides torch's,
-    declared once by :class:`MuOptimizer`'s constructor (defaults and
-    meaning there); a subclass constructor takes them as
-    ``**options: Unpack[MuOptions]`` and hands them on."""
+    with the defaults of :class:`MuOptimizer`'s constructor, where they are
+    checked; a subclass constructor takes them as
+    ``**options: Unpack[MuOptions]`` and hands them on.
+
+    * ``backend`` (``"auto"``): ``"auto"``, ``"eager"``, ``"triton"``,
+      ``"cpu"`` or ``"cuda"`` (:mod:`fastmup.optim.backend`);
+    * ``state_dtype`` (``None``: each parameter's dtype): the dtype of the
+      per-element state buffers;
+    * ``param_lr_scales`` (``None``): extra per-tensor learning-rate
+      factors (finite, >= 0), applied in the same launch as μP's;
+    * ``stochastic_rounding`` (``False``), ``master_weights`` (``None``,
+      ``"fp32"`` or ``"remainder"``), ``rounding_seed`` (``0``): how
+      bf16/fp16 parameters are stored (:mod:`fastmup.optim.precision`);
+      an algorithm with ``_storage_modes = False`` refuses any other value.
+    """
 
     backend: str
     state_dtype: Optional[torch.dtype]
