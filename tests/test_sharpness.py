@@ -243,3 +243,20 @@ def test_empty_loader_and_bad_inputs():
     with pytest.raises(ValueError, match="trainable"):
         keskar_sharpness(model, half_sq, bowl_loader(), progress=False)
     assert torch.equal(model.w, CENTER)
+
+
+def test_result_function_takes_the_options_of_keskar_sharpness():
+    """keskar_sharpness_result is keskar_sharpness(..., return_result=True):
+    the same numbers; its return switches are not options of its own."""
+    torch.manual_seed(0)
+    model = TwoInputs()
+    a, b, y = torch.randn(6, 3), torch.randn(6, 3), torch.randn(6)
+    batches = [((a, b), y)]
+    res = keskar_sharpness_result(model, nn.MSELoss(), batches, max_steps=4, lr=1e-2, progress=False)
+    again = keskar_sharpness(model, nn.MSELoss(), batches, max_steps=4, lr=1e-2, progress=False, return_result=True)
+    assert res == again
+    for name in ("return_max", "return_result"):
+        with pytest.raises(TypeError, match=name):
+            keskar_sharpness_result(model, nn.MSELoss(), batches, **{name: True})
+    with pytest.raises(TypeError, match="bogus"):
+        keskar_sharpness_result(model, nn.MSELoss(), batches, bogus=1)

@@ -109,3 +109,20 @@ def test_failed_build_raises_for_a_requested_backend(tmp_path):
     result = _first_steps(tmp_path, "cpu", FASTMUP_EXT_DIR=str(tmp_path / "cache"), FASTMUP_CXXFLAGS="--fastmup-no-such-flag")
     assert result.returncode != 0
     assert "BuildError" in result.stderr and "fastmup-no-such-flag" in result.stderr
+
+
+def test_functional_entry_points_name_themselves():
+    """adam and sgd are made by backend.entry_point: named and documented as
+    functions of their modules, and a backend without a launcher is refused."""
+    import inspect
+
+    from fastmup.optim import adam as adam_module
+    from fastmup.optim import sgd as sgd_module
+
+    for module, name in ((adam_module, "adam"), (sgd_module, "sgd")):
+        fn = getattr(module, name)
+        assert (fn.__name__, fn.__module__) == (name, module.__name__)
+        assert fn.__doc__.startswith(f"Apply one {name.capitalize() if name == 'adam' else 'SGD'} step")
+        assert list(inspect.signature(fn).parameters) == ["batch", "backend", "grad_scale", "found_inf"]
+        with pytest.raises(ValueError, match="no fused launcher"):
+            fn(None, backend="nope")

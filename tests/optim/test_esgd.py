@@ -526,3 +526,22 @@ def test_coordinate_check_esgd_mup_rule():
         assert max(size) / min(size) < 2, (layer, shown)
         assert max(change) / min(change) < 2.5, (layer, shown)
         assert min(change) > 0.02, (layer, shown)  # a real update, not a frozen net
+
+
+def test_per_tensor_baseline_defaults_are_the_optimizers():
+    """Hyperparameters left out take MuESGD's defaults; an unknown one is an error naming it."""
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3)]
+    grads, hvps = [torch.randn(4, 3)], [torch.randn(4, 3)]
+
+    def run(**kw):
+        p, m, d = [params[0].clone()], [torch.zeros(4, 3)], [torch.zeros(4, 3)]
+        scal = [dict(exp_avg_bias_corr=1.0, exp_avg_d_bias_corr=1.0, lr_warmup_cumprod=1.0)]
+        esgd_per_tensor_torch(p, grads, m, d, scal, hvps, **kw)
+        return p[0]
+
+    explicit = dict(lr=1.0, betas=(0.9, 0.999), v=None, lr_warmup=0.99, eps=1e-4, weight_decay=0.0, variant="ema")
+    assert torch.equal(run(), run(**explicit))
+    assert not torch.equal(run(), run(lr=0.5))
+    with pytest.raises(TypeError, match="bogus"):
+        run(bogus=1)

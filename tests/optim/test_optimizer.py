@@ -382,3 +382,62 @@ def test_tensor_hyperparameters_are_the_rows_the_step_uses(cls, kw):
     for batch in opt._batches:
         for p, row in zip(batch.owners, batch.rows):
             assert [table[p][c] for c in batch.columns] == row.tolist()
+
+
+# ----------------------------------------------------------------------------
+# constructors: torch's arguments in the signature, the fastmup options handled once
+
+
+def _plain_params():
+    model = nn.Linear(2, 3)
+    fastmup.set_base_shapes(model, None)  # every dim finite: μP multipliers of 1
+    return list(model.parameters())
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [(MuAdam, torch.optim.Adam), (MuAdamW, torch.optim.AdamW), (MuSGD, torch.optim.SGD)],
+)
+def test_param_groups_have_torchs_keys_in_torchs_order(ours, theirs):
+    """The group defaults are built from the constructor's signature: torch's
+    keys come first, in torch's order, with torch's default values."""
+    group = ours(_plain_params(), backend="eager").param_groups[0]
+    expected = theirs(_plain_params(), lr=1e-3).param_groups[0]
+    shared = [k for k in group if k in expected]
+    assert shared == list(expected)
+    assert {k: group[k] for k in shared if k != "params"} == {k: v for k, v in expected.items() if k != "params"}
+
+
+def test_adamw_signature_and_positional_arguments():
+    import inspect
+
+    parameters = inspect.signature(MuAdamW).parameters
+    assert list(parameters)[:6] == ["params", "lr", "betas", "eps", "weight_decay", "amsgrad"]
+    assert parameters["weight_decay"].default == 1e-2
+    opt = MuAdamW(_plain_params(), 3e-3, (0.8, 0.9), 1e-6, 0.5, True, maximize=True, backend="eager")
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"], group["amsgrad"]) == (3e-3, (0.8, 0.9), 1e-6, 0.5, True)
+    assert group["maximize"] and group["decoupled_weight_decay"] and opt.backend == "eager"
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        MuAdamW(_plain_params(), decoupled_weight_decay=False)
+
+
+@pytest.mark.parametrize("cls", [MuAdam, MuAdamW, MuSGD, fastmup.optim.MuESGD])
+def test_unknown_keyword_is_a_type_error_naming_it(cls):
+    with pytest.raises(TypeError, match="backnd"):
+        cls(_plain_params(), backnd="eager")
+
+
+def test_options_reach_the_base_constructor():
+    params = _plain_params()
+    opt = MuSGD(params, lr=0.1, backend="eager", state_dtype=torch.float64, param_lr_scales={params[0]: 0.5}, rounding_seed=7)
+    assert (opt.backend, opt.state_dtype, opt.rounding_seed) == ("eager", torch.float64, 7)
+    assert opt._lr_scales == {params[0]: 0.5}
+    with pytest.raises(ValueError, match="backend='nope'"):
+        MuSGD(_plain_params(), backend="nope")
+
+
+@pytest.mark.parametrize("name, value", [("stochastic_rounding", True), ("master_weights", "fp32"), ("rounding_seed", 3)])
+def test_esgd_refuses_the_low_precision_options_by_name(name, value):
+    with pytest.raises(NotImplementedError, match=f"{name}={value!r}"):
+        fastmup.optim.MuESGD(_plain_params(), **{name: value})

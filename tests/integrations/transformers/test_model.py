@@ -382,3 +382,15 @@ def _with(cfg, **changes):
     for k, v in changes.items():
         setattr(out, k, v)
     return out
+
+
+def test_mup_causal_lm_passes_convert_options_and_refuses_others_before_building():
+    base = config("gpt2", 32)
+    cfg = widths_of(base, 64)
+    model = mup_causal_lm(cfg, base, widths_of(base, 48), output_mult=2.0, attn_mult=3.0)
+    assert mup_record(model)["output_mult"] == 2.0 and mup_record(model)["attn_mult"] == 3.0
+    state = torch.random.get_rng_state()
+    for bad in ("init", "bogus"):
+        with pytest.raises(TypeError, match=bad):
+            mup_causal_lm(cfg, base, widths_of(base, 48), **{bad: False})
+    assert torch.equal(torch.random.get_rng_state(), state)  # no model was built
