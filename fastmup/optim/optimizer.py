@@ -422,7 +422,10 @@ class MuOptimizer(Optimizer):
         """
         grads = list(map(_GRAD, inputs.params))
         locals_ = [None if g is None else local(g) for g in grads] if inputs.sharded else grads
-        if all(map(operator.is_, grads, [ref() for ref in inputs.grad_refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
+        refs = inputs.grad_refs
+        # the first gradient is the cheap test: after zero_grad(set_to_none=True) and a backward none is the same
+        same = not grads or grads[0] is refs[0]()
+        if same and all(map(operator.is_, grads, [ref() for ref in refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
             # the same tensors: only their storage may have been swapped
             if list(map(_address, locals_)) == inputs.grad_ptrs:
                 for batch in self._batches:
@@ -485,9 +488,9 @@ class MuOptimizer(Optimizer):
         if not kinds:
             return False
         dtypes, numels, devices, fused_at, fused_mask, places = kinds
-        present = list(map(operator.is_not, grads, itertools.repeat(None)))
-        every = all(present)
+        every = all(map(operator.is_not, grads, itertools.repeat(None)))
         if not every:
+            present = list(map(operator.is_not, grads, itertools.repeat(None)))
             if not self._skips_tensors_without_grad:
                 return False
             # a member without a gradient keeps its place, skipped (set_active)
@@ -513,7 +516,9 @@ class MuOptimizer(Optimizer):
             flat_ptrs = np.zeros(len(grads), dtype=np.int64)
             flat_ptrs[has_grad] = ptrs
             ptrs = flat_ptrs.tolist()
-        if np.any(fused_mask & (flat_ptrs % _ALIGNMENT != 0) & (np.array(inputs.grad_ptrs, dtype=np.int64) % _ALIGNMENT == 0)):
+        misaligned = (flat_ptrs & (_ALIGNMENT - 1)) != 0  # addresses are non-negative: the low bits are the remainder
+        # (all aligned, the usual case: one test instead of the comparison with the last addresses)
+        if misaligned.any() and np.any(fused_mask & misaligned & (np.array(inputs.grad_ptrs, dtype=np.int64) % _ALIGNMENT == 0)):
             return False
         inputs.grad_refs = list(map(weakref.ref, grads)) if every else [_grad_ref(g) for g in grads]
         inputs.grad_ptrs = ptrs
