@@ -72,7 +72,7 @@ class _PlanInputs:
     tensors: list  # params and per-element state, as the kernels see them
     ptrs: list
     sharded: bool  # some param is a DTensor: kernels see local shards
-    # what _bind_same_kind compares (built on its first call; (): not applicable)
+    # what _bind_same_kind compares (built with the plan, _grad_kinds; (): not applicable)
     grad_kinds: Optional[tuple] = None
 
 
@@ -470,21 +470,7 @@ class MuOptimizer(Optimizer):
         """
         kinds = inputs.grad_kinds
         if kinds is None:
-            metas = inputs.grad_meta
-            if inputs.sharded or any(m is None or m[3] != torch.strided for m in metas):
-                kinds = ()  # members without a place, sparse grads: the general path, always
-            else:
-                flat = list(range(len(metas)))
-                kinds = (
-                    [m[0] for m in metas],
-                    [math.prod(m[1]) for m in metas],
-                    [-1 if m[2].type == "cpu" else m[2].index for m in metas],  # as Tensor.get_device
-                    None if all(inputs.fused) else [i for i, f in enumerate(inputs.fused) if f],
-                    np.asarray(inputs.fused, dtype=bool),
-                    # each batch's places in the flat list (None: all of it, in order)
-                    [None if list(b.index) == flat else np.asarray(b.index, dtype=np.int64) for b in self._batches],
-                )
-            inputs.grad_kinds = kinds
+            kinds = inputs.grad_kinds = self._grad_kinds(inputs)
         if not kinds:
             return False
         dtypes, numels, devices, fused_at, fused_mask, places = kinds
@@ -495,7 +481,7 @@ class MuOptimizer(Optimizer):
                 return False
             # a member without a gradient keeps its place, skipped (set_active)
             dtypes, numels, devices = (list(itertools.compress(x, present)) for x in (dtypes, numels, devices))
-            fused_at = [i for i, (f, h) in enumerate(zip(inputs.fused, present)) if f and h]
+            fused_at = list(itertools.compress(range(len(grads)), map(operator.and_, inputs.fused, present)))
         given = grads if every else list(itertools.compress(grads, present))
         try:
             if (
@@ -530,6 +516,24 @@ class MuOptimizer(Optimizer):
                 batch.rebind_grads(list(map(grads.__getitem__, at.tolist())), flat_ptrs[at])
                 batch.set_active(None if has_grad is None else has_grad[at])
         return True
+
+    def _grad_kinds(self, inputs: _PlanInputs) -> tuple:
+        """What :meth:`_bind_same_kind` compares the gradients with (``()``:
+        not applicable), derived from the plan: built with it (a loop over
+        the tensors, which would otherwise land on the second step)."""
+        metas = inputs.grad_meta
+        if inputs.sharded or any(m is None or m[3] != torch.strided for m in metas):
+            return ()  # members without a place, sparse grads: the general path, always
+        flat = list(range(len(metas)))
+        return (
+            [m[0] for m in metas],
+            [math.prod(m[1]) for m in metas],
+            [-1 if m[2].type == "cpu" else m[2].index for m in metas],  # as Tensor.get_device
+            None if all(inputs.fused) else [i for i, f in enumerate(inputs.fused) if f],
+            np.asarray(inputs.fused, dtype=bool),
+            # each batch's places in the flat list (None: all of it, in order)
+            [None if list(b.index) == flat else np.asarray(b.index, dtype=np.int64) for b in self._batches],
+        )
 
     @staticmethod
     def _batch_grads(batch: TensorBatch, inputs: _PlanInputs) -> list[Optional[Tensor]]:
@@ -728,7 +732,9 @@ class MuOptimizer(Optimizer):
         if inputs is None or not self._structure_is_current(inputs) or not self._bind_grads(inputs):
             self._plan_inputs = None
             self._batches = self._build_plan()
-            self._plan_inputs = self._snapshot()
+            inputs = self._snapshot()
+            inputs.grad_kinds = self._grad_kinds(inputs)
+            self._plan_inputs = inputs
         return self._batches
 
     def _refresh_rows(self, batches: list[TensorBatch]) -> bool:
