@@ -506,7 +506,15 @@ class MuOptimizer(Optimizer):
         # (all aligned, the usual case: one test instead of the comparison with the last addresses)
         if misaligned.any() and np.any(fused_mask & misaligned & (np.array(inputs.grad_ptrs, dtype=np.int64) % _ALIGNMENT == 0)):
             return False
-        inputs.grad_refs = list(map(weakref.ref, grads)) if every else [_grad_ref(g) for g in grads]
+        if every:
+            inputs.grad_refs = list(map(weakref.ref, grads))
+        elif len(grads) - len(given) <= 16:  # a few places without a gradient, filled in in order
+            refs = list(map(weakref.ref, given))
+            for i in itertools.compress(range(len(grads)), map(operator.not_, present)):
+                refs.insert(i, _NO_GRAD)
+            inputs.grad_refs = refs
+        else:
+            inputs.grad_refs = [_grad_ref(g) for g in grads]
         inputs.grad_ptrs = ptrs
         for batch, at in zip(self._batches, places):
             if at is None:
