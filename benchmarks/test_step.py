@@ -12,6 +12,7 @@ import pytest
 
 from fastmup.bench import impls, optimizers
 from fastmup.bench.cli import TOLERANCE
+from fastmup.bench.runner import WARM_STEPS_PER_SET
 
 
 def test_step(benchmark, bench_settings, bench_cases, bench_model, bench_optimizer, bench_impl):
@@ -45,7 +46,7 @@ def test_step(benchmark, bench_settings, bench_cases, bench_model, bench_optimiz
             n_copies=n_copies,
             max_rel_err_vs_eager=err,
         )
-        benchmark.pedantic(step, setup=step.prepare, rounds=bench_settings.rounds, warmup_rounds=max(bench_settings.warmup, n_copies), iterations=1)
+        benchmark.pedantic(step, setup=step.prepare, rounds=bench_settings.rounds, warmup_rounds=max(bench_settings.warmup, WARM_STEPS_PER_SET * n_copies), iterations=1)
         stats = getattr(getattr(benchmark, "stats", None), "stats", None)
         if stats is not None and stats.median > 0:
             benchmark.extra_info["GBps"] = case.bytes_per_step / stats.median / 1e9

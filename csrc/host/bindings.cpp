@@ -22,6 +22,23 @@ void launch(const MultiTensorArgs& a, int nthreads) {
   Run(a, nthreads);
 }
 
+// One step of a launch plan whose fixed tables are in `fixed`, with this
+// step's addresses as plain integers: the per-step call of fastmup.ext's
+// cached host launches (copying the arguments and setting five properties
+// from Python costs more than a small batch's update, with the interpreter's
+// caches cold after a forward and backward).
+template <void (*Run)(const MultiTensorArgs&, int)>
+void launch_step(const MultiTensorArgs& fixed, uint64_t rows, uint64_t steps, uint64_t grad_scale, uint64_t found_inf,
+                 uint64_t grad_clip, int nthreads) {
+  MultiTensorArgs a = fixed;
+  a.rows = address<const double>(rows);
+  a.steps = address<const float>(steps);
+  a.grad_scale = address<const float>(grad_scale);
+  a.found_inf = address<const float>(found_inf);
+  a.grad_clip = address<const float>(grad_clip);
+  launch<Run>(a, nthreads);
+}
+
 // ESGD-M: the launch also advances its per-tensor scalar state
 // (a.scalar_state: bc1, bc2, cum) and the step counts (a.steps) in place.
 void launch_esgd(const MultiTensorArgs& args, int nthreads) {
@@ -96,6 +113,12 @@ PYBIND11_MODULE(_fastmup_cpu, m) {
 #endif
   m.def("adam", &launch<host::adam>, py::arg("args"), py::arg("nthreads"), "One Adam/AdamW step over a batch.");
   m.def("sgd", &launch<host::sgd>, py::arg("args"), py::arg("nthreads"), "One SGD step over a batch.");
+  m.def("adam_step", &launch_step<host::adam>, py::arg("fixed"), py::arg("rows"), py::arg("steps"), py::arg("grad_scale"),
+        py::arg("found_inf"), py::arg("grad_clip"), py::arg("nthreads"),
+        "adam() of `fixed` with this step's rows, steps, grad_scale, found_inf and grad_clip addresses (0: none).");
+  m.def("sgd_step", &launch_step<host::sgd>, py::arg("fixed"), py::arg("rows"), py::arg("steps"), py::arg("grad_scale"),
+        py::arg("found_inf"), py::arg("grad_clip"), py::arg("nthreads"),
+        "sgd() of `fixed` with this step's rows, steps, grad_scale, found_inf and grad_clip addresses (0: none).");
   m.def("esgd", &launch_esgd, py::arg("args"), py::arg("nthreads"),
         "One ESGD-M step over a batch (advances its scalar state and steps).");
   m.def("grad_norm", &launch_grad_norm, FASTMUP_GRAD_NORM_NAMES, py::arg("nthreads"),

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", nargs="+", metavar="NAME", help=f"optimizers: {', '.join(opt_registry.OPTIMIZERS)}")
     p.add_argument("--impls", nargs="+", metavar="NAME", help=f"implementations: {', '.join(impl_registry.IMPLS)}")
     p.add_argument("--steps", type=int, help="timed steps per implementation (default: 100 GPU / 20 CPU; --quick 20)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (at least one per rotated input set)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (at least two per rotated input set)")
     p.add_argument("--check-steps", type=int, help="steps compared with the eager reference (default 3; --quick/--smoke 2)")
     p.add_argument("--budget", type=float, help="seconds of timing per implementation before stopping early (after at least 5 steps; --quick 3)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",

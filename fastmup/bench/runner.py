@@ -30,6 +30,20 @@ __all__ = ["Config", "Case", "Instance", "Step", "run", "max_rel_err", "step_byt
 
 GRAD_SEEDS = (1001, 1002)  # the two gradient sets
 MEMORY_HEADROOM = 0.85  # fraction of free memory a case may plan to use
+#: untimed steps of every input set before timing.  A set's first step
+#: allocates its state (and builds a planned optimizer's plan); its second is
+#: the first to run as every later step runs (caches filled on the first,
+#: torch's momentum buffers in use, and on the intermittent sets the first
+#: step with the other gradient pattern).  With one, most timed steps of a
+#: case rotating through 16 sets were those second steps: each optimizer's
+#: one-time costs of its second step counted as if every step paid them.
+WARM_STEPS_PER_SET = 2
+
+
+def warmup_calls(cfg: "Config", n_copies: int) -> int:
+    """Untimed steps of an implementation before timing: ``cfg.warmup``, and
+    at least :data:`WARM_STEPS_PER_SET` of each of its ``n_copies`` input sets."""
+    return max(cfg.warmup, WARM_STEPS_PER_SET * n_copies)
 
 
 @dataclass
@@ -474,7 +488,7 @@ def _time_case(case: Case, impls: Sequence[Impl], n_copies: int, budget: Callabl
                 err = instance.check()
                 t1 = time.perf_counter()
                 if sequential:
-                    stats = time_steps(instance.steps(), cfg.device, warmup=cfg.warmup, repeats=cfg.steps,
+                    stats = time_steps(instance.steps(), cfg.device, warmup=warmup_calls(cfg, n_copies), repeats=cfg.steps,
                                        budget_s=budget(), min_repeats=min(cfg.min_steps, cfg.steps))
                     rows.append(_row(case, impl, stats, err, n_copies, copy_bw_GBps, t1 - t0,
                                      time.perf_counter() - t1, "sequential"))
@@ -499,7 +513,7 @@ def _time_case(case: Case, impls: Sequence[Impl], n_copies: int, budget: Callabl
         t1 = time.perf_counter()
         try:
             times = time_interleaved(
-                [inst.steps() for _, inst, _, _ in ready], cfg.device, warmup=cfg.warmup, repeats=cfg.steps,
+                [inst.steps() for _, inst, _, _ in ready], cfg.device, warmup=warmup_calls(cfg, n_copies), repeats=cfg.steps,
                 budget_s=budget() * len(ready), min_repeats=min(cfg.min_steps, cfg.steps),
             )
         except Exception as e:  # noqa: BLE001 - reported, the run goes on

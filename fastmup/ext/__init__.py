@@ -18,6 +18,7 @@ depend on PyTorch's C++ ABI.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Optional
 
 import numpy as np
@@ -191,6 +192,59 @@ class _Fixed:
         self.steps_checked = None
 
 
+class _HostStep:
+    """The per-step launch of one batch on the ``cpu`` backend, once a first
+    launch through the general path has built and checked its plan: what
+    that path looks up and re-derives every step (the block size, the launch
+    plan, the module's arguments, the table addresses) kept, so that a step
+    is a few identity checks and one call into the module.
+
+    On a CPU the interpreter's and the libraries' caches are cold when
+    ``step()`` runs (a forward and backward, or other tensors' updates,
+    streamed through them since the last one), and each distinct operation
+    costs tens of microseconds then: the general path's host work took
+    longer than torch's fused SGD host work on sets of a few million
+    parameters.  The checks it skips hold for the batch's lifetime (its
+    device, spec and tensors are fixed; a changed tensor makes a new
+    batch); what can change between steps (the rows array, the steps
+    column, the thread count, the gates, the scalar inputs) is checked
+    here."""
+
+    __slots__ = ("algorithm", "threads", "fixed", "plan", "run", "rows", "rows_ptr", "steps", "steps_ptr")
+
+    def __init__(self, algorithm: str, threads: int, module, plan, fixed: "_Fixed", rows, steps) -> None:
+        self.algorithm, self.threads = algorithm, threads
+        self.plan, self.fixed = plan, fixed
+        self.run = getattr(module, algorithm + "_step")
+        self.rows, self.rows_ptr = rows, rows.ctypes.data
+        self.steps, self.steps_ptr = steps, steps.data_ptr()
+
+    def __call__(self, batch, grad_scale, found_inf) -> bool:
+        """Launch; False (nothing done) where the general path must run instead."""
+        rows, steps = batch.rows, batch.steps
+        if rows is not self.rows or steps is not self.steps:
+            return False  # rebuilt by the general path, which checks them
+        fixed = self.fixed
+        if fixed.lacking:  # some tensor lacks the optional buffer: its gate must be 0
+            from fastmup.plan.launch import check_gates
+
+            check_gates(self.plan, batch.spec, rows)
+        if grad_scale is None and found_inf is None and batch.grad_clip is None:
+            self.run(fixed.args, self.rows_ptr, self.steps_ptr, 0, 0, 0, self.threads)
+            return True
+        device = batch.device
+        scale_ptr, scale_keep = _scalar_arg(grad_scale, device, "grad_scale")
+        inf_ptr, inf_keep = _scalar_arg(found_inf, device, "found_inf")
+        clip_ptr, clip_keep = _scalar_arg(batch.grad_clip, device, "grad_clip")
+        self.run(fixed.args, self.rows_ptr, self.steps_ptr, scale_ptr, inf_ptr, clip_ptr, self.threads)
+        del scale_keep, inf_keep, clip_keep
+        return True
+
+
+#: batch -> its _HostStep (cpu backend; dropped with the batch)
+_host_steps: "weakref.WeakKeyDictionary[Any, _HostStep]" = weakref.WeakKeyDictionary()
+
+
 def _scalar_arg(t: Optional[Any], device, name: str):
     """(address, keep-alive tensor) of a one-element float32 tensor on ``device``."""
     import torch
@@ -220,9 +274,17 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
     ``exp_avg_bias_corr``, ``exp_avg_d_bias_corr``, ``lr_warmup_cumprod``)
     itself, in the same call (see csrc/esgd_math.h).
     """
-    import numpy as np
     import torch
 
+    if not kwargs and batch.device.type == "cpu":
+        fast = _host_steps.get(batch)
+        if (
+            fast is not None
+            and fast.algorithm == algorithm
+            and fast.threads == torch.get_num_threads()
+            and fast(batch, grad_scale, found_inf)
+        ):
+            return
     from fastmup.plan.launch import check_gates
 
     hvps = kwargs.pop("hvps", None) if algorithm == "esgd" else None
@@ -282,7 +344,11 @@ def launch(algorithm: str, batch, *, grad_scale=None, found_inf=None, **kwargs) 
         args.hvp_step = int(hvps is not None)
     run = getattr(module, algorithm)
     if device.type == "cpu":
-        run(args, nthreads=torch.get_num_threads())
+        threads = torch.get_num_threads()
+        run(args, nthreads=threads)
+        if algorithm in ("adam", "sgd") and host_rows is batch.rows:
+            # launched and checked: later steps of this batch take the short path
+            _host_steps[batch] = _HostStep(algorithm, threads, module, plan, fixed, host_rows, steps)
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(index).cuda_stream

@@ -72,7 +72,7 @@ class _PlanInputs:
     tensors: list  # params and per-element state, as the kernels see them
     ptrs: list
     sharded: bool  # some param is a DTensor: kernels see local shards
-    # what _bind_same_kind compares (built on its first call; (): not applicable)
+    # what _bind_same_kind compares (built with the plan, _grad_kinds; (): not applicable)
     grad_kinds: Optional[tuple] = None
 
 
@@ -471,7 +471,10 @@ class MuOptimizer(Optimizer):
         """
         grads = list(map(_GRAD, inputs.params))
         locals_ = [None if g is None else local(g) for g in grads] if inputs.sharded else grads
-        if all(map(operator.is_, grads, [ref() for ref in inputs.grad_refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
+        refs = inputs.grad_refs
+        # the first gradient is the cheap test: after zero_grad(set_to_none=True) and a backward none is the same
+        same = not grads or grads[0] is refs[0]()
+        if same and all(map(operator.is_, grads, [ref() for ref in refs])) and all(map(operator.is_not, grads, [None] * len(grads))):
             # the same tensors: only their storage may have been swapped
             if list(map(_address, locals_)) == inputs.grad_ptrs:
                 for batch in self._batches:
@@ -516,32 +519,18 @@ class MuOptimizer(Optimizer):
         """
         kinds = inputs.grad_kinds
         if kinds is None:
-            metas = inputs.grad_meta
-            if inputs.sharded or any(m is None or m[3] != torch.strided for m in metas):
-                kinds = ()  # members without a place, sparse grads: the general path, always
-            else:
-                flat = list(range(len(metas)))
-                kinds = (
-                    [m[0] for m in metas],
-                    [math.prod(m[1]) for m in metas],
-                    [-1 if m[2].type == "cpu" else m[2].index for m in metas],  # as Tensor.get_device
-                    None if all(inputs.fused) else [i for i, f in enumerate(inputs.fused) if f],
-                    np.asarray(inputs.fused, dtype=bool),
-                    # each batch's places in the flat list (None: all of it, in order)
-                    [None if list(b.index) == flat else np.asarray(b.index, dtype=np.int64) for b in self._batches],
-                )
-            inputs.grad_kinds = kinds
+            kinds = inputs.grad_kinds = self._grad_kinds(inputs)
         if not kinds:
             return False
         dtypes, numels, devices, fused_at, fused_mask, places = kinds
-        present = list(map(operator.is_not, grads, itertools.repeat(None)))
-        every = all(present)
+        every = all(map(operator.is_not, grads, itertools.repeat(None)))
         if not every:
+            present = list(map(operator.is_not, grads, itertools.repeat(None)))
             if not self._skips_tensors_without_grad:
                 return False
             # a member without a gradient keeps its place, skipped (set_active)
             dtypes, numels, devices = (list(itertools.compress(x, present)) for x in (dtypes, numels, devices))
-            fused_at = [i for i, (f, h) in enumerate(zip(inputs.fused, present)) if f and h]
+            fused_at = list(itertools.compress(range(len(grads)), map(operator.and_, inputs.fused, present)))
         given = grads if every else list(itertools.compress(grads, present))
         try:
             if (
@@ -562,9 +551,19 @@ class MuOptimizer(Optimizer):
             flat_ptrs = np.zeros(len(grads), dtype=np.int64)
             flat_ptrs[has_grad] = ptrs
             ptrs = flat_ptrs.tolist()
-        if np.any(fused_mask & (flat_ptrs % _ALIGNMENT != 0) & (np.array(inputs.grad_ptrs, dtype=np.int64) % _ALIGNMENT == 0)):
+        misaligned = (flat_ptrs & (_ALIGNMENT - 1)) != 0  # addresses are non-negative: the low bits are the remainder
+        # (all aligned, the usual case: one test instead of the comparison with the last addresses)
+        if misaligned.any() and np.any(fused_mask & misaligned & (np.array(inputs.grad_ptrs, dtype=np.int64) % _ALIGNMENT == 0)):
             return False
-        inputs.grad_refs = list(map(weakref.ref, grads)) if every else [_grad_ref(g) for g in grads]
+        if every:
+            inputs.grad_refs = list(map(weakref.ref, grads))
+        elif len(grads) - len(given) <= 16:  # a few places without a gradient, filled in in order
+            refs = list(map(weakref.ref, given))
+            for i in itertools.compress(range(len(grads)), map(operator.not_, present)):
+                refs.insert(i, _NO_GRAD)
+            inputs.grad_refs = refs
+        else:
+            inputs.grad_refs = [_grad_ref(g) for g in grads]
         inputs.grad_ptrs = ptrs
         for batch, at in zip(self._batches, places):
             if at is None:
@@ -574,6 +573,24 @@ class MuOptimizer(Optimizer):
                 batch.rebind_grads(list(map(grads.__getitem__, at.tolist())), flat_ptrs[at])
                 batch.set_active(None if has_grad is None else has_grad[at])
         return True
+
+    def _grad_kinds(self, inputs: _PlanInputs) -> tuple:
+        """What :meth:`_bind_same_kind` compares the gradients with (``()``:
+        not applicable), derived from the plan: built with it (a loop over
+        the tensors, which would otherwise land on the second step)."""
+        metas = inputs.grad_meta
+        if inputs.sharded or any(m is None or m[3] != torch.strided for m in metas):
+            return ()  # members without a place, sparse grads: the general path, always
+        flat = list(range(len(metas)))
+        return (
+            [m[0] for m in metas],
+            [math.prod(m[1]) for m in metas],
+            [-1 if m[2].type == "cpu" else m[2].index for m in metas],  # as Tensor.get_device
+            None if all(inputs.fused) else [i for i, f in enumerate(inputs.fused) if f],
+            np.asarray(inputs.fused, dtype=bool),
+            # each batch's places in the flat list (None: all of it, in order)
+            [None if list(b.index) == flat else np.asarray(b.index, dtype=np.int64) for b in self._batches],
+        )
 
     @staticmethod
     def _batch_grads(batch: TensorBatch, inputs: _PlanInputs) -> list[Optional[Tensor]]:
@@ -772,7 +789,9 @@ class MuOptimizer(Optimizer):
         if inputs is None or not self._structure_is_current(inputs) or not self._bind_grads(inputs):
             self._plan_inputs = None
             self._batches = self._build_plan()
-            self._plan_inputs = self._snapshot()
+            inputs = self._snapshot()
+            inputs.grad_kinds = self._grad_kinds(inputs)
+            self._plan_inputs = inputs
         return self._batches
 
     def _refresh_rows(self, batches: list[TensorBatch]) -> bool:

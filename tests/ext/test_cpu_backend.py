@@ -473,3 +473,45 @@ def test_many_threads_and_one_thread_agree(cpu_ext):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _run_steps(cls, general_path: bool, **kwargs):
+    """Six steps with new gradients each, a loss scale, a skipped step, an
+    lr change and a thread-count change in between; ``general_path``: every
+    launch through the general path (the per-batch cache dropped first)."""
+    specs = [(300, "matrix", torch.float32), (7, "vector", torch.float32), (0, "finite", torch.float32)]
+    params = make_params(specs, seed=8)
+    opt = cls(params, backend="cpu", **kwargs)
+    gen = torch.Generator().manual_seed(9)
+    threads = torch.get_num_threads()
+    short = []
+    try:
+        for k in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.grad_scale = torch.tensor([2.0 if k in (1, 2) else 1.0])
+            opt.found_inf = torch.tensor([1.0 if k == 2 else 0.0])
+            if k == 3:
+                opt.param_groups[0]["lr"] *= 0.5
+            if k == 4:
+                torch.set_num_threads(1 if threads > 1 else 2)
+            if general_path:
+                ext._host_steps.clear()
+            opt.step()
+            short.append(any(b in ext._host_steps for b in opt._batches))
+    finally:
+        torch.set_num_threads(threads)
+    return [p.detach().clone() for p in params] + [v.clone() for p in params for v in state_tensors(opt, p).values()], short
+
+
+@pytest.mark.parametrize("cls, kwargs", [(MuSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)), (MuAdamW, dict(lr=0.01))])
+def test_cached_step_launch_matches_the_general_path(cpu_ext, cls, kwargs):
+    """After a batch's first launch its steps take a cached short path
+    (fastmup.ext._HostStep); it gives bitwise the results of the general
+    path, through loss scales, a skipped step, a new lr and a new thread
+    count."""
+    cached, short = _run_steps(cls, False, **kwargs)
+    general, _ = _run_steps(cls, True, **kwargs)
+    assert all(short)  # the cache is kept (and used from the second step on)
+    for x, y in zip(cached, general):
+        assert torch.equal(x, y)
