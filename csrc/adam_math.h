@@ -9,7 +9,7 @@
 
 namespace fastmup {
 
-struct AdamOp : OpDefaults {
+struct AdamOp : RowStepOp<AdamOp> {
   // Column order of TensorBatch.rows: fastmup.optim.adam.SPEC.columns
   // (kColumnNames is checked against it in CI).
   enum Col { kLr = 0, kWeightDecay, kBeta1, kBeta2, kEps, kAmsgrad, kMaximize, kDecoupled, kNumCols };
@@ -25,8 +25,7 @@ struct AdamOp : OpDefaults {
   static constexpr int kMaskFull = 0b111;
 
   struct Scalars {
-    float grad_factor;    // +-1/grad_scale (exact), sign: maximize
-    float grad_divisor;   // +-grad_scale (a scale without an exact reciprocal)
+    GradScaling grad;     // +-1/grad_scale, sign: maximize
     float decay;          // decoupled weight decay factor 1 - lr*wd, or 1 (exact identity)
     float wd;             // coupled weight decay (used when `coupled`)
     Lerp lerp_m;          // exp_avg.lerp_(grad, 1 - beta1)
@@ -39,17 +38,15 @@ struct AdamOp : OpDefaults {
     bool amsgrad;
   };
 
-  // Per-tensor scalars from one row of the table and the tensor's step count.
+  // Per-tensor scalars from one row of the table and the tensor's step count
+  // (and, from RowStepOp, from the launch description).
+  using RowStepOp<AdamOp>::prepare;
   FASTMUP_HD static Scalars prepare(const double* row, float step, const Unscale& unscale) {
     const double lr = row[kLr], wd = row[kWeightDecay], beta1 = row[kBeta1], beta2 = row[kBeta2];
     const double t = static_cast<double>(step);
     const bool decoupled = row[kDecoupled] != 0.0;
     Scalars s;
-    // -(g / scale) == g / -scale and -(g * f) == g * -f exactly: maximize's
-    // negation rides on the unscaling
-    const bool maximize = row[kMaximize] != 0.0;
-    s.grad_factor = maximize ? -unscale.factor : unscale.factor;
-    s.grad_divisor = maximize ? -unscale.divisor : unscale.divisor;
+    s.grad = GradScaling::of(unscale, row[kMaximize] != 0.0);
     s.decay = (wd != 0.0 && decoupled) ? static_cast<float>(1.0 - lr * wd) : 1.0f;
     s.coupled = wd != 0.0 && !decoupled;
     s.wd = static_cast<float>(wd);
@@ -63,17 +60,13 @@ struct AdamOp : OpDefaults {
     return s;
   }
 
-  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, const Unscale& unscale) {
-    return prepare(a.rows + t * a.ncols, a.steps[t], unscale);
-  }
-
   FASTMUP_HD static int mask(const Scalars& s) { return s.amsgrad ? kMaskFull : kMaskBase; }
 
   // One element: p, g in fp32; st[k] holds state k (only the states in MASK
   // are read and written).
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    g = unscaled<MASK>(g, s.grad_factor, s.grad_divisor);  // +-grad / grad_scale
+    g = s.grad.apply<MASK>(g);                        // +-grad / grad_scale
     p = p * s.decay;                                  // param.mul_(1 - lr*wd)
     g = s.coupled ? g + s.wd * p : g;                 // grad.add(param, alpha=wd)
     const float m = s.lerp_m(st[kExpAvg], g);         // exp_avg.lerp_(grad, 1 - beta1)

@@ -38,27 +38,26 @@ struct Fp16 {
 static_assert(sizeof(Bf16) == 2 && sizeof(Fp16) == 2, "16-bit storage types must be 2 bytes");
 
 // ---------------------------------------------------------------------------
-// bit casts
+// bit casts between float and its bits: CUDA's intrinsics on the device; on
+// the host a memcpy, which compilers turn into a register move (the
+// standard's std::bit_cast is C++20)
 // ---------------------------------------------------------------------------
-FASTMUP_HD FASTMUP_INLINE uint32_t float_bits(float f) {
+template <class To, class From>
+FASTMUP_HD FASTMUP_INLINE To bit_cast(From x) {
+  static_assert(std::is_same<To, float>::value != std::is_same<From, float>::value && sizeof(To) == 4 && sizeof(From) == 4,
+                "bit_cast: between float and a 32-bit integer");
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
+  if constexpr (std::is_same<To, float>::value) return __uint_as_float(x);
+  else return __float_as_uint(x);
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
 #endif
 }
 
-FASTMUP_HD FASTMUP_INLINE float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
+FASTMUP_HD FASTMUP_INLINE uint32_t float_bits(float f) { return bit_cast<uint32_t>(f); }
+FASTMUP_HD FASTMUP_INLINE float bits_float(uint32_t u) { return bit_cast<float>(u); }
 
 // ---------------------------------------------------------------------------
 // bf16 <-> fp32.  bf16 is the top half of an fp32; rounding is to nearest,
@@ -246,12 +245,40 @@ struct OpDefaults {
   }
 };
 
+// Defaults of an algorithm whose per-tensor scalars come from its row of the
+// table and its (already advanced) step count alone (Adam, SGD): the launch
+// description's view of Op::prepare(row, step, unscale).  (Op brings this
+// prepare into its scope with a using-declaration beside its own.)
+template <class Op>
+struct RowStepOp : OpDefaults {
+  FASTMUP_HD static FASTMUP_INLINE auto prepare(const MultiTensorArgs& a, int64_t t, const Unscale& unscale) {
+    return Op::prepare(a.rows + t * a.ncols, a.steps[t], unscale);
+  }
+};
+
 // x / grad_scale in the variant MASK names (OpDefaults): the division or
 // the exact multiply.
 template <int MASK>
 FASTMUP_HD FASTMUP_INLINE float unscaled(float x, float factor, float divisor) {
   return (MASK & OpDefaults::kGradDivide) ? x / divisor : x * factor;
 }
+
+// One tensor's unscaling of its gradient (Unscale) with a sign: maximize's
+// negation rides on it, as -(g / scale) == g / -scale and -(g * f) ==
+// g * -f exactly.  Every functor's Scalars holds one.
+struct GradScaling {
+  float factor;   // +-1/grad_scale (exact)
+  float divisor;  // +-grad_scale (a scale without an exact reciprocal)
+
+  FASTMUP_HD static FASTMUP_INLINE GradScaling of(const Unscale& unscale, bool negate) {
+    return GradScaling{negate ? -unscale.factor : unscale.factor, negate ? -unscale.divisor : unscale.divisor};
+  }
+  // +-x / grad_scale in the variant MASK
+  template <int MASK>
+  FASTMUP_HD FASTMUP_INLINE float apply(float x) const {
+    return unscaled<MASK>(x, factor, divisor);
+  }
+};
 
 // Calls f(std::integral_constant<int, MASK>{}) with the update variant of a
 // tensor: its state mask (Op::mask), how its gradient is unscaled, and the

@@ -39,8 +39,7 @@ struct EsgdOp : OpDefaults {
   static constexpr bool kAdvancesScalars = true;
 
   struct Scalars {
-    float grad_factor;   // 1/grad_scale (exact)
-    float grad_divisor;  // grad_scale (a scale without an exact reciprocal)
+    GradScaling grad;  // 1/grad_scale (no sign: ESGD-M has no maximize)
     Lerp lerp_m;   // exp_avg.lerp_(grad, 1 - beta1)
     float beta2;
     float one_minus_beta2;
@@ -79,8 +78,7 @@ struct EsgdOp : OpDefaults {
                                     const Unscale& unscale) {
     const Advanced a = advance(row, bc1, bc2, cum, hvp_step);
     Scalars s;
-    s.grad_factor = unscale.factor;
-    s.grad_divisor = unscale.divisor;
+    s.grad = GradScaling::of(unscale, false);
     s.is_max = a.is_max;
     s.hvp = hvp_step;
     s.started = a.bc2 != 1.0;
@@ -136,11 +134,11 @@ struct EsgdOp : OpDefaults {
 
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    g = unscaled<MASK>(g, s.grad_factor, s.grad_divisor);  // grad / grad_scale
+    g = s.grad.apply<MASK>(g);                       // grad / grad_scale
     const float m = s.lerp_m(st[kExpAvg], g);        // exp_avg.lerp_(grad, 1 - beta1)
     float d = st[kExpAvgD];
     if (MASK & (1 << kHvp)) {
-      const float h = unscaled<MASK>(st[kHvp], s.grad_factor, s.grad_divisor);  // hvp / grad_scale
+      const float h = s.grad.apply<MASK>(st[kHvp]);  // hvp / grad_scale
       const float dd = d * s.beta2;             // exp_avg_d.mul_(beta2)
       const float hh = h * h;
       // max: torch.maximum(d*beta2, h*h); ema: .addcmul_(h, h, value=1 - beta2)

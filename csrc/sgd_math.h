@@ -9,7 +9,7 @@
 
 namespace fastmup {
 
-struct SgdOp : OpDefaults {
+struct SgdOp : RowStepOp<SgdOp> {
   // Column order of TensorBatch.rows: fastmup.optim.sgd.SPEC.columns
   // (kColumnNames is checked against it in CI).
   enum Col { kLr = 0, kWeightDecay, kMomentum, kDampening, kNesterov, kMaximize, kNumCols };
@@ -23,8 +23,7 @@ struct SgdOp : OpDefaults {
   static constexpr int kMaskFull = 0b1;  // momentum != 0
 
   struct Scalars {
-    float grad_factor;   // +-1/grad_scale (exact), sign: maximize
-    float grad_divisor;  // +-grad_scale (a scale without an exact reciprocal)
+    GradScaling grad;    // +-1/grad_scale, sign: maximize
     float wd;
     float momentum;
     float one_minus_dampening;
@@ -35,11 +34,10 @@ struct SgdOp : OpDefaults {
     bool has_momentum;
   };
 
+  using RowStepOp<SgdOp>::prepare;  // from the launch description: the row and the step count
   FASTMUP_HD static Scalars prepare(const double* row, float step, const Unscale& unscale) {
     Scalars s;
-    const bool maximize = row[kMaximize] != 0.0;  // folded into the unscaling, as in AdamOp
-    s.grad_factor = maximize ? -unscale.factor : unscale.factor;
-    s.grad_divisor = maximize ? -unscale.divisor : unscale.divisor;
+    s.grad = GradScaling::of(unscale, row[kMaximize] != 0.0);
     s.wd = static_cast<float>(row[kWeightDecay]);
     s.has_wd = row[kWeightDecay] != 0.0;
     s.momentum = static_cast<float>(row[kMomentum]);
@@ -51,15 +49,11 @@ struct SgdOp : OpDefaults {
     return s;
   }
 
-  FASTMUP_HD static FASTMUP_INLINE Scalars prepare(const MultiTensorArgs& a, int64_t t, const Unscale& unscale) {
-    return prepare(a.rows + t * a.ncols, a.steps[t], unscale);
-  }
-
   FASTMUP_HD static int mask(const Scalars& s) { return s.has_momentum ? kMaskFull : kMaskBase; }
 
   template <int MASK>
   FASTMUP_HD static FASTMUP_INLINE void apply(const Scalars& s, float& p, float g, float* st) {
-    g = unscaled<MASK>(g, s.grad_factor, s.grad_divisor);  // +-grad / grad_scale
+    g = s.grad.apply<MASK>(g);                       // +-grad / grad_scale
     g = s.has_wd ? g + s.wd * p : g;                 // grad.add(param, alpha=wd)
     if (MASK & (1 << kMomentumBuffer)) {
       const float decayed = st[kMomentumBuffer] * s.momentum;          // buf.mul_(momentum)

@@ -5,9 +5,13 @@ jit helpers (the common prologue and the tile I/O of every kernel):
 * :func:`block_extent`: which tensor and which elements a program owns;
   :func:`skip_on_found_inf` empties it when AMP found inf/nan;
   :func:`tile_range`: its full tiles, then its partial one;
-  :func:`program_pass`: the three, for one pass of a program.
+  :func:`program_pass`: the three, for one pass of a program;
+  :func:`tensor_row`: the tensor, its row of hyperparameters and its
+  ``lr`` and ``weight_decay``, for the scalars a program computes once.
 * :func:`tensor_ptr` turns an entry of a batch's pointer table into a typed
-  pointer.
+  pointer; :func:`stream_ptr` at a program's first element,
+  :func:`param_grad_ptrs` for the two rows every kernel has,
+  :func:`optional_ptr` for a buffer only some tensors have.
 * :func:`load_tile` / :func:`store_tile` move ``TILE`` elements of one
   buffer as an ``[TILE // 8, 8]`` fp32 tile, in the storage dtype's own
   layout (see their docstrings), with round-to-nearest-even stores.
@@ -18,6 +22,9 @@ jit helpers (the common prologue and the tile I/O of every kernel):
   ``g / grad_scale``, as an exact multiplication when the scale is a power
   of two.  The kernels run their tile loops once for each case (that one
   first), so neither loop tests it per tile.
+* :func:`clip_grad`: a deferred clip coefficient as the kernels apply it;
+  :func:`grad_scalars` loads it with AMP's scale, once per program, and
+  :func:`prepared_grad` applies both to a gradient tile.
 * :func:`bias_correction` computes ``1 - β^t`` in float64 inside a kernel.
 
 host side:
@@ -28,10 +35,11 @@ host side:
   once for the kernel that reads it.  ``LAUNCHES`` counts kernel launches
   per algorithm (tests assert "one step = one launch per dtype signature"
   with it).
-* :func:`batch_args`: the keyword arguments every optimizer kernel takes
-  alike (tables, block map, dtypes, AMP scalars); :func:`scalar_inputs`
-  prepares the AMP tensors (``grad_scale``, ``found_inf``) so a launch
-  never syncs with the host.
+* :func:`run` launches an optimizer kernel with :func:`batch_args`, the
+  keyword arguments every optimizer kernel takes alike (tables, columns,
+  block map, dtypes, AMP scalars), and the kernel's own;
+  :func:`scalar_inputs` prepares the AMP tensors (``grad_scale``,
+  ``found_inf``) so a launch never syncs with the host.
 
 Every launch passes ``enable_fp_fusion=False``: the eager reference rounds
 each torch op on its own, so the compiler must not contract a multiply and an
@@ -58,19 +66,27 @@ __all__ = [
     "bias_correction",
     "block_extent",
     "check_device",
+    "clip_grad",
     "device_guard",
     "downcast",
+    "grad_scalars",
     "grad_unscaling",
     "launch_plan",
     "lerp",
     "lerp_coefficients",
     "load_tile",
+    "optional_ptr",
+    "param_grad_ptrs",
+    "prepared_grad",
     "program_pass",
+    "run",
     "scalar_inputs",
     "scale_reciprocal",
     "skip_on_found_inf",
     "store_tile",
+    "stream_ptr",
     "tensor_ptr",
+    "tensor_row",
     "tile_range",
     "tl_dtype",
     "unscale",
@@ -165,6 +181,34 @@ def tensor_ptr(ptrs_ptr, role, n_tensors, i, DTYPE: tl.constexpr, ALIGNED: tl.co
 
 
 @triton.jit
+def stream_ptr(ptrs_ptr, role, n_tensors, i, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Element ``start`` of tensor ``i``'s buffer in row ``role`` of the
+    pointer table (:func:`tensor_ptr`)."""
+    return tensor_ptr(ptrs_ptr, role, n_tensors, i, DTYPE, ALIGNED) + start
+
+
+@triton.jit
+def param_grad_ptrs(ptrs_ptr, n_tensors, i, start, PARAM: tl.constexpr, GRAD: tl.constexpr, ALIGNED: tl.constexpr):
+    """``(param, grad)`` at element ``start`` of tensor ``i``: rows 0 and 1
+    of every optimizer kernel's pointer table (its ``ROLES`` begin with
+    them)."""
+    return stream_ptr(ptrs_ptr, 0, n_tensors, i, start, PARAM, ALIGNED), stream_ptr(ptrs_ptr, 1, n_tensors, i, start, GRAD, ALIGNED)
+
+
+@triton.jit
+def optional_ptr(ptrs_ptr, role, n_tensors, i, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, PRESENT: tl.constexpr, absent):
+    """:func:`stream_ptr` of a buffer only some tensors have (amsgrad's,
+    the momentum buffer, a step's HVPs): its row exists only when some
+    tensor of the batch has it (``PRESENT``), else ``absent`` stands in,
+    never read.  A tensor without the buffer has address 0 in the row, only
+    touched when its own hyperparameters say so."""
+    ptr = absent
+    if PRESENT:
+        ptr = stream_ptr(ptrs_ptr, role, n_tensors, i, start, DTYPE, ALIGNED)
+    return ptr
+
+
+@triton.jit
 def block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK: tl.constexpr):
     """``(i, start, n)``: this program owns elements ``[start, start + n)`` of tensor ``i``.
 
@@ -217,6 +261,33 @@ def program_pass(
 
 
 @triton.jit
+def tensor_row(
+    tensor_of_block_ptr, start_of_block_ptr, numels_ptr, rows_ptr,
+    NCOLS: tl.constexpr, COL_LR: tl.constexpr, COL_WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``(i, row, lr, wd)``: the tensor this program steps (:func:`block_extent`),
+    its row of the float64 hyperparameter table (``NCOLS`` columns; a kernel
+    reads its other columns as ``tl.load(row + COL_X)``) and the two columns
+    every algorithm has, ``lr`` and ``weight_decay`` (they carry the μP
+    multipliers)."""
+    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+    row = rows_ptr + i * NCOLS
+    return i, row, tl.load(row + COL_LR), tl.load(row + COL_WEIGHT_DECAY)
+
+
+@triton.jit
+def grad_scalars(grad_clip_ptr, grad_scale_ptr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """``(clip, scale, inv_scale, exact)``: the deferred clip coefficient
+    (1 without one; :func:`clip_grad`) and AMP's unscaling
+    (:func:`grad_unscaling`), loaded once per program."""
+    clip = 1.0
+    if HAS_CLIP:
+        clip = tl.load(grad_clip_ptr)
+    scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
+    return clip, scale, inv_scale, exact
+
+
+@triton.jit
 def grad_unscaling(grad_scale_ptr, HAS_SCALE: tl.constexpr):
     """``(scale, inv_scale, exact)`` of AMP's ``grad_scale``
     (:func:`scale_reciprocal`); without one, nothing is divided and the
@@ -251,6 +322,30 @@ def unscale(g, scale, inv_scale, BY_RECIPROCAL: tl.constexpr):
         return g * inv_scale
     else:
         return tl.div_rn(g, scale)
+
+
+@triton.jit
+def clip_grad(g, clip, GRAD: tl.constexpr):
+    """A deferred clip coefficient applied where an update kernel reads its
+    gradient: ``round_to_GRAD(g · clip)``, the value ``g.mul_(clip)`` would
+    have stored in place (one fp32 product, rounded once to the gradient's
+    dtype), so a clipped step is the in-place clip followed by the step."""
+    return upcast(downcast(g * clip, GRAD), GRAD)
+
+
+@triton.jit
+def prepared_grad(
+    g, clip, scale, inv_scale,
+    GRAD: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr,
+):
+    """The gradient tile ``g`` as an update reads it: the deferred clip
+    (:func:`clip_grad`), then AMP's ``g / grad_scale`` (:func:`unscale`),
+    each only where the launch has it (:func:`grad_scalars`)."""
+    if HAS_CLIP:
+        g = clip_grad(g, clip, GRAD)
+    if HAS_SCALE:
+        g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
+    return g
 
 
 @triton.jit
@@ -396,20 +491,50 @@ def _check_plan(plan: LaunchPlan, kernel, device: torch.device, roles: Optional[
         tl_dtype(dtype)  # raises for a dtype no kernel takes
 
 
+def run(kernel, batch, plan: LaunchPlan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], *,
+        aligned: Optional[bool] = None, **kwargs) -> None:
+    """Launch an optimizer ``kernel`` over ``plan``'s block map, one program
+    per entry, with :func:`batch_args` and the kernel's own keyword
+    arguments ``kwargs``, and count it in ``LAUNCHES`` under the batch's
+    algorithm.
+
+    ``grad_scale`` (1-element float32 tensor) divides the gradients;
+    ``found_inf`` (1-element float32 tensor), when nonzero, makes the launch
+    write nothing.  Neither is read on the host: the launch never syncs."""
+    with device_guard(batch.device):
+        kernel[(plan.nblocks,)](**batch_args(batch, plan, grad_scale, found_inf, aligned=aligned), **kwargs)
+    LAUNCHES[batch.spec.kernel] += 1
+
+
 def batch_args(batch, plan: LaunchPlan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], *, aligned: Optional[bool] = None) -> dict:
     """The keyword arguments every optimizer kernel takes the same way:
-    the batch's hyperparameter table (``rows_ptr``, ``NCOLS`` columns), the
-    plan's pointer table (``ptrs_ptr``, rows of ``n_tensors`` entries),
-    element counts and block map, the storage dtypes, AMP's scalars
-    (``HAS_SCALE`` / ``HAS_FOUND_INF``: whether they are read), the
-    deferred clip coefficient (``grad_clip_ptr``, ``HAS_CLIP``), the
-    alignment (``aligned``: the plan's unless given) and the compile option
-    every launch passes (``enable_fp_fusion``, see the module docstring)."""
+
+    * ``rows_ptr``: the batch's hyperparameter table, float64 ``[n, NCOLS]``
+      (μP applied), and ``COL_<NAME>``: where each column of the batch's
+      spec is in a row, one constexpr per column;
+    * ``steps_ptr``: the step counts (the scalar state ``step``), float32
+      ``[n]``: already advanced for this step, unless the algorithm
+      advances its scalar state in the launch itself (ESGD-M);
+    * ``ptrs_ptr``: the plan's pointer table, int64 ``[rows, n_tensors]``
+      (``data_ptr()`` of each role, in the plan's order);
+    * the block map: ``numels_ptr`` (int64 ``[n]``), ``tensor_of_block_ptr``
+      (int32 ``[nblocks]``), ``start_of_block_ptr`` (int64 ``[nblocks]``);
+    * ``PARAM``, ``GRAD``, ``STATE``: the storage dtypes; ``ALIGNED``: every
+      address is 16-byte aligned (``aligned``: the plan's unless given);
+    * AMP's ``grad_scale_ptr`` and ``found_inf_ptr`` (float32 ``[1]``, read
+      only if ``HAS_SCALE`` / ``HAS_FOUND_INF``) and the deferred clip
+      coefficient ``grad_clip_ptr`` (float32 ``[1]``, read only if
+      ``HAS_CLIP``);
+    * ``enable_fp_fusion``: the compile option every launch passes (the
+      module docstring).
+    """
     scale, inf = scalar_inputs(batch, grad_scale, found_inf)
     clip = batch.grad_clip  # a clip coefficient deferred into this step (MuOptimizer.clip_grad_norm_)
     if clip is not None and (clip.device != batch.device or clip.dtype != torch.float32 or clip.numel() != 1):
         raise ValueError(f"fastmup: a batch's grad_clip must be one float32 element on {batch.device}")
+    columns = {"COL_" + name.upper(): col for col, name in enumerate(batch.spec.columns)}
     return dict(
+        **columns,
         rows_ptr=batch.device_rows(),
         ptrs_ptr=plan.pointers,
         numels_ptr=plan.numels,
@@ -418,6 +543,7 @@ def batch_args(batch, plan: LaunchPlan, grad_scale: Optional[torch.Tensor], foun
         grad_scale_ptr=scale,
         found_inf_ptr=inf,
         grad_clip_ptr=scale if clip is None else clip,  # a placeholder never read without HAS_CLIP
+        steps_ptr=batch.steps,
         n_tensors=plan.n_tensors,
         NCOLS=len(batch.spec.columns),
         PARAM=tl_dtype(plan.param_dtype),

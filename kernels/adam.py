@@ -40,20 +40,9 @@ import triton
 import triton.language as tl
 
 from . import _common, rounding
-from .grad_norm import clip_grad
 from .rounding import load_param, storage_key, storage_pointer, store_param
-from ._common import (
-    bias_correction,
-    block_extent,
-    grad_unscaling,
-    lerp,
-    lerp_coefficients,
-    load_tile,
-    program_pass,
-    store_tile,
-    tensor_ptr,
-    unscale,
-)
+from ._common import bias_correction, grad_scalars, lerp, lerp_coefficients, load_tile, optional_ptr, param_grad_ptrs
+from ._common import prepared_grad, program_pass, store_tile, stream_ptr, tensor_row
 
 __all__ = ["adam_kernel", "launch", "BLOCK", "TILE"]
 
@@ -77,24 +66,22 @@ ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 @triton.jit
 def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr, at, left, element0, key, key2,
-    scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
+    clip, scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
     amsgrad, bc2_sqrt, eps, neg_step_size,
-    clip,
-    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
-    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, TILE: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr, STORAGE: tl.constexpr,
+    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, STORAGE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
+    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr,
+    TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """One tile of ``_single_tensor_adam`` (elements ``at`` on, ``left`` of them valid;
-    ``element0``: the flat index of element ``at``)."""
+    """One tile of ``_single_tensor_adam``: elements ``at`` on, ``left`` of
+    them valid, ``element0`` the flat index of element ``at`` (the rounding
+    bits' counter of a stochastically rounded parameter)."""
     p = load_param(param_ptr + at, aux_ptr + at, left, PARAM, STORAGE, TILE, MASKED, ALIGNED)
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     v = load_tile(exp_avg_sq_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
 
-    if HAS_CLIP:
-        g = clip_grad(g, clip, GRAD)  # a deferred clip: what g.mul_(clip) would hold
-    if HAS_SCALE:
-        g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
+    # the deferred clip (what g.mul_(clip) would hold), then / grad_scale
+    g = prepared_grad(g, clip, scale, inv_scale, GRAD, HAS_CLIP, HAS_SCALE, BY_RECIPROCAL)
     g = tl.where(maximize, -g, g)
     # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
     g = tl.where(coupled_wd != 0.0, tl.fma(coupled_wd, p, g), g)
@@ -120,19 +107,8 @@ def _tile(
 
 @triton.jit
 def adam_kernel(
-    rows_ptr,  # float64 [n, NCOLS]: per-tensor hyperparameters
-    ptrs_ptr,  # int64 [4 to 6, n]: data_ptr() of the ROLES, then the storage mode's buffer
-    steps_ptr,  # float32 [n]: step counts, already incremented
-    numels_ptr,  # int64 [n]
-    tensor_of_block_ptr,  # int32 [nblocks]
-    start_of_block_ptr,  # int64 [nblocks]
-    grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
-    found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
-    grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
-    ids_ptr,  # int64 [n]: tensor ids (read only for stochastic rounding)
-    rounding_prefix,  # int32: the seed's part of the rounding bits' hash
-    n_tensors,  # row stride of the pointer table
-    NCOLS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
     # where each hyperparameter is in a row: the spec's columns
     COL_LR: tl.constexpr,
     COL_WEIGHT_DECAY: tl.constexpr,
@@ -142,25 +118,20 @@ def adam_kernel(
     COL_AMSGRAD: tl.constexpr,
     COL_MAXIMIZE: tl.constexpr,
     COL_DECOUPLED_WEIGHT_DECAY: tl.constexpr,
-    PARAM: tl.constexpr,  # storage dtypes
-    GRAD: tl.constexpr,
-    STATE: tl.constexpr,
-    HAS_AMSGRAD: tl.constexpr,  # some tensor of the batch has max_exp_avg_sq
-    HAS_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
-    ALIGNED: tl.constexpr,  # every address is 16-byte aligned
-    STORAGE: tl.constexpr,  # how the parameters are stored (fastmup.kernels.rounding)
-    ROW_STORAGE: tl.constexpr,  # the pointer row of the storage mode's buffer
-    BLOCK: tl.constexpr,
-    TILE: tl.constexpr,
+    HAS_AMSGRAD: tl.constexpr,  # some tensor of the batch has max_exp_avg_sq (pointer row 4)
+    # how the parameters are stored (rounding.storage_args)
+    ids_ptr, rounding_prefix, STORAGE: tl.constexpr, ROW_STORAGE: tl.constexpr,
+    # the batch (_common.batch_args): tables, block map, step counts, AMP and clip scalars, dtypes
+    rows_ptr, ptrs_ptr, numels_ptr, tensor_of_block_ptr, start_of_block_ptr, n_tensors, steps_ptr,
+    grad_scale_ptr, found_inf_ptr, grad_clip_ptr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr,
+    NCOLS: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-
-    # ---- this tensor's hyperparameters (float64) --------------------------
-    row = rows_ptr + i * NCOLS
-    lr = tl.load(row + COL_LR)
-    wd = tl.load(row + COL_WEIGHT_DECAY)
+    """Adam's step of the program's ``BLOCK`` elements (the module
+    docstring); the scalars are computed once, from the float64 row and the
+    step count, then each tile is :func:`_tile`."""
+    i, row, lr, wd = tensor_row(
+        tensor_of_block_ptr, start_of_block_ptr, numels_ptr, rows_ptr, NCOLS, COL_LR, COL_WEIGHT_DECAY, BLOCK
+    )
     beta1 = tl.load(row + COL_BETA1)
     beta2 = tl.load(row + COL_BETA2)
     eps = tl.load(row + COL_EPS)
@@ -179,10 +150,7 @@ def adam_kernel(
     lerp_coeff, small = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     beta2_32 = beta2.to(tl.float32)
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
-    clip = 1.0  # no deferred clip coefficient
-    if HAS_CLIP:
-        clip = tl.load(grad_clip_ptr)
-    scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
+    clip, scale, inv_scale, exact = grad_scalars(grad_clip_ptr, grad_scale_ptr, HAS_CLIP, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
@@ -190,14 +158,10 @@ def adam_kernel(
         i, start, n, first_tile, end_tile = program_pass(
             tensor_of_block_ptr, start_of_block_ptr, numels_ptr, found_inf_ptr, BLOCK, TILE, masked, HAS_FOUND_INF
         )
-        param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
-        grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
-        exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
-        exp_avg_sq_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED) + start
-        max_sq_ptr = exp_avg_sq_ptr  # never touched unless HAS_AMSGRAD
-        if HAS_AMSGRAD:
-            # Address 0 for tensors without amsgrad: only touched when the row says so.
-            max_sq_ptr = tensor_ptr(ptrs_ptr, 4, n_tensors, i, STATE, ALIGNED) + start
+        param_ptr, grad_ptr = param_grad_ptrs(ptrs_ptr, n_tensors, i, start, PARAM, GRAD, ALIGNED)
+        exp_avg_ptr = stream_ptr(ptrs_ptr, 2, n_tensors, i, start, STATE, ALIGNED)
+        exp_avg_sq_ptr = stream_ptr(ptrs_ptr, 3, n_tensors, i, start, STATE, ALIGNED)
+        max_sq_ptr = optional_ptr(ptrs_ptr, 4, n_tensors, i, start, STATE, ALIGNED, HAS_AMSGRAD, exp_avg_sq_ptr)
         aux_ptr = storage_pointer(ptrs_ptr, n_tensors, i, start, param_ptr, STORAGE, ROW_STORAGE, ALIGNED)
         key, key2 = storage_key(ids_ptr, rounding_prefix, tl.load(steps_ptr + i), i, start, STORAGE)
         # With a grad_scale: the pass for a power of two first, else the dividing one.
@@ -205,43 +169,22 @@ def adam_kernel(
             if exact == (divide == 0):
                 for tile in range(first_tile, end_tile):
                     _tile(
-                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr, tile * TILE,
-                        n - tile * TILE, start + tile * TILE, key, key2,
-                        scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
-                        amsgrad, bc2_sqrt, eps32, neg_step_size, clip,
-                        PARAM, GRAD, STATE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED, STORAGE,
+                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr,
+                        tile * TILE, n - tile * TILE, start + tile * TILE, key, key2,
+                        clip, scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
+                        amsgrad, bc2_sqrt, eps32, neg_step_size,
+                        PARAM, GRAD, STATE, STORAGE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
                     )
 
 
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
-    """One fused Adam step for every tensor of ``batch`` (one kernel launch).
-
-    ``grad_scale`` (1-element float32 tensor) divides the gradients;
-    ``found_inf`` (1-element float32 tensor), when nonzero, makes the launch
-    write nothing.  Neither is read on the host.  The batch's launch plan
-    (pointer table, block map, dtype checks) is built on its first step and
-    reused.
-    """
+    """One fused Adam step for every tensor of ``batch``, in one kernel
+    launch (:func:`fastmup.kernels._common.run`: ``grad_scale`` and
+    ``found_inf`` as there).  The batch's launch plan (pointer table, block
+    map, dtype checks) is built on its first step and reused."""
     plan = _common.launch_plan(batch, adam_kernel, BLOCK, algorithm="adam", roles=ROLES)
-    if plan.nblocks == 0:
-        return
-    spec = batch.spec
-    with _common.device_guard(batch.device):
-        adam_kernel[(plan.nblocks,)](
-            **_common.batch_args(batch, plan, grad_scale, found_inf),
-            **rounding.storage_args(batch, plan),
-            steps_ptr=batch.steps,
-            COL_LR=spec.col("lr"),
-            COL_WEIGHT_DECAY=spec.col("weight_decay"),
-            COL_BETA1=spec.col("beta1"),
-            COL_BETA2=spec.col("beta2"),
-            COL_EPS=spec.col("eps"),
-            COL_AMSGRAD=spec.col("amsgrad"),
-            COL_MAXIMIZE=spec.col("maximize"),
-            COL_DECOUPLED_WEIGHT_DECAY=spec.col("decoupled_weight_decay"),
-            HAS_AMSGRAD=plan.has_optional,
-            BLOCK=BLOCK,
-            TILE=TILE,
-            num_warps=NUM_WARPS,
+    if plan.nblocks:
+        _common.run(
+            adam_kernel, batch, plan, grad_scale, found_inf, **rounding.storage_args(batch, plan),
+            HAS_AMSGRAD=plan.has_optional, BLOCK=BLOCK, TILE=TILE, num_warps=NUM_WARPS,
         )
-    _common.LAUNCHES["adam"] += 1

@@ -58,18 +58,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from .grad_norm import clip_grad
-from ._common import (
-    block_extent,
-    grad_unscaling,
-    lerp,
-    lerp_coefficients,
-    load_tile,
-    program_pass,
-    store_tile,
-    tensor_ptr,
-    unscale,
-)
+from ._common import block_extent, grad_scalars, lerp, lerp_coefficients, load_tile, optional_ptr, param_grad_ptrs
+from ._common import prepared_grad, program_pass, store_tile, stream_ptr, tensor_row, unscale
 
 __all__ = ["esgd_kernel", "launch", "BLOCK", "TILE"]
 
@@ -90,7 +80,7 @@ ROLES = ("param", "grad", "exp_avg", "exp_avg_d")
 
 @triton.jit
 def _advanced_scalars(
-    row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.constexpr,
+    row, i, steps_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP: tl.constexpr,
     COL_BETA1: tl.constexpr, COL_BETA2: tl.constexpr, COL_V: tl.constexpr, COL_LR_WARMUP: tl.constexpr,
     COL_VARIANT: tl.constexpr,
 ):
@@ -109,26 +99,24 @@ def _advanced_scalars(
         cum = cum * lr_warmup
     else:
         cum = tl.where(is_max, cum, cum * lr_warmup)  # max: warm-up counts HVP steps only
-    return tl.load(step_ptr + i), bc1, bc2, cum, v
+    return tl.load(steps_ptr + i), bc1, bc2, cum, v
 
 
 @triton.jit
 def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, at, left,
-    scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
-    clip,
+    clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HVP_DTYPE: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr,
     MASKED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One tile of ``_single_tensor_esgd`` (elements ``at`` on, ``left`` of them valid)."""
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
-    if HAS_CLIP:
-        g = clip_grad(g, clip, GRAD)  # a deferred clip (the gradient's only; the HVP comes from autograd): what g.mul_(clip) would hold
     m = load_tile(exp_avg_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
     d = load_tile(exp_avg_d_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
-    if HAS_SCALE:
-        g = unscale(g, scale, inv_scale, BY_RECIPROCAL)
+    # The deferred clip (the gradient's only; the HVP comes from autograd):
+    # what g.mul_(clip) would hold; then g / grad_scale.
+    g = prepared_grad(g, clip, scale, inv_scale, GRAD, HAS_CLIP, HAS_SCALE, BY_RECIPROCAL)
     m = lerp(m, g, coeff_m, small_m)  # exp_avg.lerp_(g, 1-β1)
     store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
     if HVP:
@@ -152,22 +140,6 @@ def _tile(
 
 @triton.jit
 def esgd_kernel(
-    rows_ptr,  # float64 [n, NCOLS]
-    ptrs_ptr,  # int64 [4, n]: data_ptr() of the ROLES
-    hvp_ptrs_ptr,  # int64 [n]: data_ptr() of the HVPs (read only if HVP)
-    step_ptr,  # float32 [n]   \
-    bc1_ptr,  # float64 [n]     |  per-tensor scalar state: old values in,
-    bc2_ptr,  # float64 [n]     |  new values out (stored by the last program)
-    cum_ptr,  # float64 [n]    /
-    tickets_ptr,  # int32 [n]: zero between launches
-    numels_ptr,  # int64 [n]
-    tensor_of_block_ptr,  # int32 [nblocks]
-    start_of_block_ptr,  # int64 [nblocks]
-    grad_scale_ptr,  # float32 [1] (read only if HAS_SCALE)
-    found_inf_ptr,  # float32 [1] (read only if HAS_FOUND_INF)
-    grad_clip_ptr,  # float32 [1]: deferred clip coefficient (read only if HAS_CLIP)
-    n_tensors,
-    NCOLS: tl.constexpr,
     # where each hyperparameter is in a row: the spec's columns
     COL_LR: tl.constexpr,
     COL_WEIGHT_DECAY: tl.constexpr,
@@ -177,31 +149,34 @@ def esgd_kernel(
     COL_LR_WARMUP: tl.constexpr,
     COL_EPS: tl.constexpr,
     COL_VARIANT: tl.constexpr,
-    PARAM: tl.constexpr,  # storage dtypes
-    GRAD: tl.constexpr,
-    STATE: tl.constexpr,
+    # the per-tensor scalar state besides steps_ptr: old values in, new
+    # values out (stored by the last program), float64 [n] each
+    bc1_ptr, bc2_ptr, cum_ptr,
+    tickets_ptr,  # int32 [n]: zero between launches
+    hvp_ptrs_ptr,  # int64 [n]: data_ptr() of the HVPs (read only if HVP)
     HVP: tl.constexpr,  # this step updates d
     HVP_DTYPE: tl.constexpr,  # the HVPs' (the spec's read-only input: the grads' dtype)
-    HAS_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
+    # the batch (_common.batch_args): tables, block map, step counts, AMP and clip scalars, dtypes
+    rows_ptr, ptrs_ptr, numels_ptr, tensor_of_block_ptr, start_of_block_ptr, n_tensors, steps_ptr,
+    grad_scale_ptr, found_inf_ptr, grad_clip_ptr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr,
+    NCOLS: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address (HVPs included) is 16-byte aligned
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
+    """ESGD-M's step of the program's elements and, by the tensor's last
+    program, of its scalar state (the module docstring)."""
     # An empty tensor's one program gets n = 0: it only advances the scalars.
-    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-
     # ---- this tensor's row and scalar state: tensor_scalars ----------------
-    row = rows_ptr + i * NCOLS
-    lr = tl.load(row + COL_LR)
-    wd = tl.load(row + COL_WEIGHT_DECAY)
+    i, row, lr, wd = tensor_row(
+        tensor_of_block_ptr, start_of_block_ptr, numels_ptr, rows_ptr, NCOLS, COL_LR, COL_WEIGHT_DECAY, BLOCK
+    )
+    is_max = tl.load(row + COL_VARIANT) != 0.0  # the max variant (else the EMA one)
     beta1 = tl.load(row + COL_BETA1)
     beta2 = tl.load(row + COL_BETA2)
     eps = tl.load(row + COL_EPS)
-    is_max = tl.load(row + COL_VARIANT) != 0.0
     _, bc1, bc2, cum, v = _advanced_scalars(
-        row, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP, COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT
+        row, i, steps_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP, COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT
     )
     step_size = lr * (1.0 - cum)
     bc2_sqrt = tl.where(is_max, 1.0, tl.sqrt(1.0 - bc2)).to(tl.float32)  # float64 sqrt is IEEE-rounded
@@ -212,10 +187,7 @@ def esgd_kernel(
     one_minus_beta2 = (1.0 - beta2).to(tl.float32)
     coeff_m, small_m = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     coeff_q, small_q = lerp_coefficients((1.0 - v).to(tl.float32))  # torch.lerp(m, g, 1-v)
-    clip = 1.0  # no deferred clip coefficient
-    if HAS_CLIP:
-        clip = tl.load(grad_clip_ptr)
-    scale, inv_scale, exact = grad_unscaling(grad_scale_ptr, HAS_SCALE)
+    clip, scale, inv_scale, exact = grad_scalars(grad_clip_ptr, grad_scale_ptr, HAS_CLIP, HAS_SCALE)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)
@@ -223,20 +195,17 @@ def esgd_kernel(
         i, start, n, first_tile, end_tile = program_pass(
             tensor_of_block_ptr, start_of_block_ptr, numels_ptr, found_inf_ptr, BLOCK, TILE, masked, HAS_FOUND_INF
         )
-        param_ptr = tensor_ptr(ptrs_ptr, 0, n_tensors, i, PARAM, ALIGNED) + start
-        grad_ptr = tensor_ptr(ptrs_ptr, 1, n_tensors, i, GRAD, ALIGNED) + start
-        exp_avg_ptr = tensor_ptr(ptrs_ptr, 2, n_tensors, i, STATE, ALIGNED) + start
-        exp_avg_d_ptr = tensor_ptr(ptrs_ptr, 3, n_tensors, i, STATE, ALIGNED) + start
-        hvp_ptr = grad_ptr  # never read unless HVP
-        if HVP:
-            hvp_ptr = tensor_ptr(hvp_ptrs_ptr, 0, n_tensors, i, HVP_DTYPE, ALIGNED) + start
         # Before its first HVP a tensor does not move: p is neither read nor
         # written.  Decided per pass, outside the loop (a flag tested in the
         # loop would keep bc2 in registers through it); the common case first.
         _, _, bc2_now, _, _ = _advanced_scalars(
-            rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
+            rows_ptr + i * NCOLS, i, steps_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
             COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT,
         )
+        param_ptr, grad_ptr = param_grad_ptrs(ptrs_ptr, n_tensors, i, start, PARAM, GRAD, ALIGNED)
+        exp_avg_ptr = stream_ptr(ptrs_ptr, 2, n_tensors, i, start, STATE, ALIGNED)
+        exp_avg_d_ptr = stream_ptr(ptrs_ptr, 3, n_tensors, i, start, STATE, ALIGNED)
+        hvp_ptr = optional_ptr(hvp_ptrs_ptr, 0, n_tensors, i, start, HVP_DTYPE, ALIGNED, HVP, grad_ptr)  # read only if HVP
         # With a grad_scale: the pass for a power of two first, else the dividing one.
         for skip_p in tl.static_range(2):
             if (bc2_now == 1.0) == skip_p:
@@ -245,8 +214,8 @@ def esgd_kernel(
                         for tile in range(first_tile, end_tile):
                             _tile(
                                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
-                                scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
-                                is_max, bc2_sqrt, eps32, decay, coef, clip,
+                                clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
+                                is_max, bc2_sqrt, eps32, decay, coef,
                                 PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, divide == 0, not skip_p, TILE, masked,
                                 ALIGNED,
                             )
@@ -256,7 +225,7 @@ def esgd_kernel(
     # unchanged: no program stores before every program has its ticket.
     i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
     step, bc1, bc2, cum, v = _advanced_scalars(
-        rows_ptr + i * NCOLS, i, step_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
+        rows_ptr + i * NCOLS, i, steps_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
         COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT,
     )
     n_blocks = tl.maximum(tl.cdiv(tl.load(numels_ptr + i), BLOCK), 1)
@@ -269,7 +238,7 @@ def esgd_kernel(
     write = last
     if HAS_FOUND_INF:
         write = write & (tl.load(found_inf_ptr) == 0.0)
-    tl.store(step_ptr + i, step + 1.0, mask=write)
+    tl.store(steps_ptr + i, step + 1.0, mask=write)
     tl.store(bc1_ptr + i, bc1, mask=write)
     tl.store(bc2_ptr + i, bc2, mask=write)
     tl.store(cum_ptr + i, cum, mask=write)
@@ -299,28 +268,17 @@ def launch(
     if hvps is not None:
         hvp_ptrs, hvps_aligned = batch.input_table("hvp", hvps)
         aligned = aligned and hvps_aligned
-    spec, s = batch.spec, batch.scalars
-    with _common.device_guard(batch.device):
-        esgd_kernel[(plan.nblocks,)](
-            **_common.batch_args(batch, plan, grad_scale, found_inf, aligned=aligned),
-            hvp_ptrs_ptr=hvp_ptrs,
-            step_ptr=s["step"],
-            bc1_ptr=s["exp_avg_bias_corr"],
-            bc2_ptr=s["exp_avg_d_bias_corr"],
-            cum_ptr=s["lr_warmup_cumprod"],
-            tickets_ptr=plan.tickets,
-            COL_LR=spec.col("lr"),
-            COL_WEIGHT_DECAY=spec.col("weight_decay"),
-            COL_BETA1=spec.col("beta1"),
-            COL_BETA2=spec.col("beta2"),
-            COL_V=spec.col("v"),
-            COL_LR_WARMUP=spec.col("lr_warmup"),
-            COL_EPS=spec.col("eps"),
-            COL_VARIANT=spec.col("variant"),
-            HVP=hvps is not None,
-            HVP_DTYPE=_common.tl_dtype(batch.input_dtype("hvp")),
-            BLOCK=BLOCK,
-            TILE=TILE,
-            num_warps=NUM_WARPS if aligned else NUM_WARPS_UNALIGNED,
-        )
-    _common.LAUNCHES["esgd"] += 1
+    s = batch.scalars  # steps_ptr (the scalar state "step") comes with batch_args
+    _common.run(
+        esgd_kernel, batch, plan, grad_scale, found_inf, aligned=aligned,
+        bc1_ptr=s["exp_avg_bias_corr"],
+        bc2_ptr=s["exp_avg_d_bias_corr"],
+        cum_ptr=s["lr_warmup_cumprod"],
+        tickets_ptr=plan.tickets,
+        hvp_ptrs_ptr=hvp_ptrs,
+        HVP=hvps is not None,
+        HVP_DTYPE=_common.tl_dtype(batch.input_dtype("hvp")),
+        BLOCK=BLOCK,
+        TILE=TILE,
+        num_warps=NUM_WARPS if aligned else NUM_WARPS_UNALIGNED,
+    )

@@ -221,14 +221,3 @@ def launch(
             enable_fp_fusion=_common.FP_FUSION,
         )
     _common.LAUNCHES["grad_norm"] += 1
-
-
-
-@triton.jit
-def clip_grad(g, clip, GRAD: tl.constexpr):
-    """A deferred clip coefficient applied where an update kernel reads its
-    gradient: ``round_to_GRAD(g · clip)``, the value ``g.mul_(clip)`` would
-    have stored in place (one fp32 product, rounded once to the gradient's
-    dtype), so a clipped step is the in-place clip followed by the step."""
-    return upcast(_common.downcast(g * clip, GRAD), GRAD)
-

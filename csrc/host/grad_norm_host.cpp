@@ -14,17 +14,8 @@ namespace {
 // (four float64 lanes per instruction instead of two: the loop is then bound
 // by memory, not by the conversions to float64), picked at run time like the
 // update loops (multi_tensor_host.h).
-namespace generic {
-#include "grad_norm_kernels.inc"
-}  // namespace generic
-
-#if FASTMUP_HAVE_AVX2
-FASTMUP_AVX2_BEGIN
-namespace avx2 {
-#include "grad_norm_kernels.inc"
-}  // namespace avx2
-FASTMUP_AVX2_END
-#endif
+#define FASTMUP_ISA_LOOPS "grad_norm_kernels.inc"
+#include "isa_variants.inc"
 
 template <int NORM, class G>
 double entry_partial(const G* g, int64_t n) {

@@ -1,18 +1,11 @@
 // The host loops are compiled twice, for the build's baseline ISA and, on
 // x86-64 with GCC or clang, for AVX2, and picked at run time (isa.cpp).  What
 // differs between the compilers is only how a region of functions is given
-// the AVX2 target; these macros say it once:
+// the AVX2 target; these macros say it once, and isa_variants.inc compiles a
+// loop file in both namespaces with them:
 //
-//   namespace generic {
-//   #include "loops.inc"
-//   }
-//   #if FASTMUP_HAVE_AVX2
-//   FASTMUP_AVX2_BEGIN
-//   namespace avx2 {
-//   #include "loops.inc"
-//   }
-//   FASTMUP_AVX2_END
-//   #endif
+//   #define FASTMUP_ISA_LOOPS "loops.inc"
+//   #include "isa_variants.inc"
 #pragma once
 
 #if !defined(FASTMUP_NO_AVX2) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

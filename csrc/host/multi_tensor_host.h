@@ -49,17 +49,8 @@ constexpr int64_t kBlock = int64_t(1) << 18;
 // ---------------------------------------------------------------------------
 // The hot loops, in two instruction-set variants chosen at run time.
 // ---------------------------------------------------------------------------
-namespace generic {
-#include "kernels.inc"
-}  // namespace generic
-
-#if FASTMUP_HAVE_AVX2
-FASTMUP_AVX2_BEGIN
-namespace avx2 {
-#include "kernels.inc"
-}  // namespace avx2
-FASTMUP_AVX2_END
-#endif
+#define FASTMUP_ISA_LOOPS "kernels.inc"
+#include "isa_variants.inc"
 
 // Which variant runs: "avx2" when the CPU has it (and it was built), else
 // "generic"; FASTMUP_HOST_ISA=generic in the environment, or set_isa(),
