@@ -5,7 +5,7 @@ gives the math) and of ``csrc/rounding.h``, bit for bit:
 
 * :func:`rounding_key` / :func:`rounding_bits`: the 16 random bits of an
   element, from the counter-based hash of :mod:`fastmup.optim.rademacher`
-  keyed by (seed, step, tensor, element);
+  (:mod:`fastmup.kernels.counter_hash`) keyed by (seed, step, tensor, element);
 * :func:`stochastic_round`: fp32 -> bf16/fp16 with those bits;
 * :func:`remainder_split` / :func:`remainder_join`: an fp32 master weight as
   a bf16 parameter (nearest, ties away from zero) and an int16 remainder,
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import _load, _row_offsets, _store, load_tile, store_tile, tensor_ptr
+from .counter_hash import absorb, hash_word, mix32, mix32_rest, tensor_keys
 
 __all__ = [
     "STORAGE_CODES",
@@ -43,28 +44,8 @@ __all__ = [
     "tile_offsets",
 ]
 
-# The hash constants of fastmup.optim.rademacher.
-GOLDEN = tl.constexpr(0x9E3779B9)
-MUL1 = tl.constexpr(0x21F0AAAD)
-MUL2 = tl.constexpr(0x735A2D97)
 # the counter's high word of the rounding draws is 1 << 31 (fastmup.optim.precision.ROUNDING_COUNTER)
 COUNTER_HI_SHIFT = tl.constexpr(31)
-
-
-@triton.jit
-def _mix32_rest(x):
-    """:func:`_mix32` after its first xorshift (for callers that do that one
-    step on a per-tile scalar instead of on every element)."""
-    x = x * MUL1
-    x = x ^ (x >> 15)
-    x = x * MUL2
-    x = x ^ (x >> 15)
-    return x
-
-
-@triton.jit
-def _mix32(x):
-    return _mix32_rest(x ^ (x >> 16))
 
 
 @triton.jit
@@ -75,19 +56,16 @@ def rounding_key(prefix, step, tensor_id, element_hi):
     ``rounding_prefix``) as an int32 bit pattern; ``step``: the tensor's
     step count (float32, integral); ``tensor_id``: int64 (its low word is
     used); ``element_hi``: the high word of the element indices (int64)."""
-    h = prefix.to(tl.uint32, bitcast=True)
-    h = _mix32(h ^ step.to(tl.uint32))
-    h = _mix32(h ^ (tl.full((), 1, tl.uint32) << COUNTER_HI_SHIFT))
-    h = _mix32(h ^ tensor_id.to(tl.uint32))
-    h = _mix32(h ^ element_hi.to(tl.uint32))
-    return h, _mix32(h ^ GOLDEN)
+    h = absorb(prefix.to(tl.uint32, bitcast=True), step.to(tl.uint32))
+    h = absorb(h, tl.full((), 1, tl.uint32) << COUNTER_HI_SHIFT)
+    return tensor_keys(h, tensor_id, element_hi)
 
 
 @triton.jit
 def rounding_bits(element_lo, key, key2):
     """The 16 random bits (uint32 in ``[0, 2^16)``) of the elements whose
     indices have low words ``element_lo`` (uint32)."""
-    return _mix32(_mix32(element_lo ^ key) ^ key2) >> 16
+    return hash_word(element_lo, key, key2) >> 16
 
 
 @triton.jit
@@ -263,7 +241,7 @@ def store_param(param_ptr, aux_ptr, x, limit, element0, key, key2, PARAM: tl.con
         # mix is a scalar's: (k ^ offs) >> 16 = k >> 16 (offs < TILE <= 2^16)
         k = element0.to(tl.uint32) ^ key
         k = k ^ (k >> 16)
-        w = _mix32(_mix32_rest(k ^ tile_offsets(TILE, ALIGNED).to(tl.uint32)) ^ key2)
+        w = mix32(mix32_rest(k ^ tile_offsets(TILE, ALIGNED).to(tl.uint32)) ^ key2)
         _store_raw(param_ptr, _stochastic_round_word(x, w, PARAM), limit, TILE, MASKED, ALIGNED)
     elif STORAGE == MASTER:
         store_tile(aux_ptr, x, limit, tl.float32, TILE, MASKED, ALIGNED)
