@@ -97,13 +97,14 @@ def _stochastic_round_word(x, w, DTYPE: tl.constexpr):
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         ax = tl.abs(x)
-        # (minimum is minnum: NaN takes 2^16 here and 2^-14 below, replaced after;
-        # the products wrap modulo 2^32 only where the subnormal case is taken)
-        normal = (tl.minimum(ax, 65536.0).to(tl.uint32, bitcast=True) << 3) + 0x40000000
-        # clamped so that no conversion sees a value out of range, inf or NaN
+        # min(|x|, 2^16) keeping NaN, whose bits (any NaN's) then clamp to those of
+        # 1.5·2^16: 8·(that - bits(2^-15)) is NaN's 0x7E00·2^16.  (The product wraps
+        # modulo 2^32 only where the subnormal case is taken.)
+        m = tl.minimum(ax, 65536.0, propagate_nan=tl.PropagateNan.ALL).to(tl.uint32, bitcast=True)
+        normal = (tl.minimum(m, 0x47C00000) << 3) + 0x40000000
+        # (minimum is minnum here: no conversion sees a value out of range, inf or NaN)
         sub = (tl.minimum(ax, 6.103515625e-05) * 1099511627776.0).to(tl.uint32)
-        s = tl.where(ax < 6.103515625e-05, sub, normal)
-        s = tl.where(x != x, 0x7E000000, s) | (u & 0x80000000)
+        s = tl.where(ax < 6.103515625e-05, sub, normal) | (u & 0x80000000)
         return ((s + (w >> 16)) >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
 
 
