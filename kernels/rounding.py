@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import _load, _row_offsets, _store, load_tile, store_tile, tensor_ptr
-from .counter_hash import absorb, hash_word, mix32, mix32_rest, tensor_keys
+from .counter_hash import absorb, hash_word, mix32_rest, tensor_keys
 
 __all__ = [
     "STORAGE_CODES",
@@ -242,7 +242,8 @@ def store_param(param_ptr, aux_ptr, x, limit, element0, key, key2, PARAM: tl.con
         # mix is a scalar's: (k ^ offs) >> 16 = k >> 16 (offs < TILE <= 2^16)
         k = element0.to(tl.uint32) ^ key
         k = k ^ (k >> 16)
-        w = mix32(mix32_rest(k ^ tile_offsets(TILE, ALIGNED).to(tl.uint32)) ^ key2)
+        y = mix32_rest(k ^ tile_offsets(TILE, ALIGNED).to(tl.uint32))
+        w = mix32_rest(y ^ (y >> 16) ^ (key2 ^ (key2 >> 16)))  # mix32(y ^ key2), the key's shift on the scalar
         _store_raw(param_ptr, _stochastic_round_word(x, w, PARAM), limit, TILE, MASKED, ALIGNED)
     elif STORAGE == MASTER:
         store_tile(aux_ptr, x, limit, tl.float32, TILE, MASKED, ALIGNED)
