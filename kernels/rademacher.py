@@ -8,9 +8,9 @@ counter-based hash of :mod:`fastmup.optim.rademacher`::
 
 The per-draw prefix ``H(seed, counter)`` is computed on the host (four mixes,
 once per draw) and passed as one 32-bit word; each program derives its
-tensor's key from it (two mixes), then each word of 32 elements is hashed
-(two mixes) once per thread that holds some of its elements, and the signs
-are set on the bits of ±1.  All of it is uint32 arithmetic, which wraps
+tensor's keys from it (two mixes, :mod:`fastmup.kernels.counter_hash`), then
+each word of 32 elements is hashed (two mixes) once per thread that holds
+some of its elements, and the signs are set on the bits of ±1.  All of it is uint32 arithmetic, which wraps
 modulo ``2**32`` exactly like the torch path's masked int64 arithmetic, so
 both backends draw identical probes.
 
@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import block_extent
+from .counter_hash import hash_word, tensor_keys
 
 __all__ = ["rademacher_kernel", "launch", "BLOCK", "TILE"]
 
@@ -40,22 +41,6 @@ NUM_WARPS = 4
 # Each tensor's probes start at a multiple of PAD elements of the flat
 # buffer: 16 bytes in bf16/fp16, so full tiles store with 16-byte accesses.
 PAD = 8
-
-# The hash constants of fastmup.optim.rademacher (constexpr: read inside the jit functions).
-GOLDEN = tl.constexpr(0x9E3779B9)
-MUL1 = tl.constexpr(0x21F0AAAD)
-MUL2 = tl.constexpr(0x735A2D97)
-
-
-@triton.jit
-def mix32(x):
-    """The 32-bit mixing bijection of fastmup.optim.rademacher.mix32 (x: uint32)."""
-    x = x ^ (x >> 16)
-    x = x * MUL1  # uint32: wraps modulo 2**32
-    x = x ^ (x >> 15)
-    x = x * MUL2
-    x = x ^ (x >> 15)
-    return x
 
 
 @triton.jit
@@ -90,11 +75,8 @@ def rademacher_kernel(
     # launcher pads every tensor to a multiple of 8 elements).
     out = tl.multiple_of(out_ptr + tl.multiple_of(tl.load(offsets_ptr + i), 8), 16) + start
 
-    h = prefix.to(tl.uint32, bitcast=True)
-    tid = tl.load(ids_ptr + i).to(tl.uint32)  # int64 -> uint32 keeps the low word
-    key = mix32(h ^ tid)
-    key = mix32(key ^ (start >> 37).to(tl.uint32))  # the word index's high half, constant over a block
-    key2 = mix32(key ^ GOLDEN)
+    # the tensor id's low word; the word index's high half, constant over a block
+    key, key2 = tensor_keys(prefix.to(tl.uint32, bitcast=True), tl.load(ids_ptr + i), start >> 37)
 
     # A tile is [TILE // 32, 32]: one row per hash word, hashed once (each
     # thread holds 8 or 4 consecutive elements of a row, so a word is hashed
@@ -112,7 +94,7 @@ def rademacher_kernel(
             at = tile * TILE
             # the word index's low half: (start + at) / 32 + row
             word = ((start + at) >> 5).to(tl.uint32) + tl.arange(0, WORDS).to(tl.uint32)
-            z = _signs(mix32(mix32(word ^ key) ^ key2), TILE, OUT)
+            z = _signs(hash_word(word, key, key2), TILE, OUT)
             if masked:
                 tl.store(out + at + offs, z, mask=offs < n - at)
             else:

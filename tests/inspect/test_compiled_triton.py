@@ -51,10 +51,11 @@ SETTINGS = [
     S("sgd", "bf16", "bf16"), S("sgd", "fp32", "fp32", option=True), S("sgd", "bf16", "bf16", option=True),
     S("sgd", "bf16", "fp32", option=True), S("sgd", "fp32", "bf16", option=True),
     S("sgd", "bf16", "bf16", **ALL_ON), S("sgd", "bf16", "fp32", **ALL_ON, aligned=False),
-    # bf16 parameter storage modes (stochastic rounding, fp32 masters, remainders), then with everything on.
-    # (fp16 stochastic rounding, not listed: Adam's needs 0.93 of an H200's issue rate on sm_90, over MAX_ISSUE.)
+    # bf16 parameter storage modes (stochastic rounding, fp32 masters, remainders), fp16 stochastic rounding,
+    # then with everything on.
     S("adam", "bf16", "bf16", storage="stochastic"), S("adam", "bf16", "bf16", storage="master"),
     S("adam", "bf16", "bf16", storage="remainder"), S("sgd", "bf16", "bf16", option=True, storage="stochastic"),
+    S("adam", "fp16", "fp16", storage="stochastic"), S("sgd", "fp16", "fp16", option=True, storage="stochastic"),
     S("sgd", "bf16", "fp32", option=True, storage="master"), S("sgd", "bf16", "bf16", option=True, storage="remainder"),
     S("adam", "bf16", "bf16", **ALL_ON, storage="remainder", aligned=False),
     # ESGD-M plain and HVP steps (the latter draw the probes: one probe kernel per dtype)
