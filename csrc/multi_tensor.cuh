@@ -35,8 +35,11 @@
 
 #include "common.h"
 #include "grad_norm.h"
+#include "rounding.h"
 
 namespace fastmup {
+struct EsgdOp;  // esgd_math.h
+
 namespace cuda {
 
 constexpr int kThreads = 256;
@@ -97,6 +100,122 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
   for (int k = 0; k < Pack<T, N>::kWords; ++k) w[k] = pk.words[k];
 }
 
+// ---------------------------------------------------------------------------
+// The parameter under its storage mode (rounding.h; fastmup.optim.precision),
+// as the host driver loads and stores its tiles (csrc/host/kernels.inc:
+// load_param_tile, store_param_tile): STORAGE is a compile-time choice made
+// once per launch, so the default kernel (kNearest) is the plain one.
+// ---------------------------------------------------------------------------
+// What one entry's storage mode needs: the aux stream at the entry's first
+// element (kMaster: fp32 masters, kRemainder: int16 remainders) and, for
+// kStochastic, the rounding key and the low word of that element's index
+// (entries never straddle 2^32 elements: kBlock divides it).
+struct EntryStorage {
+  void* aux = nullptr;
+  RoundingKey key{0u, 0u};
+  uint32_t element0 = 0;
+};
+
+// The bf16/fp16 copy of an fp32 master: bf16 as the remainder split rounds
+// it (nearest, ties away), so that both master modes store the same
+// parameter; fp16 to nearest even.
+template <class P>
+__device__ FASTMUP_INLINE P master_copy(float x) {
+  if constexpr (std::is_same<P, Bf16>::value) {
+    return Bf16{round_nearest_away_bf16(x)};
+  } else {
+    return from_float<P>(x);
+  }
+}
+
+template <class T, int N>
+__device__ FASTMUP_INLINE void load_words(const T* src, Pack<T, N>& pk) {
+  const uint4* w = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+  for (int k = 0; k < Pack<T, N>::kWords; ++k) pk.words[k] = w[k];
+}
+
+template <class T, int N>
+__device__ FASTMUP_INLINE void store_words(T* dst, const Pack<T, N>& pk) {
+  uint4* w = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int k = 0; k < Pack<T, N>::kWords; ++k) w[k] = pk.words[k];
+}
+
+// N parameters from element i of the entry, as the update starts from them:
+// the parameter, its fp32 master (the parameter is not read), or the
+// parameter joined with its remainder.
+template <int STORAGE, int N, class P>
+__device__ FASTMUP_INLINE void load_param_pack(const P* p, const EntryStorage& es, int i, float (&out)[N]) {
+  if constexpr (STORAGE == kMaster) {
+    load_pack<N>(static_cast<const float*>(es.aux) + i, out);
+  } else if constexpr (STORAGE == kRemainder) {
+    Pack<Bf16, N> pk;
+    Pack<int16_t, N> rk;
+    load_words(p + i, pk);
+    load_words(static_cast<const int16_t*>(es.aux) + i, rk);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = decode_remainder(pk.elems[j].bits, rk.elems[j]);
+  } else {
+    load_pack<N>(p + i, out);
+  }
+}
+
+// N updated fp32 parameters from element i, stored as the mode keeps them.
+template <int STORAGE, int N, class P>
+__device__ FASTMUP_INLINE void store_param_pack(P* p, const EntryStorage& es, int i, const float (&in)[N]) {
+  if constexpr (STORAGE == kStochastic) {
+    Pack<P, N> pk;
+    const uint32_t e0 = es.element0 + static_cast<uint32_t>(i);
+#pragma unroll
+    for (int j = 0; j < N; ++j) pk.elems[j] = StochasticStore<P>::from(in[j], es.key.bits(e0 + static_cast<uint32_t>(j)));
+    store_words(p + i, pk);
+  } else if constexpr (STORAGE == kMaster) {
+    store_pack<N>(static_cast<float*>(es.aux) + i, in);
+    Pack<P, N> pk;
+#pragma unroll
+    for (int j = 0; j < N; ++j) pk.elems[j] = master_copy<P>(in[j]);
+    store_words(p + i, pk);
+  } else if constexpr (STORAGE == kRemainder) {
+    Pack<Bf16, N> pk;
+    Pack<int16_t, N> rk;
+#pragma unroll
+    for (int j = 0; j < N; ++j) encode_remainder(in[j], pk.elems[j].bits, rk.elems[j]);
+    store_words(p + i, pk);
+    store_words(static_cast<int16_t*>(es.aux) + i, rk);
+  } else {
+    store_pack<N>(p + i, in);
+  }
+}
+
+// One parameter (the scalar loop), loaded and stored likewise.
+template <int STORAGE, class P>
+__device__ FASTMUP_INLINE float load_param(const P* p, const EntryStorage& es, int i) {
+  if constexpr (STORAGE == kMaster) {
+    return static_cast<const float*>(es.aux)[i];
+  } else if constexpr (STORAGE == kRemainder) {
+    return decode_remainder(p[i].bits, static_cast<const int16_t*>(es.aux)[i]);
+  } else {
+    return to_float(p[i]);
+  }
+}
+
+template <int STORAGE, class P>
+__device__ FASTMUP_INLINE void store_param(P* p, const EntryStorage& es, int i, float x) {
+  if constexpr (STORAGE == kStochastic) {
+    p[i] = StochasticStore<P>::from(x, es.key.bits(es.element0 + static_cast<uint32_t>(i)));
+  } else if constexpr (STORAGE == kMaster) {
+    static_cast<float*>(es.aux)[i] = x;
+    p[i] = master_copy<P>(x);
+  } else if constexpr (STORAGE == kRemainder) {
+    uint16_t b;
+    encode_remainder(x, b, static_cast<int16_t*>(es.aux)[i]);
+    p[i] = Bf16{b};
+  } else {
+    p[i] = from_float<P>(x);
+  }
+}
+
 // The tensor's buffer from an address table, as a pointer into global
 // memory: torch's CUDA tensors live there, and saying so lets the compiler
 // use global loads and stores rather than generic ones.
@@ -111,9 +230,9 @@ __device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_
 // One block-map entry: n elements of one tensor, by the whole thread block.
 // Slots 0 and 1 are state (S); slot 2 is S or, when read only, an input in
 // the gradient's dtype (S2 = Slot2<Op, G, S>, csrc/common.h).
-template <class Op, int MASK, class P, class G, class S, class S2>
+template <class Op, int MASK, int STORAGE, class P, class G, class S, class S2>
 __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
-                                            int n, const float* clip) {
+                                            int n, const float* clip, const EntryStorage& es) {
   // a deferred clip coefficient (clip_grad), read once; uniform over the block
   const bool clipped = clip != nullptr;
   const float coef = clipped ? *clip : 1.0f;
@@ -125,13 +244,14 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
   for (int k = 0; k < 2; ++k)
     if (MASK & (1 << k)) misaligned |= bits_of(st_ptr[k]);
   if (MASK & 4) misaligned |= bits_of(s2);
+  if constexpr (STORAGE == kMaster || STORAGE == kRemainder) misaligned |= bits_of(es.aux);
   int done = 0;  // n <= kMaxBlock: int offsets, one multiply-add per address
   if ((misaligned & 15u) == 0) {
     const int nvec = static_cast<int>(static_cast<unsigned>(n) / VEC);
     for (int v = threadIdx.x; v < nvec; v += kThreads) {
       const int i = v * VEC;
       float pf[VEC], gf[VEC], sf[kMaxStates][VEC];
-      load_pack<VEC>(p + i, pf);
+      load_param_pack<STORAGE, VEC>(p, es, i, pf);
       load_pack<VEC>(g + i, gf);
       if (clipped) {
 #pragma unroll
@@ -151,7 +271,7 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
         for (int k = 0; k < kMaxStates; ++k)
           if (MASK & (1 << k)) sf[k][j] = st[k];
       }
-      store_pack<VEC>(p + i, pf);
+      store_param_pack<STORAGE, VEC>(p, es, i, pf);
 #pragma unroll
       for (int k = 0; k < 2; ++k)
         if (kStored & (1 << k)) store_pack<VEC>(st_ptr[k] + i, sf[k]);
@@ -164,14 +284,14 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
   // would only add registers to the kernel.
 #pragma unroll 1
   for (int i = done + threadIdx.x; i < n; i += kThreads) {
-    float pf = to_float(p[i]);
+    float pf = load_param<STORAGE>(p, es, i);
     float st[kMaxStates];
 #pragma unroll
     for (int k = 0; k < 2; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
     st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
     const float gi = to_float(g[i]);
     Op::template apply<MASK>(s, pf, clipped ? clip_grad<G>(gi, coef) : gi, st);
-    p[i] = from_float<P>(pf);
+    store_param<STORAGE>(p, es, i, pf);
 #pragma unroll
     for (int k = 0; k < 2; ++k)
       if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
@@ -207,7 +327,7 @@ __device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t
 }
 
 // One entry, in the variant its scalars and the launch's unscaling ask for.
-template <class Op, class P, class G, class S>
+template <class Op, class P, class G, class S, int STORAGE>
 __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const typename Op::Scalars& s,
                                                const Unscale& unscale, int64_t b, int64_t t) {
   const int64_t start = a.start_of_block[b];
@@ -217,11 +337,23 @@ __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const t
   S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
   Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-  dispatch_variant<Op>(s, unscale, [&](auto mask) { update_entry<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n, a.grad_clip); });
+  EntryStorage es;
+  if constexpr (STORAGE == kMaster) es.aux = tensor_ptr<float>(a.storage_ptrs, t, start);
+  if constexpr (STORAGE == kRemainder) es.aux = tensor_ptr<int16_t>(a.storage_ptrs, t, start);
+  if constexpr (STORAGE == kStochastic) {
+    const uint64_t e0 = static_cast<uint64_t>(start);
+    es.key = RoundingKey::of(a.rounding_prefix, static_cast<uint32_t>(a.steps[t]), static_cast<uint32_t>(a.tensor_ids[t]),
+                             static_cast<uint32_t>(e0 >> 32));
+    es.element0 = static_cast<uint32_t>(e0);
+  }
+  dispatch_variant<Op>(s, unscale, [&](auto mask) {
+    update_entry<Op, decltype(mask)::value, STORAGE>(s, p, g, s0, s1, s2, n, a.grad_clip, es);
+  });
 }
 
-template <class Op, class P, class G, class S>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTensorArgs a) {
+// The persistent loop over a block's run of entries.
+template <class Op, class P, class G, class S, int STORAGE>
+__device__ FASTMUP_INLINE void update_entries(const MultiTensorArgs& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: inf/NaN grads, skip the step
   const Unscale unscale = make_unscale(a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
   // at most kMaxEntries entries (launch checks): 32-bit bounds
@@ -240,10 +372,23 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTenso
       run = 0;
       s = Op::prepare(a, t, unscale);
     }
-    update_entry_of<Op, P, G, S>(a, s, unscale, b, t);
+    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t);
     ++run;
   }
   if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
+}
+
+// Parameters stored to nearest (every dtype)...
+template <class Op, class P, class G, class S>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTensorArgs a) {
+  update_entries<Op, P, G, S, kNearest>(a);
+}
+
+// ... and bf16/fp16 parameters under another storage mode (rounding.h's
+// enum Storage), a kernel of its own so that the default one is unchanged.
+template <class Op, class P, class G, class S, int STORAGE>
+__global__ void __launch_bounds__(kThreads) multi_tensor_storage_kernel(const MultiTensorArgs a) {
+  update_entries<Op, P, G, S, STORAGE>(a);
 }
 
 inline void check(cudaError_t err, const char* what) {
@@ -281,9 +426,12 @@ int64_t resident_blocks(Kernel kernel, int device) {
   return std::max(1, sms * std::max(1, per_sm));
 }
 
-template <class Op, class P, class G, class S>
+template <class Op, class P, class G, class S, int STORAGE>
 void launch_typed(const MultiTensorArgs& a, int device, cudaStream_t stream) {
-  auto kernel = multi_tensor_kernel<Op, P, G, S>;
+  auto kernel = [] {
+    if constexpr (STORAGE == kNearest) return multi_tensor_kernel<Op, P, G, S>;
+    else return multi_tensor_storage_kernel<Op, P, G, S, STORAGE>;
+  }();
   // Per kernel instantiation and device (occupancy differs between them);
   // a benign race: concurrent writers store the same value.
   constexpr int kMaxDevices = 64;
@@ -296,6 +444,49 @@ void launch_typed(const MultiTensorArgs& a, int device, cudaStream_t stream) {
   const int64_t grid = std::min<int64_t>(a.nblocks, resident);
   kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a);
   check(cudaGetLastError(), "kernel launch");
+}
+
+// Which algorithms have the storage-mode kernels (rounding.h): those whose
+// optimizers take the modes (fastmup.optim.precision; not ESGD-M).
+template <class Op>
+struct TakesStorageModes : std::true_type {};
+template <>
+struct TakesStorageModes<::fastmup::EsgdOp> : std::false_type {};
+
+// Calls f(std::integral_constant<int, STORAGE>{}) for the launch's storage
+// mode, as the host driver reads it: the modes apply to bf16/fp16
+// parameters (fp32 ones are stored as they are), remainders to bf16 ones
+// (fp16 parameters under kRemainder are stored to nearest, like the host).
+// The mode kernels are built for gradients in the parameter's dtype (what
+// autograd gives a parameter; fastmup.optim.backend refuses the rest).
+template <class Op, class P, class G, class F>
+void dispatch_storage(const MultiTensorArgs& a, const F& f) {
+  using Nearest = std::integral_constant<int, kNearest>;
+  if constexpr (std::is_same<P, float>::value || !TakesStorageModes<Op>::value) {
+    if (!std::is_same<P, float>::value && a.storage != kNearest)
+      throw std::invalid_argument("fastmup: this algorithm has no parameter storage modes (storage code " +
+                                  std::to_string(a.storage) + ")");
+    f(Nearest{});
+  } else {
+    if (a.storage == kNearest) return f(Nearest{});
+    if (a.storage < kNearest || a.storage > kRemainder)
+      throw std::invalid_argument("fastmup: unknown parameter storage code " + std::to_string(a.storage));
+    if ((a.storage == kMaster || a.storage == kRemainder) && a.storage_ptrs == nullptr)
+      throw std::invalid_argument("fastmup: parameter storage mode " + std::to_string(a.storage) + " needs storage_ptrs");
+    if (a.storage == kStochastic && a.tensor_ids == nullptr)
+      throw std::invalid_argument("fastmup: stochastic rounding needs tensor_ids");
+    if constexpr (!std::is_same<G, P>::value) {
+      throw std::invalid_argument("fastmup CUDA backend: parameter storage modes take gradients in the parameter's dtype");
+    } else {
+      switch (a.storage) {
+        case kStochastic: return f(std::integral_constant<int, kStochastic>{});
+        case kMaster: return f(std::integral_constant<int, kMaster>{});
+        default:
+          if constexpr (std::is_same<P, Bf16>::value) return f(std::integral_constant<int, kRemainder>{});
+          else return f(Nearest{});
+      }
+    }
+  }
 }
 
 // Entry point of one algorithm: checks, device guard, dtype dispatch.
@@ -311,7 +502,12 @@ void launch(const MultiTensorArgs& a, int device, uintptr_t stream) {
     throw std::invalid_argument("fastmup: this algorithm needs its scalar state, step and ticket tables");
   DeviceGuard guard(device);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_dtypes(a, [&](auto p, auto g, auto st) { launch_typed<Op, decltype(p), decltype(g), decltype(st)>(a, device, s); });
+  dispatch_dtypes(a, [&](auto p, auto g, auto st) {
+    using P = decltype(p);
+    using G = decltype(g);
+    using S = decltype(st);
+    dispatch_storage<Op, P, G>(a, [&](auto mode) { launch_typed<Op, P, G, S, decltype(mode)::value>(a, device, s); });
+  });
 }
 
 }  // namespace cuda
