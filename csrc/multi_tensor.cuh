@@ -101,19 +101,21 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
 }
 
 // ---------------------------------------------------------------------------
-// The parameter under its storage mode (rounding.h; fastmup.optim.precision),
-// as the host driver loads and stores its tiles (csrc/host/kernels.inc:
+// The parameter under its storage mode (rounding.h; fastmup.optim.precision)
+// of fp32 masters or bf16 remainders, as the host driver loads and stores its tiles (csrc/host/kernels.inc:
 // load_param_tile, store_param_tile): STORAGE is a compile-time choice made
 // once per launch, so the default kernel (kNearest) is the plain one.
 // ---------------------------------------------------------------------------
+// Stochastic rounding (kStochastic) has no CUDA kernel: its counter-based
+// bits (RoundingKey::bits, two 32-bit mixes) and the fp16 rounding cost
+// 20-40 instructions per element, which puts every such loop over the
+// instruction-issue budget of fastmup.inspect (80% of an H200's) and the fp16
+// ones into register spills; fastmup.optim.backend leaves it to Triton.
+//
 // What one entry's storage mode needs: the aux stream at the entry's first
-// element (kMaster: fp32 masters, kRemainder: int16 remainders) and, for
-// kStochastic, the rounding key and the low word of that element's index
-// (entries never straddle 2^32 elements: kBlock divides it).
+// element (kMaster: fp32 masters, kRemainder: int16 remainders).
 struct EntryStorage {
   void* aux = nullptr;
-  RoundingKey key{0u, 0u};
-  uint32_t element0 = 0;
 };
 
 // The bf16/fp16 copy of an fp32 master: bf16 as the remainder split rounds
@@ -164,13 +166,7 @@ __device__ FASTMUP_INLINE void load_param_pack(const P* p, const EntryStorage& e
 // N updated fp32 parameters from element i, stored as the mode keeps them.
 template <int STORAGE, int N, class P>
 __device__ FASTMUP_INLINE void store_param_pack(P* p, const EntryStorage& es, int i, const float (&in)[N]) {
-  if constexpr (STORAGE == kStochastic) {
-    Pack<P, N> pk;
-    const uint32_t e0 = es.element0 + static_cast<uint32_t>(i);
-#pragma unroll
-    for (int j = 0; j < N; ++j) pk.elems[j] = StochasticStore<P>::from(in[j], es.key.bits(e0 + static_cast<uint32_t>(j)));
-    store_words(p + i, pk);
-  } else if constexpr (STORAGE == kMaster) {
+  if constexpr (STORAGE == kMaster) {
     store_pack<N>(static_cast<float*>(es.aux) + i, in);
     Pack<P, N> pk;
 #pragma unroll
@@ -202,9 +198,7 @@ __device__ FASTMUP_INLINE float load_param(const P* p, const EntryStorage& es, i
 
 template <int STORAGE, class P>
 __device__ FASTMUP_INLINE void store_param(P* p, const EntryStorage& es, int i, float x) {
-  if constexpr (STORAGE == kStochastic) {
-    p[i] = StochasticStore<P>::from(x, es.key.bits(es.element0 + static_cast<uint32_t>(i)));
-  } else if constexpr (STORAGE == kMaster) {
+  if constexpr (STORAGE == kMaster) {
     static_cast<float*>(es.aux)[i] = x;
     p[i] = master_copy<P>(x);
   } else if constexpr (STORAGE == kRemainder) {
@@ -340,12 +334,6 @@ __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const t
   EntryStorage es;
   if constexpr (STORAGE == kMaster) es.aux = tensor_ptr<float>(a.storage_ptrs, t, start);
   if constexpr (STORAGE == kRemainder) es.aux = tensor_ptr<int16_t>(a.storage_ptrs, t, start);
-  if constexpr (STORAGE == kStochastic) {
-    const uint64_t e0 = static_cast<uint64_t>(start);
-    es.key = RoundingKey::of(a.rounding_prefix, static_cast<uint32_t>(a.steps[t]), static_cast<uint32_t>(a.tensor_ids[t]),
-                             static_cast<uint32_t>(e0 >> 32));
-    es.element0 = static_cast<uint32_t>(e0);
-  }
   dispatch_variant<Op>(s, unscale, [&](auto mask) {
     update_entry<Op, decltype(mask)::value, STORAGE>(s, p, g, s0, s1, s2, n, a.grad_clip, es);
   });
@@ -454,7 +442,7 @@ template <>
 struct TakesStorageModes<::fastmup::EsgdOp> : std::false_type {};
 
 // Calls f(std::integral_constant<int, STORAGE>{}) for the launch's storage
-// mode, as the host driver reads it: the modes apply to bf16/fp16
+// mode (kNearest, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
 // parameters (fp32 ones are stored as they are), remainders to bf16 ones
 // (fp16 parameters under kRemainder are stored to nearest, like the host).
 // The mode kernels are built for gradients in the parameter's dtype (what
@@ -469,17 +457,16 @@ void dispatch_storage(const MultiTensorArgs& a, const F& f) {
     f(Nearest{});
   } else {
     if (a.storage == kNearest) return f(Nearest{});
+    if (a.storage == kStochastic)
+      throw std::invalid_argument("fastmup CUDA backend: no stochastic rounding kernel (use the triton backend)");
     if (a.storage < kNearest || a.storage > kRemainder)
       throw std::invalid_argument("fastmup: unknown parameter storage code " + std::to_string(a.storage));
     if ((a.storage == kMaster || a.storage == kRemainder) && a.storage_ptrs == nullptr)
       throw std::invalid_argument("fastmup: parameter storage mode " + std::to_string(a.storage) + " needs storage_ptrs");
-    if (a.storage == kStochastic && a.tensor_ids == nullptr)
-      throw std::invalid_argument("fastmup: stochastic rounding needs tensor_ids");
     if constexpr (!std::is_same<G, P>::value) {
       throw std::invalid_argument("fastmup CUDA backend: parameter storage modes take gradients in the parameter's dtype");
     } else {
       switch (a.storage) {
-        case kStochastic: return f(std::integral_constant<int, kStochastic>{});
         case kMaster: return f(std::integral_constant<int, kMaster>{});
         default:
           if constexpr (std::is_same<P, Bf16>::value) return f(std::integral_constant<int, kRemainder>{});

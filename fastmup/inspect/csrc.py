@@ -10,6 +10,10 @@ per kernel instantiation, loop role and architecture.
 The kernel ``multi_tensor_kernel<Op, P, G, S>`` is instantiated for every
 dtype combination; records cover those with ``G == P`` (autograd gives a
 parameter a gradient of its own dtype, so those are the ones a launch meets).
+``multi_tensor_storage_kernel<Op, P, P, S, STORAGE>`` is the same update
+under a parameter storage mode (:data:`STORAGE_KERNELS`): its records carry
+``variant["storage"]`` and the mode's streams (an fp32 master read and
+written in place of the param's read; a 16-bit remainder beside the param).
 Each instantiation runs ``update_entry`` in the variants of
 ``dispatch_variant`` (common.h): two state masks (``base``, and ``full``:
 amsgrad, momentum, an HVP step), the gradient unscaled by an exact multiply
@@ -24,7 +28,7 @@ handles the vector width (``VecWidth`` of multi_tensor.cuh: 16 bytes of the
 narrowest dtype) or, in a scalar loop, one element.
 
 Record fields are those of :mod:`fastmup.inspect.records`; ``variant`` is
-``{"param", "grad", "state", "mask", "divide", ["max_rule",] "aligned"}``, ``options`` the nvcc flags.
+``{"param", "grad", "state", "mask", "divide", ["max_rule",] "aligned"[, "storage"]}``, ``options`` the nvcc flags.
 """
 from __future__ import annotations
 
@@ -42,10 +46,10 @@ from typing import Optional, Sequence
 
 from . import records, sass, targets, toolchain
 
-__all__ = ["inspect_csrc", "nvcc_command", "OPS", "VARIANTS", "Variant"]
+__all__ = ["inspect_csrc", "nvcc_command", "OPS", "STORAGE_KERNELS", "VARIANTS", "Variant"]
 
 _DTYPES = {"float": ("fp32", 4), "fastmup::Bf16": ("bf16", 2), "fastmup::Fp16": ("fp16", 2)}
-_KERNEL = re.compile(r"fastmup::cuda::multi_tensor_kernel<fastmup::(\w+), ([\w:]+), ([\w:]+), ([\w:]+)>")
+_KERNEL = re.compile(r"fastmup::cuda::multi_tensor_(?:storage_)?kernel<fastmup::(\w+), ([\w:]+), ([\w:]+), ([\w:]+)(?:, (\d+))?>")
 
 #: Op -> (kernel name, streams of the base mask, streams the full mask adds);
 #: a stream is (name, role, reads, writes), role: P, G or S (its dtype).
@@ -98,6 +102,19 @@ def _variants(op: str) -> list[Variant]:
 
 #: every compiled variant of each Op's update, as :func:`inspect_csrc` labels the loops
 VARIANTS = {op: _variants(op) for op in OPS}
+
+#: the parameter storage modes (csrc/rounding.h's enum Storage, fastmup.plan.spec.ParamStorage) by code
+STORAGE_NAMES = {0: "nearest", 1: "stochastic", 2: "master", 3: "remainder"}
+
+#: Op -> param dtype -> the storage modes other than "nearest" compiled for it
+#: (``multi_tensor_storage_kernel``, instantiated for gradients in the param's
+#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none, and
+#: stochastic rounding has no CUDA kernel (csrc/multi_tensor.cuh says why)
+STORAGE_KERNELS = {
+    "AdamOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
+    "SgdOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
+    "EsgdOp": {},
+}
 
 
 def nvcc_command(source: Path, archs: Sequence[int], out: Path, *, contraction: bool = True, ptx_only: bool = False) -> list[str]:
@@ -154,21 +171,26 @@ def _ptx(obj: Path, arch: int) -> dict[str, str]:
     return sass.ptx_functions(text)
 
 
-def _streams(op: str, mask: str, sizes: dict[str, int]) -> list[records.Stream]:
+def _streams(op: str, mask: str, sizes: dict[str, int], storage: str = "nearest") -> list[records.Stream]:
     _, base, extra = OPS[op]
     merged: dict[str, list] = {}
     for name, role, r, w in base + (extra if mask == "full" else []):
         entry = merged.setdefault(name, [sizes[role], 0, 0])
         entry[1] |= r
         entry[2] |= w
+    if storage == "master":  # the update starts from the fp32 master: the param is only written
+        merged["param"][1] = 0
+        merged["master_weight"] = [4, 1, 1]
+    elif storage == "remainder":
+        merged["weight_remainder"] = [2, 1, 1]
     return [records.Stream(name, b, r, w) for name, (b, r, w) in merged.items()]
 
 
-def _expected_bytes(op: str, mask: str, sizes: dict[str, int]) -> int:
-    return sum(st.bytes * (st.reads + st.writes) for st in _streams(op, mask, sizes))
+def _expected_bytes(op: str, mask: str, sizes: dict[str, int], storage: str = "nearest") -> int:
+    return sum(st.bytes * (st.reads + st.writes) for st in _streams(op, mask, sizes, storage))
 
 
-def _roles(op: str, loops: list[dict], sizes: dict[str, int]) -> list[tuple[int, Optional[Variant], bool]]:
+def _roles(op: str, loops: list[dict], sizes: dict[str, int], storage: str = "nearest") -> list[tuple[int, Optional[Variant], bool]]:
     """(loop index, variant, aligned) for the loops of one kernel function.
 
     Vector loops have 128-bit accesses (``aligned``), scalar loops none.  A
@@ -186,7 +208,7 @@ def _roles(op: str, loops: list[dict], sizes: dict[str, int]) -> list[tuple[int,
         variants = VARIANTS[op]
 
         def fits(loop: dict, v: Variant) -> bool:
-            expected = _expected_bytes(op, v.mask, sizes)
+            expected = _expected_bytes(op, v.mask, sizes, storage)
             elements, rest = divmod(loop["bytes"], expected)
             if rest or not elements or (elements % vec if aligned else elements != 1):
                 return False
@@ -244,7 +266,8 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                     m = _KERNEL.search(names[mangled])
                     if not m or m.group(1) not in OPS:
                         continue
-                    op, p, g, s = m.groups()
+                    op, p, g, s, code = m.groups()
+                    storage = STORAGE_NAMES[int(code or 0)]
                     if g != p:
                         continue
                     facts = records.binary_facts(fn, usage.get(mangled, {}))
@@ -254,11 +277,13 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                         ptx_uncontracted=sass.ptx_fma_count(plain_ptx.get(mangled, "")),
                         contractible=sass.ptx_contractible_count(ptx.get(mangled, "")),
                     )
-                    roles = _roles(op, facts["loops"], sizes)
+                    roles = _roles(op, facts["loops"], sizes, storage)
                     for n, (index, v, aligned) in enumerate(roles):
                         flags = v.flags(op) if v is not None else {"mask": f"loop{n}"}
                         variant = dict(param=_DTYPES[p][0], grad=_DTYPES[g][0], state=_DTYPES[s][0], **flags, aligned=aligned)
-                        streams = _streams(op, v.mask if v is not None else "full", sizes)
+                        if storage != "nearest":
+                            variant["storage"] = storage
+                        streams = _streams(op, v.mask if v is not None else "full", sizes, storage)
                         out.append(
                             records.make_record(
                                 source="csrc",
@@ -271,7 +296,7 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                                 elements_per_iteration=16 // min(sizes.values()) if aligned else 1,
                                 streams=streams,
                                 default=v is not None and aligned and not v.divide and not v.max_rule
-                                and (v.mask == "base" or op != "AdamOp"),
+                                and (v.mask == "base" or op != "AdamOp") and storage == "nearest",
                                 fma=fma,
                                 options={"nvcc": shlex.join(probe[1:-4])},
                                 compiler=compiler,

@@ -44,17 +44,21 @@ def _check(records, bad, what: str) -> None:
 
 
 def test_every_kernel_compiles_for_both_targets(records):
-    """Every (param, state) dtype pair of every algorithm has, on both
-    architectures, a vector and a scalar loop of each of its variants, each
-    found once in the SASS."""
+    """Every (param, state) dtype pair of every algorithm, and every
+    parameter storage mode compiled for it (csrc.STORAGE_KERNELS), has, on
+    both architectures, a vector and a scalar loop of each of its variants,
+    each found once in the SASS."""
     found = {}
     for r in records:
         v = r["variant"]
         flags = (v["mask"], v["divide"], v.get("max_rule", False))
-        found.setdefault((r["kernel"], v["param"], v["state"]), []).append((r["arch"], flags, v["aligned"]))
-    # 3 algorithms x 9 (param, state) dtype pairs
-    assert len(found) == 27
-    for (kernel, _, _), loops in found.items():
+        found.setdefault((r["kernel"], v["param"], v["state"], v.get("storage", "nearest")), []).append((r["arch"], flags, v["aligned"]))
+    # 3 algorithms x 9 (param, state) dtype pairs, then the storage modes of each 16-bit param and state dtype
+    storage = {(spec[0], param, state, mode) for op, spec in csrc.OPS.items() for param, modes in csrc.STORAGE_KERNELS[op].items()
+               for mode in modes for state in ("fp32", "bf16", "fp16")}
+    assert len(storage) == 2 * 3 * (2 + 1)  # Adam and SGD: bf16 masters and remainders, fp16 masters
+    assert len(found) == 27 + len(storage) and storage <= set(found)
+    for (kernel, _, _, _), loops in found.items():
         (op,) = [op for op, spec in csrc.OPS.items() if spec[0] == kernel]
         every = [(arch, (x.mask, x.divide, x.max_rule), aligned)
                  for arch in (80, 90) for x in csrc.VARIANTS[op] for aligned in (True, False)]
@@ -132,7 +136,8 @@ def test_the_command_line_prints_and_writes_the_records(records, tmp_path, capsy
     written = json.loads(out.read_text())
     assert lines[0].split() == [h for h, _ in COLUMNS] and len(lines) == 2 + len(written)
     assert written and all(r["kernel"] == "sgd" and r["arch"] == 90 and r["variant"]["param"] == "bf16" for r in written)
-    assert len(written) == 3 * 4 * 2  # three state dtypes; two masks, each unscaled two ways; vector and scalar loops
+    # three state dtypes; two masks, each unscaled two ways; vector and scalar loops; to nearest, fp32 masters, remainders
+    assert len(written) == 3 * 4 * 2 * 3
     main(["--source", "csrc", "--kernel", "sgd", "--arch", "90", "--dtype", "bf16", "--worst", "--markdown"])
     md = capsys.readouterr().out.splitlines()
     assert md[0].startswith("| source |") and len(md) == 2 + 3

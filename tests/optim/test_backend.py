@@ -109,3 +109,20 @@ def test_failed_build_raises_for_a_requested_backend(tmp_path):
     result = _first_steps(tmp_path, "cpu", FASTMUP_EXT_DIR=str(tmp_path / "cache"), FASTMUP_CXXFLAGS="--fastmup-no-such-flag")
     assert result.returncode != 0
     assert "BuildError" in result.stderr and "fastmup-no-such-flag" in result.stderr
+
+
+def test_storage_modes_each_backend_implements():
+    """The cuda kernels store fp32 masters and bf16 remainders, not
+    stochastic rounding (csrc/multi_tensor.cuh); their storage kernels take
+    gradients in the parameter's dtype."""
+    p = torch.zeros(8, dtype=torch.bfloat16)
+    for storage in ("nearest", "master", "remainder"):
+        assert backend.fused_refusal(p, p, torch.float32, storage, "cuda") is None
+    refusal = backend.fused_refusal(p, p, torch.float32, "stochastic", "cuda")
+    assert refusal.error is NotImplementedError and "stochastic" in refusal.reason
+    for name in ("triton", "cpu"):
+        assert backend.fused_refusal(p, p, torch.float32, "stochastic", name) is None
+    mixed = backend.fused_refusal(p, p.float(), torch.float32, "master", "cuda")
+    assert mixed.error is TypeError and "master" in mixed.reason
+    assert backend.fused_refusal(p, p.float(), torch.float32, "master", "cpu") is None
+    assert backend.fused_refusal(p, p.float(), torch.float32, "nearest", "cuda") is None
