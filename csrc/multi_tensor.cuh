@@ -13,7 +13,11 @@
 //   aligned, each thread moves VEC consecutive elements with 16-byte global
 //   loads/stores (VEC = 16 / smallest element size), straight from and to
 //   registers; the tail of a tensor, and tensors with a misaligned buffer,
-//   take the scalar path.
+//   take the scalar path (two elements per thread and iteration, the
+//   deferred clip decided outside the loop).
+// * bf16/fp16 parameters under a storage mode of fastmup.optim.precision
+//   (fp32 master weights, bf16 + 16-bit remainders) run kernels of their own
+//   (multi_tensor_storage_kernel), chosen once per launch.
 // * found_inf and grad_scale are read on the device: no host sync, and the
 //   launch is capturable in a CUDA graph.  A power-of-two grad_scale (or
 //   none) is undone by an exact multiply, any other by a division
@@ -221,6 +225,52 @@ __device__ FASTMUP_INLINE T* tensor_ptr(const int64_t* table, int64_t t, int64_t
 
 __device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 
+// clip_grad (grad_norm.h) with the same rounding in fewer instructions
+// for a bf16 gradient: the conversion that packs the value into the high
+// half of a word whose low half is zero gives the widened value itself.
+template <class G>
+__device__ FASTMUP_INLINE float clip_gradient(float g, float coef) {
+  if constexpr (std::is_same<G, Bf16>::value) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(0.0f, g * coef);  // .x, the low half: 0
+    return __uint_as_float(*reinterpret_cast<const uint32_t*>(&h));
+  } else {
+    return clip_grad<G>(g, coef);
+  }
+}
+
+// The scalar loop of update_entry from element `done` on: two elements per
+// thread and iteration (kThreads apart), so that the loop's count and
+// address arithmetic and the reciprocal of a uniform divisor are shared, the
+// odd element left after it; CLIP (the deferred clip, uniform) decided
+// outside it.
+template <class Op, int MASK, int STORAGE, bool CLIP, class P, class G, class S, class S2>
+__device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
+                                           int done, int n, float coef, const EntryStorage& es) {
+  constexpr int kStored = Op::template stored<MASK>();
+  S* st_ptr[2] = {s0, s1};
+  auto one = [&](int i) {
+    float pf = load_param<STORAGE>(p, es, i);
+    float st[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
+    st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
+    const float gi = to_float(g[i]);
+    Op::template apply<MASK>(s, pf, CLIP ? clip_gradient<G>(gi, coef) : gi, st);
+    store_param<STORAGE>(p, es, i, pf);
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
+    if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
+  };
+  int i = done + static_cast<int>(threadIdx.x);
+#pragma unroll 1
+  for (; i + kThreads < n; i += 2 * kThreads) {
+    one(i);
+    one(i + kThreads);
+  }
+  if (i < n) one(i);
+}
+
 // One block-map entry: n elements of one tensor, by the whole thread block.
 // Slots 0 and 1 are state (S); slot 2 is S or, when read only, an input in
 // the gradient's dtype (S2 = Slot2<Op, G, S>, csrc/common.h).
@@ -274,22 +324,11 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
     done = nvec * VEC;
   }
   // The tail (under VEC elements), or every element of a tensor with a
-  // misaligned buffer (rare: a view at an odd offset).  Not unrolled: it
-  // would only add registers to the kernel.
-#pragma unroll 1
-  for (int i = done + threadIdx.x; i < n; i += kThreads) {
-    float pf = load_param<STORAGE>(p, es, i);
-    float st[kMaxStates];
-#pragma unroll
-    for (int k = 0; k < 2; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
-    st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
-    const float gi = to_float(g[i]);
-    Op::template apply<MASK>(s, pf, clipped ? clip_grad<G>(gi, coef) : gi, st);
-    store_param<STORAGE>(p, es, i, pf);
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-      if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
-    if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
+  // misaligned buffer (rare: a view at an odd offset).
+  if (clipped) {
+    scalar_loop<Op, MASK, STORAGE, true>(s, p, g, s0, s1, s2, done, n, coef, es);
+  } else {
+    scalar_loop<Op, MASK, STORAGE, false>(s, p, g, s0, s1, s2, done, n, coef, es);
   }
 }
 
@@ -366,16 +405,19 @@ __device__ FASTMUP_INLINE void update_entries(const MultiTensorArgs& a) {
   if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
 }
 
-// Parameters stored to nearest (every dtype)...
+// Parameters stored to nearest (every dtype)...  (The bounds' minimum of one
+// resident block leaves ptxas the registers it asks for: with the thread
+// count alone it holds some instantiations at 64 and spills their per-run
+// values.)
 template <class Op, class P, class G, class S>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTensorArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) multi_tensor_kernel(const MultiTensorArgs a) {
   update_entries<Op, P, G, S, kNearest>(a);
 }
 
 // ... and bf16/fp16 parameters under another storage mode (rounding.h's
 // enum Storage), a kernel of its own so that the default one is unchanged.
 template <class Op, class P, class G, class S, int STORAGE>
-__global__ void __launch_bounds__(kThreads) multi_tensor_storage_kernel(const MultiTensorArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) multi_tensor_storage_kernel(const MultiTensorArgs a) {
   update_entries<Op, P, G, S, STORAGE>(a);
 }
 

@@ -19,16 +19,19 @@ Each instantiation runs ``update_entry`` in the variants of
 amsgrad, momentum, an HVP step), the gradient unscaled by an exact multiply
 or, for a loss scale without an exact reciprocal, divided (``divide``), and
 for ESGD-M's HVP steps the EMA or the max rule (``max_rule``): :data:`VARIANTS`.
-Each variant has a 16-byte vector loop (every buffer aligned) and a scalar
-loop (the tail, or every element of a misaligned tensor).  Loops are told
+Each variant has a 16-byte vector loop (every buffer aligned) and two scalar
+loops (the tail, or every element of a misaligned tensor), with and without
+the deferred clip (``clip``), each moving two elements per thread and
+iteration (:data:`SCALAR_ELEMENTS`).  Loops are told
 apart in the SASS (:func:`_roles`): vector loops have 128-bit accesses
 (``aligned: True``); the bytes a loop moves give its mask, its IEEE divisions
 and NaN-propagating maxes per element the rest.  One copy of a loop body
 handles the vector width (``VecWidth`` of multi_tensor.cuh: 16 bytes of the
-narrowest dtype) or, in a scalar loop, one element.
+narrowest dtype) or, in a scalar loop (two copies), one element.
 
 Record fields are those of :mod:`fastmup.inspect.records`; ``variant`` is
-``{"param", "grad", "state", "mask", "divide", ["max_rule",] "aligned"[, "storage"]}``, ``options`` the nvcc flags.
+``{"param", "grad", "state", "mask", "divide", ["max_rule",] ["clip",] "aligned"[, "storage"]}``
+(``clip``: scalar loops only), ``options`` the nvcc flags.
 """
 from __future__ import annotations
 
@@ -190,47 +193,62 @@ def _expected_bytes(op: str, mask: str, sizes: dict[str, int], storage: str = "n
     return sum(st.bytes * (st.reads + st.writes) for st in _streams(op, mask, sizes, storage))
 
 
-def _roles(op: str, loops: list[dict], sizes: dict[str, int], storage: str = "nearest") -> list[tuple[int, Optional[Variant], bool]]:
-    """(loop index, variant, aligned) for the loops of one kernel function.
+#: elements per thread in one iteration of a scalar loop (multi_tensor.cuh's scalar_loop)
+SCALAR_ELEMENTS = 2
+
+
+def _roles(op: str, loops: list[dict], sizes: dict[str, int], storage: str = "nearest") -> list[tuple[int, Optional[Variant], bool, Optional[bool]]]:
+    """(loop index, variant, aligned, clip) for the loops of one kernel function.
 
     Vector loops have 128-bit accesses (``aligned``), scalar loops none.  A
     loop is a variant's when it moves a whole number of elements of the
     variant's streams (vector loops: a multiple of the vector width; scalar
-    loops, never unrolled: one) and has the variant's divisions and
-    NaN-propagating maxes for that many elements.  Each kind must match the
-    variants one to one; when the code does not (a changed kernel), the loops
-    get no variant (None) and show as ``loopN`` with the full mask's streams.
+    loops: :data:`SCALAR_ELEMENTS`) and has the variant's divisions and
+    NaN-propagating maxes for that many elements.  Each variant has one
+    vector loop and two scalar loops, one with the deferred clip (``clip``:
+    the longer, as it does the clip's work besides) and one without; the
+    loops must match them one to one; when the code does not (a changed
+    kernel), the loops get no variant (None) and show as ``loopN`` with the
+    full mask's streams.
     """
     vec = 16 // min(sizes.values())
     out = []
     for aligned in (True, False):
         kind = [k for k, loop in enumerate(loops) if (loop["loads_128"] + loop["stores_128"] > 0) == aligned]
-        variants = VARIANTS[op]
+        variants = list(VARIANTS[op]) if aligned else [v for v in VARIANTS[op] for _ in range(2)]
 
         def fits(loop: dict, v: Variant) -> bool:
             expected = _expected_bytes(op, v.mask, sizes, storage)
             elements, rest = divmod(loop["bytes"], expected)
-            if rest or not elements or (elements % vec if aligned else elements != 1):
+            if rest or not elements or (elements % vec if aligned else elements != SCALAR_ELEMENTS):
                 return False
             return loop.get("divisions") == v.divisions * elements and loop.get("nan_maxes") == v.nan_maxes * elements
 
-        options = {k: [v for v in variants if fits(loops[k], v)] for k in kind}
-        assignment: dict[int, Variant] = {}
+        options = {k: [n for n, v in enumerate(variants) if fits(loops[k], v)] for k in kind}
+        assignment: dict[int, int] = {}
 
         def assign(i: int, used: set) -> bool:
             if i == len(kind):
                 return True
-            for v in options[kind[i]]:
-                if v not in used:
-                    assignment[kind[i]] = v
-                    if assign(i + 1, used | {v}):
+            for n in options[kind[i]]:
+                if n not in used:
+                    assignment[kind[i]] = n
+                    if assign(i + 1, used | {n}):
                         return True
             return False
 
         if len(kind) == len(variants) and assign(0, set()):
-            out += [(k, assignment[k], aligned) for k in kind]
+            if aligned:
+                out += [(k, variants[assignment[k]], aligned, None) for k in kind]
+            else:
+                by_variant: dict[Variant, list[int]] = {}
+                for k in kind:
+                    by_variant.setdefault(variants[assignment[k]], []).append(k)
+                for v, ks in by_variant.items():
+                    shorter, longer = sorted(ks, key=lambda k: (loops[k]["instructions"], k))
+                    out += [(shorter, v, aligned, False), (longer, v, aligned, True)]
         else:
-            out += [(k, None, aligned) for k in kind]
+            out += [(k, None, aligned, None) for k in kind]
     return out
 
 
@@ -278,8 +296,10 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                         contractible=sass.ptx_contractible_count(ptx.get(mangled, "")),
                     )
                     roles = _roles(op, facts["loops"], sizes, storage)
-                    for n, (index, v, aligned) in enumerate(roles):
+                    for n, (index, v, aligned, clip) in enumerate(roles):
                         flags = v.flags(op) if v is not None else {"mask": f"loop{n}"}
+                        if clip is not None:
+                            flags["clip"] = clip
                         variant = dict(param=_DTYPES[p][0], grad=_DTYPES[g][0], state=_DTYPES[s][0], **flags, aligned=aligned)
                         if storage != "nearest":
                             variant["storage"] = storage
@@ -293,7 +313,7 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                                 variant=variant,
                                 facts=facts,
                                 shared_bytes=0,
-                                elements_per_iteration=16 // min(sizes.values()) if aligned else 1,
+                                elements_per_iteration=16 // min(sizes.values()) if aligned else SCALAR_ELEMENTS,
                                 streams=streams,
                                 default=v is not None and aligned and not v.divide and not v.max_rule
                                 and (v.mask == "base" or op != "AdamOp") and storage == "nearest",
