@@ -13,7 +13,11 @@
 //   aligned, each thread moves VEC consecutive elements with 16-byte global
 //   loads/stores (VEC = 16 / smallest element size), straight from and to
 //   registers; the tail of a tensor, and tensors with a misaligned buffer,
-//   take the scalar path.
+//   take the scalar path (two elements per thread and iteration, the
+//   deferred clip decided outside the loop).
+// * bf16/fp16 parameters under a storage mode of fastmup.optim.precision
+//   (fp32 master weights, bf16 + 16-bit remainders) run kernels of their own
+//   (multi_tensor_storage_kernel), chosen once per launch.
 // * found_inf and grad_scale are read on the device: no host sync, and the
 //   launch is capturable in a CUDA graph.  A power-of-two grad_scale (or
 //   none) is undone by an exact multiply, any other by a division
@@ -35,8 +39,11 @@
 
 #include "common.h"
 #include "grad_norm.h"
+#include "rounding.h"
 
 namespace fastmup {
+struct EsgdOp;  // esgd_math.h
+
 namespace cuda {
 
 constexpr int kThreads = 256;
@@ -97,6 +104,116 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
   for (int k = 0; k < Pack<T, N>::kWords; ++k) w[k] = pk.words[k];
 }
 
+// ---------------------------------------------------------------------------
+// The parameter under its storage mode (rounding.h; fastmup.optim.precision)
+// of fp32 masters or bf16 remainders, as the host driver loads and stores its tiles (csrc/host/kernels.inc:
+// load_param_tile, store_param_tile): STORAGE is a compile-time choice made
+// once per launch, so the default kernel (kNearest) is the plain one.
+// ---------------------------------------------------------------------------
+// Stochastic rounding (kStochastic) has no CUDA kernel: its counter-based
+// bits (RoundingKey::bits, two 32-bit mixes) and the fp16 rounding cost
+// 20-40 instructions per element, which puts every such loop over the
+// instruction-issue budget of fastmup.inspect (80% of an H200's) and the fp16
+// ones into register spills; fastmup.optim.backend leaves it to Triton.
+//
+// What one entry's storage mode needs: the aux stream at the entry's first
+// element (kMaster: fp32 masters, kRemainder: int16 remainders).
+struct EntryStorage {
+  void* aux = nullptr;
+};
+
+// The bf16/fp16 copy of an fp32 master: bf16 as the remainder split rounds
+// it (nearest, ties away), so that both master modes store the same
+// parameter; fp16 to nearest even.
+template <class P>
+__device__ FASTMUP_INLINE P master_copy(float x) {
+  if constexpr (std::is_same<P, Bf16>::value) {
+    return Bf16{round_nearest_away_bf16(x)};
+  } else {
+    return from_float<P>(x);
+  }
+}
+
+template <class T, int N>
+__device__ FASTMUP_INLINE void load_words(const T* src, Pack<T, N>& pk) {
+  const uint4* w = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+  for (int k = 0; k < Pack<T, N>::kWords; ++k) pk.words[k] = w[k];
+}
+
+template <class T, int N>
+__device__ FASTMUP_INLINE void store_words(T* dst, const Pack<T, N>& pk) {
+  uint4* w = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int k = 0; k < Pack<T, N>::kWords; ++k) w[k] = pk.words[k];
+}
+
+// N parameters from element i of the entry, as the update starts from them:
+// the parameter, its fp32 master (the parameter is not read), or the
+// parameter joined with its remainder.
+template <int STORAGE, int N, class P>
+__device__ FASTMUP_INLINE void load_param_pack(const P* p, const EntryStorage& es, int i, float (&out)[N]) {
+  if constexpr (STORAGE == kMaster) {
+    load_pack<N>(static_cast<const float*>(es.aux) + i, out);
+  } else if constexpr (STORAGE == kRemainder) {
+    Pack<Bf16, N> pk;
+    Pack<int16_t, N> rk;
+    load_words(p + i, pk);
+    load_words(static_cast<const int16_t*>(es.aux) + i, rk);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = decode_remainder(pk.elems[j].bits, rk.elems[j]);
+  } else {
+    load_pack<N>(p + i, out);
+  }
+}
+
+// N updated fp32 parameters from element i, stored as the mode keeps them.
+template <int STORAGE, int N, class P>
+__device__ FASTMUP_INLINE void store_param_pack(P* p, const EntryStorage& es, int i, const float (&in)[N]) {
+  if constexpr (STORAGE == kMaster) {
+    store_pack<N>(static_cast<float*>(es.aux) + i, in);
+    Pack<P, N> pk;
+#pragma unroll
+    for (int j = 0; j < N; ++j) pk.elems[j] = master_copy<P>(in[j]);
+    store_words(p + i, pk);
+  } else if constexpr (STORAGE == kRemainder) {
+    Pack<Bf16, N> pk;
+    Pack<int16_t, N> rk;
+#pragma unroll
+    for (int j = 0; j < N; ++j) encode_remainder(in[j], pk.elems[j].bits, rk.elems[j]);
+    store_words(p + i, pk);
+    store_words(static_cast<int16_t*>(es.aux) + i, rk);
+  } else {
+    store_pack<N>(p + i, in);
+  }
+}
+
+// One parameter (the scalar loop), loaded and stored likewise.
+template <int STORAGE, class P>
+__device__ FASTMUP_INLINE float load_param(const P* p, const EntryStorage& es, int i) {
+  if constexpr (STORAGE == kMaster) {
+    return static_cast<const float*>(es.aux)[i];
+  } else if constexpr (STORAGE == kRemainder) {
+    return decode_remainder(p[i].bits, static_cast<const int16_t*>(es.aux)[i]);
+  } else {
+    return to_float(p[i]);
+  }
+}
+
+template <int STORAGE, class P>
+__device__ FASTMUP_INLINE void store_param(P* p, const EntryStorage& es, int i, float x) {
+  if constexpr (STORAGE == kMaster) {
+    static_cast<float*>(es.aux)[i] = x;
+    p[i] = master_copy<P>(x);
+  } else if constexpr (STORAGE == kRemainder) {
+    uint16_t b;
+    encode_remainder(x, b, static_cast<int16_t*>(es.aux)[i]);
+    p[i] = Bf16{b};
+  } else {
+    p[i] = from_float<P>(x);
+  }
+}
+
 // The tensor's buffer from an address table, as a pointer into global
 // memory: torch's CUDA tensors live there, and saying so lets the compiler
 // use global loads and stores rather than generic ones.
@@ -108,12 +225,58 @@ __device__ FASTMUP_INLINE T* tensor_ptr(const int64_t* table, int64_t t, int64_t
 
 __device__ FASTMUP_INLINE uintptr_t bits_of(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 
+// clip_grad (grad_norm.h) with the same rounding in fewer instructions
+// for a bf16 gradient: the conversion that packs the value into the high
+// half of a word whose low half is zero gives the widened value itself.
+template <class G>
+__device__ FASTMUP_INLINE float clip_gradient(float g, float coef) {
+  if constexpr (std::is_same<G, Bf16>::value) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(0.0f, g * coef);  // .x, the low half: 0
+    return __uint_as_float(*reinterpret_cast<const uint32_t*>(&h));
+  } else {
+    return clip_grad<G>(g, coef);
+  }
+}
+
+// The scalar loop of update_entry from element `done` on: two elements per
+// thread and iteration (kThreads apart), so that the loop's count and
+// address arithmetic and the reciprocal of a uniform divisor are shared, the
+// odd element left after it; CLIP (the deferred clip, uniform) decided
+// outside it.
+template <class Op, int MASK, int STORAGE, bool CLIP, class P, class G, class S, class S2>
+__device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
+                                           int done, int n, float coef, const EntryStorage& es) {
+  constexpr int kStored = Op::template stored<MASK>();
+  S* st_ptr[2] = {s0, s1};
+  auto one = [&](int i) {
+    float pf = load_param<STORAGE>(p, es, i);
+    float st[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
+    st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
+    const float gi = to_float(g[i]);
+    Op::template apply<MASK>(s, pf, CLIP ? clip_gradient<G>(gi, coef) : gi, st);
+    store_param<STORAGE>(p, es, i, pf);
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
+    if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
+  };
+  int i = done + static_cast<int>(threadIdx.x);
+#pragma unroll 1
+  for (; i + kThreads < n; i += 2 * kThreads) {
+    one(i);
+    one(i + kThreads);
+  }
+  if (i < n) one(i);
+}
+
 // One block-map entry: n elements of one tensor, by the whole thread block.
 // Slots 0 and 1 are state (S); slot 2 is S or, when read only, an input in
 // the gradient's dtype (S2 = Slot2<Op, G, S>, csrc/common.h).
-template <class Op, int MASK, class P, class G, class S, class S2>
+template <class Op, int MASK, int STORAGE, class P, class G, class S, class S2>
 __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
-                                            int n, const float* clip) {
+                                            int n, const float* clip, const EntryStorage& es) {
   // a deferred clip coefficient (clip_grad), read once; uniform over the block
   const bool clipped = clip != nullptr;
   const float coef = clipped ? *clip : 1.0f;
@@ -125,13 +288,14 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
   for (int k = 0; k < 2; ++k)
     if (MASK & (1 << k)) misaligned |= bits_of(st_ptr[k]);
   if (MASK & 4) misaligned |= bits_of(s2);
+  if constexpr (STORAGE == kMaster || STORAGE == kRemainder) misaligned |= bits_of(es.aux);
   int done = 0;  // n <= kMaxBlock: int offsets, one multiply-add per address
   if ((misaligned & 15u) == 0) {
     const int nvec = static_cast<int>(static_cast<unsigned>(n) / VEC);
     for (int v = threadIdx.x; v < nvec; v += kThreads) {
       const int i = v * VEC;
       float pf[VEC], gf[VEC], sf[kMaxStates][VEC];
-      load_pack<VEC>(p + i, pf);
+      load_param_pack<STORAGE, VEC>(p, es, i, pf);
       load_pack<VEC>(g + i, gf);
       if (clipped) {
 #pragma unroll
@@ -151,7 +315,7 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
         for (int k = 0; k < kMaxStates; ++k)
           if (MASK & (1 << k)) sf[k][j] = st[k];
       }
-      store_pack<VEC>(p + i, pf);
+      store_param_pack<STORAGE, VEC>(p, es, i, pf);
 #pragma unroll
       for (int k = 0; k < 2; ++k)
         if (kStored & (1 << k)) store_pack<VEC>(st_ptr[k] + i, sf[k]);
@@ -160,22 +324,11 @@ __device__ FASTMUP_INLINE void update_entry(const typename Op::Scalars& s, P* p,
     done = nvec * VEC;
   }
   // The tail (under VEC elements), or every element of a tensor with a
-  // misaligned buffer (rare: a view at an odd offset).  Not unrolled: it
-  // would only add registers to the kernel.
-#pragma unroll 1
-  for (int i = done + threadIdx.x; i < n; i += kThreads) {
-    float pf = to_float(p[i]);
-    float st[kMaxStates];
-#pragma unroll
-    for (int k = 0; k < 2; ++k) st[k] = (MASK & (1 << k)) ? to_float(st_ptr[k][i]) : 0.0f;
-    st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
-    const float gi = to_float(g[i]);
-    Op::template apply<MASK>(s, pf, clipped ? clip_grad<G>(gi, coef) : gi, st);
-    p[i] = from_float<P>(pf);
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-      if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
-    if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
+  // misaligned buffer (rare: a view at an odd offset).
+  if (clipped) {
+    scalar_loop<Op, MASK, STORAGE, true>(s, p, g, s0, s1, s2, done, n, coef, es);
+  } else {
+    scalar_loop<Op, MASK, STORAGE, false>(s, p, g, s0, s1, s2, done, n, coef, es);
   }
 }
 
@@ -207,7 +360,7 @@ __device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t
 }
 
 // One entry, in the variant its scalars and the launch's unscaling ask for.
-template <class Op, class P, class G, class S>
+template <class Op, class P, class G, class S, int STORAGE>
 __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const typename Op::Scalars& s,
                                                const Unscale& unscale, int64_t b, int64_t t) {
   const int64_t start = a.start_of_block[b];
@@ -217,11 +370,17 @@ __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const t
   S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
   Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-  dispatch_variant<Op>(s, unscale, [&](auto mask) { update_entry<Op, decltype(mask)::value>(s, p, g, s0, s1, s2, n, a.grad_clip); });
+  EntryStorage es;
+  if constexpr (STORAGE == kMaster) es.aux = tensor_ptr<float>(a.storage_ptrs, t, start);
+  if constexpr (STORAGE == kRemainder) es.aux = tensor_ptr<int16_t>(a.storage_ptrs, t, start);
+  dispatch_variant<Op>(s, unscale, [&](auto mask) {
+    update_entry<Op, decltype(mask)::value, STORAGE>(s, p, g, s0, s1, s2, n, a.grad_clip, es);
+  });
 }
 
-template <class Op, class P, class G, class S>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTensorArgs a) {
+// The persistent loop over a block's run of entries.
+template <class Op, class P, class G, class S, int STORAGE>
+__device__ FASTMUP_INLINE void update_entries(const MultiTensorArgs& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // AMP: inf/NaN grads, skip the step
   const Unscale unscale = make_unscale(a.grad_scale != nullptr ? *a.grad_scale : 1.0f);
   // at most kMaxEntries entries (launch checks): 32-bit bounds
@@ -240,10 +399,26 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const MultiTenso
       run = 0;
       s = Op::prepare(a, t, unscale);
     }
-    update_entry_of<Op, P, G, S>(a, s, unscale, b, t);
+    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t);
     ++run;
   }
   if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
+}
+
+// Parameters stored to nearest (every dtype)...  (The bounds' minimum of one
+// resident block leaves ptxas the registers it asks for: with the thread
+// count alone it holds some instantiations at 64 and spills their per-run
+// values.)
+template <class Op, class P, class G, class S>
+__global__ void __launch_bounds__(kThreads, 1) multi_tensor_kernel(const MultiTensorArgs a) {
+  update_entries<Op, P, G, S, kNearest>(a);
+}
+
+// ... and bf16/fp16 parameters under another storage mode (rounding.h's
+// enum Storage), a kernel of its own so that the default one is unchanged.
+template <class Op, class P, class G, class S, int STORAGE>
+__global__ void __launch_bounds__(kThreads, 1) multi_tensor_storage_kernel(const MultiTensorArgs a) {
+  update_entries<Op, P, G, S, STORAGE>(a);
 }
 
 inline void check(cudaError_t err, const char* what) {
@@ -281,9 +456,12 @@ int64_t resident_blocks(Kernel kernel, int device) {
   return std::max(1, sms * std::max(1, per_sm));
 }
 
-template <class Op, class P, class G, class S>
+template <class Op, class P, class G, class S, int STORAGE>
 void launch_typed(const MultiTensorArgs& a, int device, cudaStream_t stream) {
-  auto kernel = multi_tensor_kernel<Op, P, G, S>;
+  auto kernel = [] {
+    if constexpr (STORAGE == kNearest) return multi_tensor_kernel<Op, P, G, S>;
+    else return multi_tensor_storage_kernel<Op, P, G, S, STORAGE>;
+  }();
   // Per kernel instantiation and device (occupancy differs between them);
   // a benign race: concurrent writers store the same value.
   constexpr int kMaxDevices = 64;
@@ -296,6 +474,48 @@ void launch_typed(const MultiTensorArgs& a, int device, cudaStream_t stream) {
   const int64_t grid = std::min<int64_t>(a.nblocks, resident);
   kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a);
   check(cudaGetLastError(), "kernel launch");
+}
+
+// Which algorithms have the storage-mode kernels (rounding.h): those whose
+// optimizers take the modes (fastmup.optim.precision; not ESGD-M).
+template <class Op>
+struct TakesStorageModes : std::true_type {};
+template <>
+struct TakesStorageModes<::fastmup::EsgdOp> : std::false_type {};
+
+// Calls f(std::integral_constant<int, STORAGE>{}) for the launch's storage
+// mode (kNearest, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
+// parameters (fp32 ones are stored as they are), remainders to bf16 ones
+// (fp16 parameters under kRemainder are stored to nearest, like the host).
+// The mode kernels are built for gradients in the parameter's dtype (what
+// autograd gives a parameter; fastmup.optim.backend refuses the rest).
+template <class Op, class P, class G, class F>
+void dispatch_storage(const MultiTensorArgs& a, const F& f) {
+  using Nearest = std::integral_constant<int, kNearest>;
+  if constexpr (std::is_same<P, float>::value || !TakesStorageModes<Op>::value) {
+    if (!std::is_same<P, float>::value && a.storage != kNearest)
+      throw std::invalid_argument("fastmup: this algorithm has no parameter storage modes (storage code " +
+                                  std::to_string(a.storage) + ")");
+    f(Nearest{});
+  } else {
+    if (a.storage == kNearest) return f(Nearest{});
+    if (a.storage == kStochastic)
+      throw std::invalid_argument("fastmup CUDA backend: no stochastic rounding kernel (use the triton backend)");
+    if (a.storage < kNearest || a.storage > kRemainder)
+      throw std::invalid_argument("fastmup: unknown parameter storage code " + std::to_string(a.storage));
+    if ((a.storage == kMaster || a.storage == kRemainder) && a.storage_ptrs == nullptr)
+      throw std::invalid_argument("fastmup: parameter storage mode " + std::to_string(a.storage) + " needs storage_ptrs");
+    if constexpr (!std::is_same<G, P>::value) {
+      throw std::invalid_argument("fastmup CUDA backend: parameter storage modes take gradients in the parameter's dtype");
+    } else {
+      switch (a.storage) {
+        case kMaster: return f(std::integral_constant<int, kMaster>{});
+        default:
+          if constexpr (std::is_same<P, Bf16>::value) return f(std::integral_constant<int, kRemainder>{});
+          else return f(Nearest{});
+      }
+    }
+  }
 }
 
 // Entry point of one algorithm: checks, device guard, dtype dispatch.
@@ -311,7 +531,12 @@ void launch(const MultiTensorArgs& a, int device, uintptr_t stream) {
     throw std::invalid_argument("fastmup: this algorithm needs its scalar state, step and ticket tables");
   DeviceGuard guard(device);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_dtypes(a, [&](auto p, auto g, auto st) { launch_typed<Op, decltype(p), decltype(g), decltype(st)>(a, device, s); });
+  dispatch_dtypes(a, [&](auto p, auto g, auto st) {
+    using P = decltype(p);
+    using G = decltype(g);
+    using S = decltype(st);
+    dispatch_storage<Op, P, G>(a, [&](auto mode) { launch_typed<Op, P, G, S, decltype(mode)::value>(a, device, s); });
+  });
 }
 
 }  // namespace cuda

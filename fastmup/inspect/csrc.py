@@ -10,21 +10,28 @@ per kernel instantiation, loop role and architecture.
 The kernel ``multi_tensor_kernel<Op, P, G, S>`` is instantiated for every
 dtype combination; records cover those with ``G == P`` (autograd gives a
 parameter a gradient of its own dtype, so those are the ones a launch meets).
+``multi_tensor_storage_kernel<Op, P, P, S, STORAGE>`` is the same update
+under a parameter storage mode (:data:`STORAGE_KERNELS`): its records carry
+``variant["storage"]`` and the mode's streams (an fp32 master read and
+written in place of the param's read; a 16-bit remainder beside the param).
 Each instantiation runs ``update_entry`` in the variants of
 ``dispatch_variant`` (common.h): two state masks (``base``, and ``full``:
 amsgrad, momentum, an HVP step), the gradient unscaled by an exact multiply
 or, for a loss scale without an exact reciprocal, divided (``divide``), and
 for ESGD-M's HVP steps the EMA or the max rule (``max_rule``): :data:`VARIANTS`.
-Each variant has a 16-byte vector loop (every buffer aligned) and a scalar
-loop (the tail, or every element of a misaligned tensor).  Loops are told
+Each variant has a 16-byte vector loop (every buffer aligned) and two scalar
+loops (the tail, or every element of a misaligned tensor), with and without
+the deferred clip (``clip``), each moving two elements per thread and
+iteration (:data:`SCALAR_ELEMENTS`).  Loops are told
 apart in the SASS (:func:`_roles`): vector loops have 128-bit accesses
 (``aligned: True``); the bytes a loop moves give its mask, its IEEE divisions
 and NaN-propagating maxes per element the rest.  One copy of a loop body
 handles the vector width (``VecWidth`` of multi_tensor.cuh: 16 bytes of the
-narrowest dtype) or, in a scalar loop, one element.
+narrowest dtype) or, in a scalar loop (two copies), one element.
 
 Record fields are those of :mod:`fastmup.inspect.records`; ``variant`` is
-``{"param", "grad", "state", "mask", "divide", ["max_rule",] "aligned"}``, ``options`` the nvcc flags.
+``{"param", "grad", "state", "mask", "divide", ["max_rule",] ["clip",] "aligned"[, "storage"]}``
+(``clip``: scalar loops only), ``options`` the nvcc flags.
 """
 from __future__ import annotations
 
@@ -42,10 +49,10 @@ from typing import Optional, Sequence
 
 from . import records, sass, targets, toolchain
 
-__all__ = ["inspect_csrc", "nvcc_command", "OPS", "VARIANTS", "Variant"]
+__all__ = ["inspect_csrc", "nvcc_command", "OPS", "STORAGE_KERNELS", "VARIANTS", "Variant"]
 
 _DTYPES = {"float": ("fp32", 4), "fastmup::Bf16": ("bf16", 2), "fastmup::Fp16": ("fp16", 2)}
-_KERNEL = re.compile(r"fastmup::cuda::multi_tensor_kernel<fastmup::(\w+), ([\w:]+), ([\w:]+), ([\w:]+)>")
+_KERNEL = re.compile(r"fastmup::cuda::multi_tensor_(?:storage_)?kernel<fastmup::(\w+), ([\w:]+), ([\w:]+), ([\w:]+)(?:, (\d+))?>")
 
 #: Op -> (kernel name, streams of the base mask, streams the full mask adds);
 #: a stream is (name, role, reads, writes), role: P, G or S (its dtype).
@@ -98,6 +105,19 @@ def _variants(op: str) -> list[Variant]:
 
 #: every compiled variant of each Op's update, as :func:`inspect_csrc` labels the loops
 VARIANTS = {op: _variants(op) for op in OPS}
+
+#: the parameter storage modes (csrc/rounding.h's enum Storage, fastmup.plan.spec.ParamStorage) by code
+STORAGE_NAMES = {0: "nearest", 1: "stochastic", 2: "master", 3: "remainder"}
+
+#: Op -> param dtype -> the storage modes other than "nearest" compiled for it
+#: (``multi_tensor_storage_kernel``, instantiated for gradients in the param's
+#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none, and
+#: stochastic rounding has no CUDA kernel (csrc/multi_tensor.cuh says why)
+STORAGE_KERNELS = {
+    "AdamOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
+    "SgdOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
+    "EsgdOp": {},
+}
 
 
 def nvcc_command(source: Path, archs: Sequence[int], out: Path, *, contraction: bool = True, ptx_only: bool = False) -> list[str]:
@@ -154,61 +174,81 @@ def _ptx(obj: Path, arch: int) -> dict[str, str]:
     return sass.ptx_functions(text)
 
 
-def _streams(op: str, mask: str, sizes: dict[str, int]) -> list[records.Stream]:
+def _streams(op: str, mask: str, sizes: dict[str, int], storage: str = "nearest") -> list[records.Stream]:
     _, base, extra = OPS[op]
     merged: dict[str, list] = {}
     for name, role, r, w in base + (extra if mask == "full" else []):
         entry = merged.setdefault(name, [sizes[role], 0, 0])
         entry[1] |= r
         entry[2] |= w
+    if storage == "master":  # the update starts from the fp32 master: the param is only written
+        merged["param"][1] = 0
+        merged["master_weight"] = [4, 1, 1]
+    elif storage == "remainder":
+        merged["weight_remainder"] = [2, 1, 1]
     return [records.Stream(name, b, r, w) for name, (b, r, w) in merged.items()]
 
 
-def _expected_bytes(op: str, mask: str, sizes: dict[str, int]) -> int:
-    return sum(st.bytes * (st.reads + st.writes) for st in _streams(op, mask, sizes))
+def _expected_bytes(op: str, mask: str, sizes: dict[str, int], storage: str = "nearest") -> int:
+    return sum(st.bytes * (st.reads + st.writes) for st in _streams(op, mask, sizes, storage))
 
 
-def _roles(op: str, loops: list[dict], sizes: dict[str, int]) -> list[tuple[int, Optional[Variant], bool]]:
-    """(loop index, variant, aligned) for the loops of one kernel function.
+#: elements per thread in one iteration of a scalar loop (multi_tensor.cuh's scalar_loop)
+SCALAR_ELEMENTS = 2
+
+
+def _roles(op: str, loops: list[dict], sizes: dict[str, int], storage: str = "nearest") -> list[tuple[int, Optional[Variant], bool, Optional[bool]]]:
+    """(loop index, variant, aligned, clip) for the loops of one kernel function.
 
     Vector loops have 128-bit accesses (``aligned``), scalar loops none.  A
     loop is a variant's when it moves a whole number of elements of the
     variant's streams (vector loops: a multiple of the vector width; scalar
-    loops, never unrolled: one) and has the variant's divisions and
-    NaN-propagating maxes for that many elements.  Each kind must match the
-    variants one to one; when the code does not (a changed kernel), the loops
-    get no variant (None) and show as ``loopN`` with the full mask's streams.
+    loops: :data:`SCALAR_ELEMENTS`) and has the variant's divisions and
+    NaN-propagating maxes for that many elements.  Each variant has one
+    vector loop and two scalar loops, one with the deferred clip (``clip``:
+    the longer, as it does the clip's work besides) and one without; the
+    loops must match them one to one; when the code does not (a changed
+    kernel), the loops get no variant (None) and show as ``loopN`` with the
+    full mask's streams.
     """
     vec = 16 // min(sizes.values())
     out = []
     for aligned in (True, False):
         kind = [k for k, loop in enumerate(loops) if (loop["loads_128"] + loop["stores_128"] > 0) == aligned]
-        variants = VARIANTS[op]
+        variants = list(VARIANTS[op]) if aligned else [v for v in VARIANTS[op] for _ in range(2)]
 
         def fits(loop: dict, v: Variant) -> bool:
-            expected = _expected_bytes(op, v.mask, sizes)
+            expected = _expected_bytes(op, v.mask, sizes, storage)
             elements, rest = divmod(loop["bytes"], expected)
-            if rest or not elements or (elements % vec if aligned else elements != 1):
+            if rest or not elements or (elements % vec if aligned else elements != SCALAR_ELEMENTS):
                 return False
             return loop.get("divisions") == v.divisions * elements and loop.get("nan_maxes") == v.nan_maxes * elements
 
-        options = {k: [v for v in variants if fits(loops[k], v)] for k in kind}
-        assignment: dict[int, Variant] = {}
+        options = {k: [n for n, v in enumerate(variants) if fits(loops[k], v)] for k in kind}
+        assignment: dict[int, int] = {}
 
         def assign(i: int, used: set) -> bool:
             if i == len(kind):
                 return True
-            for v in options[kind[i]]:
-                if v not in used:
-                    assignment[kind[i]] = v
-                    if assign(i + 1, used | {v}):
+            for n in options[kind[i]]:
+                if n not in used:
+                    assignment[kind[i]] = n
+                    if assign(i + 1, used | {n}):
                         return True
             return False
 
         if len(kind) == len(variants) and assign(0, set()):
-            out += [(k, assignment[k], aligned) for k in kind]
+            if aligned:
+                out += [(k, variants[assignment[k]], aligned, None) for k in kind]
+            else:
+                by_variant: dict[Variant, list[int]] = {}
+                for k in kind:
+                    by_variant.setdefault(variants[assignment[k]], []).append(k)
+                for v, ks in by_variant.items():
+                    shorter, longer = sorted(ks, key=lambda k: (loops[k]["instructions"], k))
+                    out += [(shorter, v, aligned, False), (longer, v, aligned, True)]
         else:
-            out += [(k, None, aligned) for k in kind]
+            out += [(k, None, aligned, None) for k in kind]
     return out
 
 
@@ -244,7 +284,8 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                     m = _KERNEL.search(names[mangled])
                     if not m or m.group(1) not in OPS:
                         continue
-                    op, p, g, s = m.groups()
+                    op, p, g, s, code = m.groups()
+                    storage = STORAGE_NAMES[int(code or 0)]
                     if g != p:
                         continue
                     facts = records.binary_facts(fn, usage.get(mangled, {}))
@@ -254,11 +295,15 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                         ptx_uncontracted=sass.ptx_fma_count(plain_ptx.get(mangled, "")),
                         contractible=sass.ptx_contractible_count(ptx.get(mangled, "")),
                     )
-                    roles = _roles(op, facts["loops"], sizes)
-                    for n, (index, v, aligned) in enumerate(roles):
+                    roles = _roles(op, facts["loops"], sizes, storage)
+                    for n, (index, v, aligned, clip) in enumerate(roles):
                         flags = v.flags(op) if v is not None else {"mask": f"loop{n}"}
+                        if clip is not None:
+                            flags["clip"] = clip
                         variant = dict(param=_DTYPES[p][0], grad=_DTYPES[g][0], state=_DTYPES[s][0], **flags, aligned=aligned)
-                        streams = _streams(op, v.mask if v is not None else "full", sizes)
+                        if storage != "nearest":
+                            variant["storage"] = storage
+                        streams = _streams(op, v.mask if v is not None else "full", sizes, storage)
                         out.append(
                             records.make_record(
                                 source="csrc",
@@ -268,10 +313,10 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                                 variant=variant,
                                 facts=facts,
                                 shared_bytes=0,
-                                elements_per_iteration=16 // min(sizes.values()) if aligned else 1,
+                                elements_per_iteration=16 // min(sizes.values()) if aligned else SCALAR_ELEMENTS,
                                 streams=streams,
                                 default=v is not None and aligned and not v.divide and not v.max_rule
-                                and (v.mask == "base" or op != "AdamOp"),
+                                and (v.mask == "base" or op != "AdamOp") and storage == "nearest",
                                 fma=fma,
                                 options={"nvcc": shlex.join(probe[1:-4])},
                                 compiler=compiler,

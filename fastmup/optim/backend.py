@@ -49,7 +49,7 @@ class Refusal(NamedTuple):
 STORAGE_MODES: dict[str, tuple[str, ...]] = {
     "triton": ("nearest", "stochastic", "master", "remainder"),
     "cpu": ("nearest", "stochastic", "master", "remainder"),
-    "cuda": ("nearest",),
+    "cuda": ("nearest", "master", "remainder"),  # no stochastic rounding kernel (csrc/multi_tensor.cuh)
 }
 
 
@@ -70,6 +70,10 @@ def fused_refusal(
         names = (backend,) if backend in STORAGE_MODES else tuple(STORAGE_MODES)
         if any(storage not in STORAGE_MODES[n] for n in names):
             return Refusal(f"parameter storage {storage!r} (not in the {'/'.join(names)} kernels)", NotImplementedError)
+        # the cuda storage-mode kernels are built for gradients in the parameter's dtype (autograd's)
+        if backend == "cuda" and grad.dtype != param.dtype:
+            return Refusal(f"parameter storage {storage!r} with {grad.dtype} gradients of {param.dtype} params "
+                           "(the cuda kernels take gradients in the parameter's dtype)", TypeError)
     for what, dtype in (("param", param.dtype), ("gradient", grad.dtype), ("state", state_dtype)):
         if dtype not in FUSED_DTYPES:
             return Refusal(f"{dtype} {what}s: fused kernels take float32, bfloat16 and float16", TypeError)

@@ -1,7 +1,8 @@
 """The ``cuda`` backend (csrc/*.cu) on a GPU: against the eager reference on
 the same device, bit for bit against the ``cpu`` backend (the same functors,
 rounding identically: no contraction on either side, IEEE sqrt and
-division), in a captured CUDA graph, and under AMP loss scaling.
+division), in a captured CUDA graph, under AMP loss scaling, and under the
+parameter storage modes it has kernels for (fp32 masters, bf16 remainders).
 
 Every test here needs a CUDA device and nvcc (``make gpu-check`` runs them);
 without them the module is skipped.  Tolerances against eager are those of
@@ -21,7 +22,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fastmup import ext  # noqa: E402
 from fastmup.ext import build as ext_build  # noqa: E402
-from fastmup.optim import ESGD, MuAdam, MuAdamW, MuSGD  # noqa: E402
+from fastmup.infshape import InfDim, InfShape  # noqa: E402
+from fastmup.optim import ESGD, MuAdam, MuAdamW, MuSGD, precision  # noqa: E402
+from fastmup.plan.spec import MASTER_BUFFER, REMAINDER_BUFFER  # noqa: E402
 
 from tests.ext.test_cpu_backend import (  # noqa: E402
     DTYPE_MODES,
@@ -218,3 +221,97 @@ def test_esgd_trajectory_matches_eager(cuda_ext, variant):
         models[backend] = model
     for (name, p), q in zip(models["eager"].named_parameters(), models["cuda"].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5 * float(p.abs().max()), msg=name)
+
+
+# ----------------------------------------------------------------------
+# parameter storage modes (fp32 masters, bf16 remainders)
+# ----------------------------------------------------------------------
+STORAGE_CASES = [(torch.bfloat16, dict(master_weights="fp32")), (torch.bfloat16, dict(master_weights="remainder")),
+                 (torch.float16, dict(master_weights="fp32"))]
+STORAGE_OPTIMIZERS = [(MuAdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)), (MuAdam, dict(lr=1e-2)),
+                      (MuSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01))]
+
+
+def _storage_params(dtype, device, seed=0):
+    """Sizes across the vector width, the block-map entry and its tail, an
+    empty one, and a view at an odd offset (the scalar loop)."""
+    block = cuda_block()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in [(37,), (64, 33), (block,), (2 * block + 9,), (0,)]:
+        p = nn.Parameter(torch.randn(shape, generator=gen).to(dtype).to(device))
+        p.infshape = InfShape([InfDim(None, s) for s in shape])
+        out.append(p)
+    odd = nn.Parameter(torch.randn(1001, generator=gen).to(dtype).to(device)[1:])  # misaligned by one element
+    odd.infshape = InfShape([InfDim(None, 1000)])
+    return out + [odd]
+
+
+def _storage_steps(opt, params, steps, seed=1, scale=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * (scale or 1.0)).to(p.dtype).to(p.device)
+        if scale is not None:
+            opt.grad_scale = torch.tensor([scale], device=params[0].device)
+            opt.found_inf = torch.tensor([0.0], device=params[0].device)
+        opt.step()
+
+
+@pytest.mark.parametrize("amp", ["none", "other"])
+@pytest.mark.parametrize("dtype,mode", STORAGE_CASES, ids=["bf16-master", "bf16-remainder", "fp16-master"])
+@pytest.mark.parametrize("cls,kw", STORAGE_OPTIMIZERS, ids=lambda c: getattr(c, "__name__", ""))
+def test_storage_modes_bit_identical_to_the_cpu_backend(cuda_ext, cls, kw, dtype, mode, amp):
+    """The storage kernels load and store the parameter as the host's tiles
+    do (the same rounding.h code): params and every state buffer, masters
+    and remainders included, equal to the bit after three steps."""
+    results = {}
+    for backend, device in (("cpu", "cpu"), ("cuda", "cuda")):
+        params = _storage_params(dtype, device)
+        opt = cls(params, backend=backend, **kw, **mode)
+        _storage_steps(opt, params, 3, scale={"none": None, "other": 3.0}[amp])
+        assert {bt.signature.backend for bt in opt._batches} == {backend}
+        results[backend] = [p.detach() for p in params] + [v for p in params for v in state_tensors(opt, p).values()]
+    for i, (a, b) in enumerate(zip(results["cpu"], results["cuda"])):
+        assert _same_bits(a.cpu(), b.cpu()), f"tensor {i} ({a.dtype}, {tuple(a.shape)}): cuda differs from cpu"
+
+
+@pytest.mark.parametrize("dtype,mode", STORAGE_CASES, ids=["bf16-master", "bf16-remainder", "fp16-master"])
+def test_storage_modes_sgd_with_exact_updates_matches_eager_bit_for_bit(cuda_ext, dtype, mode):
+    """lr a power of two, no momentum or decay: p - lr·g is one rounding in
+    torch's kernels and in the csrc functor alike, so the stored params,
+    masters and remainders equal eager's on the same GPU to the bit."""
+    a, b = _storage_params(dtype, "cuda"), _storage_params(dtype, "cuda")
+    fused = MuSGD(a, lr=2.0**-4, backend="cuda", **mode)
+    eager = MuSGD(b, lr=2.0**-4, backend="eager", **mode)
+    for seed in range(3):
+        _storage_steps(fused, a, 1, seed=seed)
+        _storage_steps(eager, b, 1, seed=seed)
+        assert {bt.signature.backend for bt in fused._batches} == {"cuda"}
+        for x, y in zip(a, b):
+            assert torch.equal(x.detach().view(torch.int16), y.detach().view(torch.int16))
+            for key, value in eager.state[y].items():
+                assert _same_bits(fused.state[x][key], value), key
+
+
+@pytest.mark.parametrize("cls,kw", STORAGE_OPTIMIZERS[1:], ids=lambda c: getattr(c, "__name__", ""))
+def test_remainders_and_fp32_masters_give_the_same_trajectory_on_the_gpu(cuda_ext, cls, kw):
+    a, b = _storage_params(torch.bfloat16, "cuda"), _storage_params(torch.bfloat16, "cuda")
+    oa = cls(a, backend="cuda", master_weights="fp32", **kw)
+    ob = cls(b, backend="cuda", master_weights="remainder", **kw)
+    _storage_steps(oa, a, 4)
+    _storage_steps(ob, b, 4)
+    for x, y in zip(a, b):
+        assert torch.equal(x.detach().view(torch.int16), y.detach().view(torch.int16))
+        assert _same_bits(precision.decode_remainder(y.detach(), ob.state[y][REMAINDER_BUFFER]), oa.state[x][MASTER_BUFFER])
+
+
+def test_explicit_cuda_backend_refuses_stochastic_rounding(cuda_ext):
+    params = _storage_params(torch.bfloat16, "cuda")
+    opt = MuAdamW(params, lr=1e-3, backend="cuda", stochastic_rounding=True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(NotImplementedError, match="stochastic"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))

@@ -4,14 +4,16 @@ The same targets as the Triton kernels (tests/inspect/test_compiled_triton.py,
 docs/compiled_kernels.md), read off the records of
 :func:`fastmup.inspect.csrc.inspect_csrc`: one record per kernel
 instantiation (``G == P``), loop and architecture, where the loops are each
-variant's 16-byte vector loop (``aligned``) and its scalar loop; the
+variant's 16-byte vector loop (``aligned``) and its scalar loops; the
 variants (:data:`fastmup.inspect.csrc.VARIANTS`) are the state masks, the
-two ways of unscaling the gradient and ESGD-M's two rules.  ``default``:
+two ways of unscaling the gradient and ESGD-M's two rules; each has a scalar
+loop with the deferred clip coefficient and one without.  ``default``:
 aligned, no loss-scale division, ESGD-M's EMA rule and for Adam no amsgrad.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -44,21 +46,25 @@ def _check(records, bad, what: str) -> None:
 
 
 def test_every_kernel_compiles_for_both_targets(records):
-    """Every (param, state) dtype pair of every algorithm has, on both
-    architectures, a vector and a scalar loop of each of its variants, each
-    found once in the SASS."""
+    """Every (param, state) dtype pair of every algorithm, and every
+    parameter storage mode compiled for it (csrc.STORAGE_KERNELS), has, on
+    both architectures, a vector loop and two scalar loops (with and without
+    the deferred clip) of each of its variants, each found once in the SASS."""
     found = {}
     for r in records:
         v = r["variant"]
-        flags = (v["mask"], v["divide"], v.get("max_rule", False))
-        found.setdefault((r["kernel"], v["param"], v["state"]), []).append((r["arch"], flags, v["aligned"]))
-    # 3 algorithms x 9 (param, state) dtype pairs
-    assert len(found) == 27
-    for (kernel, _, _), loops in found.items():
+        flags = (v["mask"], v["divide"], v.get("max_rule", False), v.get("clip"))
+        found.setdefault((r["kernel"], v["param"], v["state"], v.get("storage", "nearest")), []).append((r["arch"], flags, v["aligned"]))
+    # 3 algorithms x 9 (param, state) dtype pairs, then the storage modes of each 16-bit param and state dtype
+    storage = {(spec[0], param, state, mode) for op, spec in csrc.OPS.items() for param, modes in csrc.STORAGE_KERNELS[op].items()
+               for mode in modes for state in ("fp32", "bf16", "fp16")}
+    assert len(storage) == 2 * 3 * (2 + 1)  # Adam and SGD: bf16 masters and remainders, fp16 masters
+    assert len(found) == 27 + len(storage) and storage <= set(found)
+    for (kernel, _, _, _), loops in found.items():
         (op,) = [op for op, spec in csrc.OPS.items() if spec[0] == kernel]
-        every = [(arch, (x.mask, x.divide, x.max_rule), aligned)
-                 for arch in (80, 90) for x in csrc.VARIANTS[op] for aligned in (True, False)]
-        assert sorted(loops) == sorted(every), (kernel, sorted(set(every) - set(loops)))
+        every = [(arch, (x.mask, x.divide, x.max_rule, clip), aligned) for arch in (80, 90) for x in csrc.VARIANTS[op]
+                 for aligned, clip in ((True, None), (False, False), (False, True))]
+        assert Counter(loops) == Counter(every), (kernel, set(every) ^ set(loops))
     assert sum(len(csrc.VARIANTS[op]) for op in csrc.OPS) == 4 + 4 + 6
 
 
@@ -89,24 +95,8 @@ def _issue_over_budget(r: dict):
     return h200 > limit and f"{h200:.0%} (limit {limit:.0%}; {r['instructions_per_element']:.1f} instr/element)"
 
 
-def _over_budget_known(r: dict) -> bool:
-    """ESGD-M's scalar loop of a 16-bit batch with a loss scale that has no
-    exact reciprocal: the deferred clip's per-element select and rounding put
-    it at 81-85% of an H200's issue (sm_80/sm_90), over MAX_ISSUE."""
-    v = r["variant"]
-    return r["kernel"].startswith("esgd") and not v["aligned"] and v["divide"] and v["param"] != "fp32"
-
-
 def test_instruction_issue_at_h200_bandwidth(records):
-    _check([r for r in records if not _over_budget_known(r)], _issue_over_budget, "instruction-bound loops")
-
-
-@pytest.mark.xfail(strict=True, reason="ESGD-M's 16-bit scalar loops with loss-scale division and the deferred clip need 81-85% "
-                   "of an H200's issue, over the 80% budget (_over_budget_known); strict: a fix shows as XPASS")
-def test_instruction_issue_of_esgd_scalar_division_loops(records):
-    known = [r for r in records if _over_budget_known(r)]
-    assert known
-    _check(known, _issue_over_budget, "instruction-bound loops")
+    _check(records, _issue_over_budget, "instruction-bound loops")
 
 
 def test_fmas_are_the_ones_the_source_writes(records):
@@ -132,7 +122,9 @@ def test_the_command_line_prints_and_writes_the_records(records, tmp_path, capsy
     written = json.loads(out.read_text())
     assert lines[0].split() == [h for h, _ in COLUMNS] and len(lines) == 2 + len(written)
     assert written and all(r["kernel"] == "sgd" and r["arch"] == 90 and r["variant"]["param"] == "bf16" for r in written)
-    assert len(written) == 3 * 4 * 2  # three state dtypes; two masks, each unscaled two ways; vector and scalar loops
+    # three state dtypes; two masks, each unscaled two ways; a vector loop and two scalar ones (with and without the
+    # deferred clip); to nearest, fp32 masters, remainders
+    assert len(written) == 3 * 4 * 3 * 3
     main(["--source", "csrc", "--kernel", "sgd", "--arch", "90", "--dtype", "bf16", "--worst", "--markdown"])
     md = capsys.readouterr().out.splitlines()
     assert md[0].startswith("| source |") and len(md) == 2 + 3
