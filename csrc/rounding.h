@@ -23,14 +23,17 @@ constexpr uint32_t kMul2 = 0x735A2D97u;
 // The top bit of the counter's high word marks the rounding draws.
 constexpr uint32_t kRoundingCounterHi = 0x80000000u;
 
-FASTMUP_HD FASTMUP_INLINE uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
+// mix32 after its first xorshift (x ^= x >> 16), for callers that do that
+// step once for many words.
+FASTMUP_HD FASTMUP_INLINE uint32_t mix32_rest(uint32_t x) {
   x *= kMul1;
   x ^= x >> 15;
   x *= kMul2;
   x ^= x >> 15;
   return x;
 }
+
+FASTMUP_HD FASTMUP_INLINE uint32_t mix32(uint32_t x) { return mix32_rest(x ^ (x >> 16)); }
 
 FASTMUP_HD FASTMUP_INLINE uint32_t absorb(uint32_t h, uint32_t w) { return mix32(h ^ w); }
 }  // namespace hash
@@ -52,7 +55,25 @@ struct RoundingKey {
   }
   // The 16 random bits of the element whose index has low word `element_lo`.
   FASTMUP_HD FASTMUP_INLINE uint32_t bits(uint32_t element_lo) const {
-    return hash::mix32(hash::mix32(element_lo ^ key) ^ key2) >> 16;
+    return word(head(element_lo), key2_head(), 0u) >> 16;
+  }
+
+  // The same hash with the steps that depend only on the high bits of the
+  // index done once for a run of words: for element_lo = base ^ j with j <
+  // 2^16 (base a multiple of a power of two above j), mix32(element_lo ^
+  // key) begins with k ^ (k >> 16), k = element_lo ^ key, and k >> 16 does
+  // not depend on j, so that
+  //   bits(base ^ j) = word(head(base), key2_head(), j) >> 16,
+  // and the second mix's first xorshift of key2 is key2_head (per tensor).
+  FASTMUP_HD FASTMUP_INLINE uint32_t head(uint32_t base) const {
+    const uint32_t k = base ^ key;
+    return k ^ (k >> 16);
+  }
+  FASTMUP_HD FASTMUP_INLINE uint32_t key2_head() const { return key2 ^ (key2 >> 16); }
+  // The 32-bit hash word (its high half: the 16 bits) of element base ^ j.
+  FASTMUP_HD static FASTMUP_INLINE uint32_t word(uint32_t head, uint32_t key2_head, uint32_t j) {
+    const uint32_t y = hash::mix32_rest(head ^ j);  // mix32(element_lo ^ key)
+    return hash::mix32_rest(y ^ (y >> 16) ^ key2_head);  // mix32(y ^ key2)
   }
 };
 
@@ -66,34 +87,51 @@ FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_bf16(float x, uint32_t r) {
   return static_cast<uint16_t>((x != x) ? 0x7fc0u : b);
 }
 
-// fp16: normals (and overflow) add 13 random bits below the 10 kept and
-// truncate; subnormals (|x| < 2^-14) work in units of 2^-24 with exact fp32
-// scalings: up iff r + floor(2^16 frac) >= 2^16.  NaN -> sign | 0x7e00.
-FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_fp16(float x, uint32_t r) {
+// bf16 from the 32-bit hash word w whose high half is r.
+FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_bf16_word(float x, uint32_t w) { return stochastic_bf16(x, w >> 16); }
+
+// fp16 from the hash word w (r = w >> 16): normals (and overflow) add 13
+// random bits below the 10 kept and truncate; subnormals (|x| < 2^-14) work
+// in units of 2^-24: up iff r + floor(2^16 frac) >= 2^16; NaN -> sign |
+// 0x7e00.  All of it as one sum (s + r) >> 16 (fewer operations than the
+// cases apart), where s holds |x| as the fp16 bits it truncates to (high
+// half) and the dropped part of an ulp times 2^16 (low half), the sign in
+// bit 31 (the sum never carries into it):
+//  * normals and overflow: s = 8 (bits(min(|x|, 2^16)) - bits(2^-15)), the
+//    fp32 pattern on fp16's exponent bias with its 13 dropped bits at the top
+//    of the low half, so (s + r) >> 16 = (a + (r >> 3) - (112 << 23)) >> 13,
+//    and 0x7c00 (inf) from 2^16 on;
+//  * subnormals: s = floor(|x| 2^40) = floor(q) 2^16 + floor(2^16 frac(q)),
+//    q = |x| 2^24 (exact), the form above;
+//  * NaN: the clamp to bits(1.5 2^16) gives s = 0x7e00 2^16.
+// (Both cases are computed; the product wraps modulo 2^32 only where the
+// subnormal case is taken, and the float clamp keeps the conversion in range.)
+FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_fp16_word(float x, uint32_t w) {
   const uint32_t u = float_bits(x);
   const uint32_t a = u & 0x7fffffffu;
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t t = a + (r >> 3);
-  const uint32_t normal = (t >= 0x47800000u) ? 0x7c00u : ((t - (112u << 23)) >> 13);
-  // |x| / 2^-24 (exact), in [0, 1024); 0 outside the subnormal range, so
-  // that no conversion below sees an out-of-range value
-  const float q = bits_float(a < 0x38800000u ? a : 0u) * 16777216.0f;
-  const float whole = floorf(q);
-  const uint32_t frac = static_cast<uint32_t>((q - whole) * 65536.0f);  // exact, < 2^16
-  const uint32_t sub = static_cast<uint32_t>(whole) + ((r + frac) >> 16);
-  const uint32_t mag = (a > 0x7f800000u) ? 0x7e00u : (a >= 0x38800000u) ? normal : sub;
-  return static_cast<uint16_t>(mag | sign);
+  const uint32_t m = (a > 0x7f800000u) ? 0x47c00000u : (a < 0x47800000u ? a : 0x47800000u);
+  const uint32_t normal = (m << 3) + 0x40000000u;
+  const float ax = bits_float(a);
+  const float small = ax < 6.103515625e-05f ? ax : 6.103515625e-05f;  // NaN: never taken below
+  const uint32_t sub = static_cast<uint32_t>(small * 1099511627776.0f);  // exact, < 2^26
+  const uint32_t s = ((a < 0x38800000u) ? sub : normal) | (u & 0x80000000u);
+  return static_cast<uint16_t>((s + (w >> 16)) >> 16);
 }
+
+// fp16 with 16 random bits r.
+FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_fp16(float x, uint32_t r) { return stochastic_fp16_word(x, r << 16); }
 
 template <typename T>
 struct StochasticStore;
 template <>
 struct StochasticStore<Bf16> {
   FASTMUP_HD static FASTMUP_INLINE Bf16 from(float x, uint32_t r) { return Bf16{stochastic_bf16(x, r)}; }
+  FASTMUP_HD static FASTMUP_INLINE Bf16 from_word(float x, uint32_t w) { return Bf16{stochastic_bf16_word(x, w)}; }
 };
 template <>
 struct StochasticStore<Fp16> {
   FASTMUP_HD static FASTMUP_INLINE Fp16 from(float x, uint32_t r) { return Fp16{stochastic_fp16(x, r)}; }
+  FASTMUP_HD static FASTMUP_INLINE Fp16 from_word(float x, uint32_t w) { return Fp16{stochastic_fp16_word(x, w)}; }
 };
 
 // ---------------------------------------------------------------------------
