@@ -105,21 +105,26 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
 }
 
 // ---------------------------------------------------------------------------
-// The parameter under its storage mode (rounding.h; fastmup.optim.precision):
-// stochastic rounding, fp32 masters or bf16 remainders, as the host driver loads and stores its tiles (csrc/host/kernels.inc:
+// The parameter under its storage mode (rounding.h; fastmup.optim.precision)
+// of fp32 masters or bf16 remainders, as the host driver loads and stores its tiles (csrc/host/kernels.inc:
 // load_param_tile, store_param_tile): STORAGE is a compile-time choice made
 // once per launch, so the default kernel (kNearest) is the plain one.
 // ---------------------------------------------------------------------------
+// Stochastic rounding (kStochastic) has no CUDA kernel: its counter-based
+// bits cost 15 instructions per element even with the steps that see only
+// the index's high bits done once per 16-byte pack (RoundingKey::head/word:
+// two multiplies and three xorshifts per mix, nothing left to share), and the
+// rounding 4 (bf16) to 12 (fp16) more.  Built that way (nvcc 13, sm_90), the
+// loops need up to 110% (bf16) and 134% (fp16) of an H200's instruction
+// issue at HBM bandwidth for SGD (the 6-byte-per-element loops: 80% allows
+// 34 instructions per element, the plain update already takes 12-26), and
+// 92% / 101% for Adam, over the 80% budget of fastmup.inspect (no spills:
+// 72-111 registers); fastmup.optim.backend leaves it to Triton.
+//
 // What one entry's storage mode needs: the aux stream at the entry's first
-// element (kMaster: fp32 masters, kRemainder: int16 remainders), or for
-// stochastic rounding the tensor's key and the low word of the entry's
-// first element index (a multiple of the vector width: the launch checks
-// that the block is a power of two of at least 16).
+// element (kMaster: fp32 masters, kRemainder: int16 remainders).
 struct EntryStorage {
   void* aux = nullptr;
-  RoundingKey key{0u, 0u};
-  uint32_t key2_head = 0;
-  uint32_t element0 = 0;
 };
 
 // The bf16/fp16 copy of an fp32 master: bf16 as the remainder split rounds
@@ -170,16 +175,7 @@ __device__ FASTMUP_INLINE void load_param_pack(const P* p, const EntryStorage& e
 // N updated fp32 parameters from element i, stored as the mode keeps them.
 template <int STORAGE, int N, class P>
 __device__ FASTMUP_INLINE void store_param_pack(P* p, const EntryStorage& es, int i, const float (&in)[N]) {
-  if constexpr (STORAGE == kStochastic) {
-    // element0 + i is a multiple of N: element j's low word is that ^ j, and
-    // the hash steps that see only its high bits are done once for the pack
-    const uint32_t head = es.key.head(es.element0 + static_cast<uint32_t>(i));
-    Pack<P, N> pk;
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      pk.elems[j] = StochasticStore<P>::from_word(in[j], RoundingKey::word(head, es.key2_head, static_cast<uint32_t>(j)));
-    store_words(p + i, pk);
-  } else if constexpr (STORAGE == kMaster) {
+  if constexpr (STORAGE == kMaster) {
     store_pack<N>(static_cast<float*>(es.aux) + i, in);
     Pack<P, N> pk;
 #pragma unroll
@@ -211,10 +207,7 @@ __device__ FASTMUP_INLINE float load_param(const P* p, const EntryStorage& es, i
 
 template <int STORAGE, class P>
 __device__ FASTMUP_INLINE void store_param(P* p, const EntryStorage& es, int i, float x) {
-  if constexpr (STORAGE == kStochastic) {
-    const uint32_t lo = es.element0 + static_cast<uint32_t>(i);
-    p[i] = StochasticStore<P>::from_word(x, RoundingKey::word(es.key.head(lo), es.key2_head, 0u));
-  } else if constexpr (STORAGE == kMaster) {
+  if constexpr (STORAGE == kMaster) {
     static_cast<float*>(es.aux)[i] = x;
     p[i] = master_copy<P>(x);
   } else if constexpr (STORAGE == kRemainder) {
@@ -374,7 +367,7 @@ __device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t
 // One entry, in the variant its scalars and the launch's unscaling ask for.
 template <class Op, class P, class G, class S, int STORAGE>
 __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const typename Op::Scalars& s,
-                                               const Unscale& unscale, int64_t b, int64_t t, EntryStorage es) {
+                                               const Unscale& unscale, int64_t b, int64_t t) {
   const int64_t start = a.start_of_block[b];
   const int n = static_cast<int>(min(a.block, a.numels[t] - start));
   P* p = tensor_ptr<P>(a.param_ptrs, t, start);
@@ -382,7 +375,7 @@ __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const t
   S* s0 = tensor_ptr<S>(a.state_ptrs[0], t, start);
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
   Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
-  if constexpr (STORAGE == kStochastic) es.element0 = static_cast<uint32_t>(start);
+  EntryStorage es;
   if constexpr (STORAGE == kMaster) es.aux = tensor_ptr<float>(a.storage_ptrs, t, start);
   if constexpr (STORAGE == kRemainder) es.aux = tensor_ptr<int16_t>(a.storage_ptrs, t, start);
   dispatch_variant<Op>(s, unscale, [&](auto mask) {
@@ -403,28 +396,15 @@ __device__ FASTMUP_INLINE void update_entries(const MultiTensorArgs& a) {
   int t = -1;   // the tensor of the current run
   int run = 0;  // entries of t seen in this run
   typename Op::Scalars s;
-  // stochastic rounding: the key of tensor t's elements with high word key_hi
-  EntryStorage es;
-  uint32_t key_hi = 0;
   for (int b = first; b < last; ++b) {
     const int tb = a.tensor_of_block[b];
-    const bool new_tensor = tb != t;
-    if (new_tensor) {
+    if (tb != t) {
       if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
       t = tb;
       run = 0;
       s = Op::prepare(a, t, unscale);
     }
-    if constexpr (STORAGE == kStochastic) {
-      // entries never straddle 2^32 elements (the block is a power of two)
-      const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(a.start_of_block[b]) >> 32);
-      if (new_tensor || hi != key_hi) {
-        key_hi = hi;
-        es.key = RoundingKey::of(a.rounding_prefix, static_cast<uint32_t>(a.steps[t]), static_cast<uint32_t>(a.tensor_ids[t]), hi);
-        es.key2_head = es.key.key2_head();
-      }
-    }
-    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t, es);
+    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t);
     ++run;
   }
   if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
@@ -509,7 +489,7 @@ template <>
 struct TakesStorageModes<::fastmup::EsgdOp> : std::false_type {};
 
 // Calls f(std::integral_constant<int, STORAGE>{}) for the launch's storage
-// mode (kNearest, kStochastic, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
+// mode (kNearest, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
 // parameters (fp32 ones are stored as they are), remainders to bf16 ones
 // (fp16 parameters under kRemainder are stored to nearest, like the host).
 // The mode kernels are built for gradients in the parameter's dtype (what
@@ -524,12 +504,8 @@ void dispatch_storage(const MultiTensorArgs& a, const F& f) {
     f(Nearest{});
   } else {
     if (a.storage == kNearest) return f(Nearest{});
-    if (a.storage == kStochastic && a.tensor_ids == nullptr)
-      throw std::invalid_argument("fastmup: stochastic rounding needs tensor_ids");
-    // the vector loop derives its elements' low index words as element0 ^ j
-    if (a.storage == kStochastic && (a.block < 16 || (a.block & (a.block - 1)) != 0))
-      throw std::invalid_argument("fastmup CUDA backend: stochastic rounding needs a power-of-two block of at least 16, got " +
-                                  std::to_string(a.block));
+    if (a.storage == kStochastic)
+      throw std::invalid_argument("fastmup CUDA backend: no stochastic rounding kernel (use the triton backend)");
     if (a.storage < kNearest || a.storage > kRemainder)
       throw std::invalid_argument("fastmup: unknown parameter storage code " + std::to_string(a.storage));
     if ((a.storage == kMaster || a.storage == kRemainder) && a.storage_ptrs == nullptr)
@@ -538,7 +514,6 @@ void dispatch_storage(const MultiTensorArgs& a, const F& f) {
       throw std::invalid_argument("fastmup CUDA backend: parameter storage modes take gradients in the parameter's dtype");
     } else {
       switch (a.storage) {
-        case kStochastic: return f(std::integral_constant<int, kStochastic>{});
         case kMaster: return f(std::integral_constant<int, kMaster>{});
         default:
           if constexpr (std::is_same<P, Bf16>::value) return f(std::integral_constant<int, kRemainder>{});

@@ -111,10 +111,11 @@ STORAGE_NAMES = {0: "nearest", 1: "stochastic", 2: "master", 3: "remainder"}
 
 #: Op -> param dtype -> the storage modes other than "nearest" compiled for it
 #: (``multi_tensor_storage_kernel``, instantiated for gradients in the param's
-#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none
+#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none, and
+#: stochastic rounding has no CUDA kernel (csrc/multi_tensor.cuh says why)
 STORAGE_KERNELS = {
-    "AdamOp": {"bf16": ("stochastic", "master", "remainder"), "fp16": ("stochastic", "master")},
-    "SgdOp": {"bf16": ("stochastic", "master", "remainder"), "fp16": ("stochastic", "master")},
+    "AdamOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
+    "SgdOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
     "EsgdOp": {},
 }
 
