@@ -113,7 +113,8 @@ FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_fp16_word(float x, uint32_t w) {
   const uint32_t normal = (m << 3) + 0x40000000u;
   const float ax = bits_float(a);
   const float small = ax < 6.103515625e-05f ? ax : 6.103515625e-05f;  // NaN: never taken below
-  const uint32_t sub = static_cast<uint32_t>(small * 1099511627776.0f);  // exact, < 2^26
+  // exact, in [0, 2^26): the signed conversion, which vectorises on the host
+  const uint32_t sub = static_cast<uint32_t>(static_cast<int32_t>(small * 1099511627776.0f));
   const uint32_t s = ((a < 0x38800000u) ? sub : normal) | (u & 0x80000000u);
   return static_cast<uint16_t>((s + (w >> 16)) >> 16);
 }
