@@ -87,9 +87,6 @@ FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_bf16(float x, uint32_t r) {
   return static_cast<uint16_t>((x != x) ? 0x7fc0u : b);
 }
 
-// bf16 from the 32-bit hash word w whose high half is r.
-FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_bf16_word(float x, uint32_t w) { return stochastic_bf16(x, w >> 16); }
-
 // fp16 from the hash word w (r = w >> 16): normals (and overflow) add 13
 // random bits below the 10 kept and truncate; subnormals (|x| < 2^-14) work
 // in units of 2^-24: up iff r + floor(2^16 frac) >= 2^16; NaN -> sign |
@@ -104,8 +101,9 @@ FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_bf16_word(float x, uint32_t w) { r
 //  * subnormals: s = floor(|x| 2^40) = floor(q) 2^16 + floor(2^16 frac(q)),
 //    q = |x| 2^24 (exact), the form above;
 //  * NaN: the clamp to bits(1.5 2^16) gives s = 0x7e00 2^16.
-// (Both cases are computed; the product wraps modulo 2^32 only where the
-// subnormal case is taken, and the float clamp keeps the conversion in range.)
+// (Both cases are computed: the normal one's sum wraps modulo 2^32 only where
+// the subnormal case is taken, and the float clamp keeps the conversion in
+// range.)
 FASTMUP_HD FASTMUP_INLINE uint16_t stochastic_fp16_word(float x, uint32_t w) {
   const uint32_t u = float_bits(x);
   const uint32_t a = u & 0x7fffffffu;
@@ -127,12 +125,10 @@ struct StochasticStore;
 template <>
 struct StochasticStore<Bf16> {
   FASTMUP_HD static FASTMUP_INLINE Bf16 from(float x, uint32_t r) { return Bf16{stochastic_bf16(x, r)}; }
-  FASTMUP_HD static FASTMUP_INLINE Bf16 from_word(float x, uint32_t w) { return Bf16{stochastic_bf16_word(x, w)}; }
 };
 template <>
 struct StochasticStore<Fp16> {
   FASTMUP_HD static FASTMUP_INLINE Fp16 from(float x, uint32_t r) { return Fp16{stochastic_fp16(x, r)}; }
-  FASTMUP_HD static FASTMUP_INLINE Fp16 from_word(float x, uint32_t w) { return Fp16{stochastic_fp16_word(x, w)}; }
 };
 
 // ---------------------------------------------------------------------------
