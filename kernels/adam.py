@@ -83,9 +83,21 @@ def _tile(
     # the deferred clip (what g.mul_(clip) would hold), then / grad_scale
     g = prepared_grad(g, clip, scale, inv_scale, GRAD, HAS_CLIP, HAS_SCALE, BY_RECIPROCAL)
     g = tl.where(maximize, -g, g)
-    # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
-    g = tl.where(coupled_wd != 0.0, tl.fma(coupled_wd, p, g), g)
-    p = p * decay
+    if STORAGE == rounding.STOCHASTIC:
+        # One of the two decays, a branch uniform over the program: the
+        # coupled add only when wd != 0, else the decoupled factor (1 for
+        # Adam: p·1 = p, nan stays nan; with coupled_wd != 0 the factor is 1,
+        # so skipping it changes nothing).  The same values as below, in
+        # fewer instructions after the rounding's hash (elsewhere the
+        # branches cost registers: spills on sm_80 with amsgrad and AMP).
+        if coupled_wd != 0.0:
+            g = tl.fma(coupled_wd, p, g)
+        else:
+            p = p * decay
+    else:
+        # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
+        g = tl.where(coupled_wd != 0.0, tl.fma(coupled_wd, p, g), g)
+        p = p * decay
 
     m = lerp(m, g, lerp_coeff, small)
     v = tl.fma(one_minus_beta2 * g, g, v * beta2)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _load, _row_offsets, _store, load_tile, store_tile, tensor_ptr
-from .counter_hash import absorb, hash_word, mix32_rest, tensor_keys
+from ._common import INTERPRETED, _load, _row_offsets, _store, load_tile, store_tile, tensor_ptr
+from .counter_hash import MUL1, MUL2, absorb, hash_word, mix32_rest, tensor_keys
 
 __all__ = [
     "STORAGE_CODES",
@@ -66,6 +66,22 @@ def rounding_bits(element_lo, key, key2):
     """The 16 random bits (uint32 in ``[0, 2^16)``) of the elements whose
     indices have low words ``element_lo`` (uint32)."""
     return hash_word(element_lo, key, key2) >> 16
+
+
+@triton.jit
+def _opaque(x):
+    """``x`` (uint32), through an identity LLVM cannot see into when compiled
+    (ptxas drops the move); the interpreter returns ``x``.
+
+    It keeps LLVM from rewriting ``(z ^ (z >> 15)) >> 16`` (the hash word's
+    last xorshift, then the fp16 rounding's shift of it) into
+    ``(z >> 16) ^ (z >> 31)``: two shifts and a xor, where ptxas otherwise
+    folds the shift into the add that consumes it (one instruction less per
+    element)."""
+    if INTERPRETED:
+        return x
+    else:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -243,7 +259,10 @@ def store_param(param_ptr, aux_ptr, x, limit, element0, key, key2, PARAM: tl.con
         k = element0.to(tl.uint32) ^ key
         k = k ^ (k >> 16)
         y = mix32_rest(k ^ tile_offsets(TILE, ALIGNED).to(tl.uint32))
-        w = mix32_rest(y ^ (y >> 16) ^ (key2 ^ (key2 >> 16)))  # mix32(y ^ key2), the key's shift on the scalar
+        # mix32(y ^ key2), the key's shift on the scalar (_opaque: see there)
+        z = (y ^ (y >> 16) ^ (key2 ^ (key2 >> 16))) * MUL1
+        z = (z ^ (z >> 15)) * MUL2
+        w = z ^ _opaque(z >> 15)
         _store_raw(param_ptr, _stochastic_round_word(x, w, PARAM), limit, TILE, MASKED, ALIGNED)
     elif STORAGE == MASTER:
         store_tile(aux_ptr, x, limit, tl.float32, TILE, MASKED, ALIGNED)

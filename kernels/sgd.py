@@ -68,11 +68,10 @@ def _tile(
 
     if HAS_MOMENTUM:
         if has_buf:  # uniform over the program: branches, not masks
-            if first:
-                b = g  # the old buffer is not even read
-            else:
-                b = load_tile(buf_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
-                b = tl.fma(one_minus_dampening, g, b * mu)
+            # (on the first step the old buffer, read all the same, is not used:
+            # a select per element costs less than the branch's register moves)
+            b = load_tile(buf_ptr + at, left, STATE, TILE, MASKED, ALIGNED)
+            b = tl.where(first, g, tl.fma(one_minus_dampening, g, b * mu))
             store_tile(buf_ptr + at, b, left, STATE, TILE, MASKED, ALIGNED)
             if nesterov:
                 g = tl.fma(mu, b, g)

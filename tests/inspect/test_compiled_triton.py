@@ -6,7 +6,8 @@ SASS and PTX.  It runs in a subprocess, because this test process imports
 the kernels under Triton's interpreter.  The variants are a representative
 set (below): every algorithm and kernel at its defaults for each param
 dtype, mixed param and state dtypes both ways, and every option and AMP
-flag on at once, with aligned and with misaligned buffers.  Compiled kernels
+flag on at once, with aligned and with misaligned buffers, and the deferred
+clip on the heaviest kernel it reaches (no setting drives it).  Compiled kernels
 are cached by Triton (``TRITON_CACHE_DIR``), their analyses by the tool
 (``FASTMUP_INSPECT_CACHE``): a warm rerun takes seconds.
 
@@ -52,12 +53,14 @@ SETTINGS = [
     S("sgd", "bf16", "fp32", option=True), S("sgd", "fp32", "bf16", option=True),
     S("sgd", "bf16", "bf16", **ALL_ON), S("sgd", "bf16", "fp32", **ALL_ON, aligned=False),
     # bf16 parameter storage modes (stochastic rounding, fp32 masters, remainders), fp16 stochastic rounding,
-    # then with everything on.
+    # then with everything on (fp16 stochastic rounding misaligned: the heaviest; with a deferred clip: below).
     S("adam", "bf16", "bf16", storage="stochastic"), S("adam", "bf16", "bf16", storage="master"),
     S("adam", "bf16", "bf16", storage="remainder"), S("sgd", "bf16", "bf16", option=True, storage="stochastic"),
     S("adam", "fp16", "fp16", storage="stochastic"), S("sgd", "fp16", "fp16", option=True, storage="stochastic"),
     S("sgd", "bf16", "fp32", option=True, storage="master"), S("sgd", "bf16", "bf16", option=True, storage="remainder"),
     S("adam", "bf16", "bf16", **ALL_ON, storage="remainder", aligned=False),
+    S("adam", "fp16", "fp16", **ALL_ON, storage="stochastic", aligned=False),
+    S("sgd", "fp16", "fp16", **ALL_ON, storage="stochastic", aligned=False),
     # ESGD-M plain and HVP steps (the latter draw the probes: one probe kernel per dtype)
     S("esgd", "fp32", "fp32"), S("esgd", "bf16", "bf16"), S("esgd", "bf16", "fp32"),
     S("esgd", "fp32", "fp32", option=True), S("esgd", "bf16", "bf16", option=True), S("esgd", "fp16", "fp16", option=True),
@@ -70,6 +73,15 @@ import json, sys
 from fastmup.inspect import triton_kernels as tk
 settings = [tk.Settings(**s) for s in json.load(sys.stdin)]
 records = tk.inspect_all(settings, jobs=int(sys.argv[1]))
+# The deferred clip, which no setting drives, on the heaviest kernel it reaches: Adam
+# with fp16 stochastic rounding.
+from fastmup.inspect.records import label
+clipped = [v for v in tk.variants([tk.Settings("adam", "fp16", "fp16", storage="stochastic")]) if v.launch.module == "adam"][0]
+for arch in (80, 90):
+    r = tk.inspect(clipped, arch, HAS_CLIP=True)
+    r["variant"]["has_clip"] = True
+    r["label"] = label(r["variant"])
+    records.append(r)
 # A control: the same Adam kernel with Triton's default contraction on.
 adam = [v for v in tk.variants([tk.Settings("adam", "bf16", "bf16")]) if v.launch.module == "adam"][0]
 fused = tk.inspect(adam, 90, enable_fp_fusion=True)
