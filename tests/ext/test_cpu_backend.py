@@ -32,13 +32,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from tests.ext import needs_cpu_build
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fastmup import ext  # noqa: E402
-from fastmup.ext import build as ext_build  # noqa: E402
 from fastmup.optim import MuAdam, MuAdamW, MuSGD  # noqa: E402
 
 try:
@@ -46,18 +46,9 @@ try:
 except ImportError:  # pragma: no cover - fastmup.shape not there yet
     from mup import set_base_shapes
 
-pytestmark = pytest.mark.skipif(
-    bool(ext_build.missing_requirements("cpu")),
-    reason="the cpu backend cannot be built here: missing " + "; ".join(ext_build.missing_requirements("cpu")),
-)
+pytestmark = needs_cpu_build
 
 EPS32 = 2.0**-23
-
-
-@pytest.fixture(scope="session")
-def cpu_ext():
-    """The host module, built once per session (and cached on disk across sessions)."""
-    return ext.load("cpu")
 
 
 def host_block() -> int:

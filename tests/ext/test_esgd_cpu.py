@@ -53,26 +53,17 @@ import pytest
 import torch
 from torch import nn
 
-from fastmup import ext
-from fastmup.ext import build as ext_build
 from fastmup.optim import ESGD, MuESGD
 from fastmup.optim import esgd as esgd_module
+from tests.ext import needs_cpu_build
 from tests.models import lm_batch, loss_fn, make_mlp, make_transformer, mlp_batch, set_shapes
 
 pytestmark = [
-    pytest.mark.skipif(
-        bool(ext_build.missing_requirements("cpu")),
-        reason="the cpu backend cannot be built here: missing " + "; ".join(ext_build.missing_requirements("cpu")),
-    ),
+    needs_cpu_build,
     pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True"),
 ]
 
 EPS32 = 2.0**-23
-
-
-@pytest.fixture(scope="module")
-def cpu_ext():
-    return ext.load("cpu")
 
 
 def storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

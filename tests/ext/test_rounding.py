@@ -6,21 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmup import ext
-from fastmup.ext import build as ext_build
 from fastmup.optim import precision
 
+from tests.ext import needs_cpu_build
 from tests.fp32_patterns import fp32_patterns
 
-pytestmark = pytest.mark.skipif(
-    bool(ext_build.missing_requirements("cpu")),
-    reason="the cpu backend cannot be built here: missing " + "; ".join(ext_build.missing_requirements("cpu")),
-)
-
-
-@pytest.fixture(scope="module")
-def cpu_ext():
-    return ext.load("cpu")
+pytestmark = needs_cpu_build
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.bfloat16, 1), (torch.float16, 2)])

@@ -14,18 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastmup import ext
-from fastmup.ext import build as ext_build
+from tests.ext import needs_cpu_build
 
-pytestmark = pytest.mark.skipif(
-    bool(ext_build.missing_requirements("cpu")),
-    reason="the cpu backend cannot be built here: missing " + "; ".join(ext_build.missing_requirements("cpu")),
-)
-
-
-@pytest.fixture(scope="module")
-def cpu_ext():
-    return ext.load("cpu")
+pytestmark = needs_cpu_build
 
 
 def bits(x: np.ndarray) -> np.ndarray:
