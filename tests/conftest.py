@@ -8,7 +8,17 @@ interpreter (``TRITON_INTERPRET=1``); with one, the environment decides
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the module (``pytest.mark.usefixtures``), restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,19 +8,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from fastmup.demo import deptransfer as dt
 
 SMALL = dt.QUICK_CONFIG.replace(depths=(2, 8), log2_lrs=tuple(float(v) for v in range(-9, -4)), steps=50)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one thread is as fast as two and immune to oversubscription
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
