@@ -23,7 +23,7 @@ setup(
     package_dir={"fastmup.kernels": "kernels", "fastmup.csrc": "csrc"},
     # The C++/CUDA sources ship as data (fastmup/csrc when installed) and are
     # compiled on first use by fastmup.ext, which also finds <repo>/csrc in a checkout.
-    package_data={"fastmup.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "host/*.h", "host/*.inc", "host/*.cpp"]},
+    package_data={"fastmup.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "host/*.h", "host/*.inc", "host/*.cpp", "plan/*.cpp"]},
     install_requires=install_requires,
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest", "pandas", "matplotlib", "tqdm", "rich", "scikit-learn", "pytorch-lightning"],

@@ -17,6 +17,7 @@ depend on PyTorch's C++ ABI.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Any, Optional
@@ -44,6 +45,7 @@ __all__ = [
     "compile_cuda_sources",
     "launch",
     "load",
+    "plan_checks",
 ]
 
 _modules: dict[str, Any] = {}
@@ -108,6 +110,39 @@ def load(device_type: str):
         _failed.pop(device_type, None)
         _modules[device_type] = module
         return module
+
+
+# ---------------------------------------------------------------------------
+# the plan's per-step checks
+# ---------------------------------------------------------------------------
+def plan_checks():
+    """The ``plan`` module (``csrc/plan/checks.cpp``: the optimizer plan's
+    per-step checks in one pass over the tensors), or None: the optimizer
+    then checks in Python, with the same results.
+
+    Used when it is built already, or built here when this process has
+    loaded a compiled backend (which needs the same compiler) or when
+    ``$FASTMUP_PLAN_CHECKS`` is ``compiled``; never when it is ``python``.
+    A failed build is not retried in this process.  Never raises."""
+    mode = os.environ.get("FASTMUP_PLAN_CHECKS", "").strip().lower()
+    if mode == "python":
+        return None
+    module = _modules.get("plan")
+    if module is not None:
+        return module
+    if "plan" in _failed:
+        return None
+    try:
+        if mode != "compiled" and not ("cpu" in _modules or "cuda" in _modules) and built_path("plan") is None:
+            return None
+        with _lock:
+            module = _modules.get("plan")
+            if module is None:
+                module = _modules["plan"] = _build.import_module("plan", build_extension("plan"))
+        return module
+    except Exception as e:  # noqa: BLE001 - a speed-up only: the Python checks stand in
+        _failed["plan"] = e
+        return None
 
 
 # ---------------------------------------------------------------------------

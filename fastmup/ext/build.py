@@ -1,14 +1,20 @@
 """Building the C++/CUDA extension modules of ``csrc/`` on first use.
 
-Two modules, built independently:
+Three modules, built independently:
 
 ``_fastmup_cpu``   ``csrc/host/*.cpp``: the ``cpu`` backend, any C++17
                    compiler (OpenMP when it has it).
 ``_fastmup_cuda``  ``csrc/*.cu`` (nvcc) + ``csrc/cuda_bindings.cpp``: the
                    ``cuda`` backend, linked with the static CUDA runtime.
+``_fastmup_plan``  ``csrc/plan/checks.cpp``: the optimizer plan's per-step
+                   checks over the tensors (an optional speed-up of every
+                   backend's step; :func:`fastmup.ext.plan_checks`).
 
-Both are plain pybind11 modules taking raw addresses, so nothing is compiled
-against PyTorch's C++ ABI: any compiler that builds pybind11 will do.
+The backends are plain pybind11 modules taking raw addresses, so they are not
+compiled against PyTorch's C++ ABI: any compiler that builds pybind11 will do.
+The ``plan`` module reads tensors, so it is compiled against the installed
+torch's headers (C++20, torch's ABI flag) and linked with its libraries; its
+cache key covers torch's version and location.
 
 A build lives in ``<root>/<kind>-<hash>`` where ``<root>`` is
 ``$FASTMUP_EXT_DIR`` or ``~/.cache/fastmup/ext`` and ``<hash>`` covers the
@@ -54,7 +60,7 @@ __all__ = [
 #: bumped when the build recipe changes in a way the hash would not see
 RECIPE_VERSION = "1"
 
-KINDS = ("cpu", "cuda")
+KINDS = ("cpu", "cuda", "plan")
 
 _CPU_SOURCES = (
     "host/adam_host.cpp",
@@ -66,6 +72,9 @@ _CPU_SOURCES = (
     "host/bindings.cpp",
 )
 _CUDA_CXX_SOURCES = ("cuda_bindings.cpp",)
+_PLAN_SOURCES = ("plan/checks.cpp",)
+#: what a first build takes on 2 cores, as the build's progress line says
+_BUILD_TIMES = {"plan": "about 15 s"}
 _SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu", ".inc")
 
 # -ffp-contract=off: no fused multiply-adds the reference does not do (x86-64
@@ -239,6 +248,8 @@ def missing_requirements(kind: str) -> list[str]:
         missing.append("pybind11 (pip install pybind11)")
     if kind == "cuda" and find_nvcc() is None:
         missing.append("nvcc, the CUDA compiler (set $CUDA_HOME or put nvcc on PATH)")
+    if kind == "plan" and _torch_build_flags() is None:
+        missing.append("torch's C++ headers and libraries (a torch wheel ships them)")
     try:
         csrc_dir()
     except BuildError:
@@ -323,9 +334,30 @@ def _nvcc_archs() -> tuple[str, ...]:
     return tuple(sorted({m for m in re.findall(r"compute_(\d+)", out)}, key=int))
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_build_flags() -> Optional[tuple[tuple[str, ...], tuple[str, ...], str]]:
+    """(compile flags, link flags, torch version) of a module compiled against
+    the installed torch, or None when its headers or libraries are missing."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001
+        return None
+    base = Path(torch.__file__).resolve().parent
+    include, lib = base / "include", base / "lib"
+    if not (include / "torch" / "csrc" / "autograd" / "python_variable.h").is_file() or not lib.is_dir():
+        return None
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    cflags = ("-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}")
+    libs = ("-lc10", "-ltorch_cpu", "-ltorch_python", "-ltorch")
+    ldflags = (f"-L{lib}", *libs, f"-Wl,-rpath,{lib}")
+    return cflags, ldflags, torch.__version__
+
+
 def _sources(kind: str, root: Path) -> tuple[list[Path], list[Path]]:
     if kind == "cpu":
         return [root / s for s in _CPU_SOURCES], []
+    if kind == "plan":
+        return [root / s for s in _PLAN_SOURCES], []
     return [root / s for s in _CUDA_CXX_SOURCES], sorted(root.glob("*.cu"))
 
 
@@ -362,6 +394,11 @@ class _Recipe:
         self.ldflags = ["-shared"]
         if sys.platform == "darwin":
             self.ldflags += ["-undefined", "dynamic_lookup"]
+        self.torch_version = ""
+        if kind == "plan":
+            cflags, ldflags, self.torch_version = _torch_build_flags()
+            self.cxxflags = [f for f in self.cxxflags if not f.startswith("-std=")] + list(cflags)
+            self.ldflags += list(ldflags)
         self.omp = None
         if kind == "cpu":
             self.omp = openmp_flag(*self.cxx)
@@ -384,6 +421,7 @@ class _Recipe:
             sys.version,
             self.suffix,
             self.pybind11_version,
+            self.torch_version,
             " ".join(self.cxx),
             _tool_version(*self.cxx),
             self.nvcc or "",
@@ -521,7 +559,7 @@ def build_extension(kind: str, *, root: Optional[os.PathLike] = None, archs: Opt
             target.unlink()
         started = time.monotonic()
         _say(
-            f"fastmup: building the {kind!r} extension once (about a minute; cached in {build_dir}). "
+            f"fastmup: building the {kind!r} extension once ({_BUILD_TIMES.get(kind, 'about a minute')}; cached in {build_dir}). "
             f"To build ahead of time: python -m fastmup.ext build {kind}"
         )
         log = build_dir / "build.log"

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+import fastmup.ext as fastmup_ext
 from fastmup.infshape_registry import explain_missing, find_infshape
 from fastmup.optim import backend as backends
 from fastmup.optim import clip as clipping
@@ -74,6 +75,25 @@ class _PlanInputs:
     sharded: bool  # some param is a DTensor: kernels see local shards
     # what _bind_same_kind compares (built with the plan, _grad_kinds; (): not applicable)
     grad_kinds: Optional[tuple] = None
+    # the compiled checks (fastmup.ext.plan_checks; None: the Python ones) and what they compare
+    checks: Any = None
+    ptr_array: Optional[np.ndarray] = None  # ``ptrs``
+    compiled_kinds: Optional[tuple] = None  # bind_grads' dtype, numel, device and fused columns; None: not applicable
+    spare: Optional[tuple] = None  # (addresses, present) arrays bind_grads writes
+
+
+#: (dtype, device) -> (dtype code, device code) of the compiled checks
+_KIND_CODES: dict = {}
+
+
+def _kind_codes(checks: Any, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """How the compiled checks see a gradient of ``dtype`` on ``device``."""
+    key = (dtype, device)
+    codes = _KIND_CODES.get(key)
+    if codes is None:
+        dtypes, _numels, devices = checks.kinds([torch.empty(0, dtype=dtype, device=device)])
+        codes = _KIND_CODES[key] = (int(dtypes[0]), int(devices[0]))
+    return codes
 
 
 def _NO_GRAD() -> None:
@@ -452,6 +472,11 @@ class MuOptimizer(Optimizer):
         replaced state buffer invalidate it)."""
         if [self._group_key(g) for g in self.param_groups] != inputs.group_keys:
             return False
+        checks = inputs.checks
+        if checks is not None:
+            return checks.same_entries(inputs.slot_dicts, inputs.slot_keys, inputs.state_tensors) and checks.same_addresses(
+                inputs.tensors, inputs.ptr_array
+            )
         # map() over C-level callables: this runs every step, over every tensor
         if not all(map(operator.is_, map(dict.get, inputs.slot_dicts, inputs.slot_keys), inputs.state_tensors)):
             return False
@@ -470,6 +495,10 @@ class MuOptimizer(Optimizer):
         another kind, re-plans (the caller rebuilds).
         """
         grads = list(map(_GRAD, inputs.params))
+        if inputs.compiled_kinds is not None:
+            if self._bind_compiled(inputs, grads):
+                return True
+            return self._bind_general(inputs, grads)
         locals_ = [None if g is None else local(g) for g in grads] if inputs.sharded else grads
         refs = inputs.grad_refs
         # the first gradient is the cheap test: after zero_grad(set_to_none=True) and a backward none is the same
@@ -482,6 +511,12 @@ class MuOptimizer(Optimizer):
                 return True
         if self._bind_same_kind(inputs, grads):
             return True
+        return self._bind_general(inputs, grads)
+
+    def _bind_general(self, inputs: _PlanInputs, grads: list) -> bool:
+        """:meth:`_bind_grads` tensor by tensor: any gradient the plan has a
+        place for (False: re-plan)."""
+        locals_ = [None if g is None else local(g) for g in grads] if inputs.sharded else grads
         skips = self._skips_tensors_without_grad
         ptrs = []
         for g, meta, fused, old in zip(locals_, inputs.grad_meta, inputs.fused, inputs.grad_ptrs):
@@ -507,6 +542,54 @@ class MuOptimizer(Optimizer):
             batch.rebind_grads(self._batch_grads(batch, inputs), flat_ptrs[batch.index])
             batch.set_active(has_grad[batch.index])
         return True
+
+    def _bind_compiled(self, inputs: _PlanInputs, grads: list) -> bool:
+        """:meth:`_bind_same_kind` in one pass of the compiled checks
+        (``csrc/plan/checks.cpp``), which also write the addresses."""
+        previous = inputs.grad_ptrs
+        if not isinstance(previous, np.ndarray):
+            previous = np.asarray(previous, dtype=np.int64)
+        addresses, present = inputs.spare
+        count = inputs.checks.bind_grads(grads, *inputs.compiled_kinds, previous, addresses, present)
+        if count < 0:
+            return False
+        every = count == len(grads)
+        if not every and not self._skips_tensors_without_grad:
+            return False
+        inputs.grad_refs = list(map(weakref.ref, grads)) if every else [_grad_ref(g) for g in grads]
+        inputs.grad_ptrs = addresses
+        inputs.spare = (previous, present)  # written by the next step's call
+        has_grad = None if every else present.astype(bool)
+        for batch, at in zip(self._batches, inputs.grad_kinds[5]):
+            if at is None:
+                batch.rebind_grads(grads, addresses)
+                batch.set_active(has_grad)
+            else:
+                batch.rebind_grads(list(map(grads.__getitem__, at.tolist())), addresses[at])
+                batch.set_active(None if has_grad is None else has_grad[at])
+        return True
+
+    def _compile_checks(self, inputs: _PlanInputs) -> None:
+        """Give ``inputs`` the compiled checks (:func:`fastmup.ext.plan_checks`)
+        when they are available and the plan allows them (no DTensor
+        shards, every member a dense gradient place)."""
+        checks = fastmup_ext.plan_checks()
+        if checks is None or inputs.sharded:
+            return
+        inputs.checks = checks
+        inputs.ptr_array = np.asarray(inputs.ptrs, dtype=np.int64)
+        if not inputs.grad_kinds:
+            return
+        dtypes, numels, _devices, _fused_at, fused_mask, _places = inputs.grad_kinds
+        codes = [_kind_codes(checks, m[0], m[2]) for m in inputs.grad_meta]
+        n = len(codes)
+        inputs.compiled_kinds = (
+            np.fromiter((c[0] for c in codes), dtype=np.int8, count=n),
+            np.asarray(numels, dtype=np.int64).reshape(n),
+            np.fromiter((c[1] for c in codes), dtype=np.int64, count=n),
+            np.asarray(fused_mask, dtype=np.uint8).reshape(n),
+        )
+        inputs.spare = (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.uint8))
 
     def _bind_same_kind(self, inputs: _PlanInputs, grads: list) -> bool:
         """:meth:`_bind_grads` for the usual step: every member of the plan
@@ -791,6 +874,7 @@ class MuOptimizer(Optimizer):
             self._batches = self._build_plan()
             inputs = self._snapshot()
             inputs.grad_kinds = self._grad_kinds(inputs)
+            self._compile_checks(inputs)
             self._plan_inputs = inputs
         return self._batches
 

@@ -441,3 +441,65 @@ def test_options_reach_the_base_constructor():
 def test_esgd_refuses_the_low_precision_options_by_name(name, value):
     with pytest.raises(NotImplementedError, match=f"{name}={value!r}"):
         fastmup.optim.MuESGD(_plain_params(), **{name: value})
+
+
+@pytest.mark.parametrize("checks", ["python", "compiled"])
+@pytest.mark.filterwarnings("ignore:fastmup. backend='auto' steps some tensors on the eager:RuntimeWarning")
+@needs_cpu_backend
+def test_the_plan_checks_follow_every_change(checks, monkeypatch):
+    """Both implementations of the per-step checks (Python, and compiled:
+    fastmup.ext.plan_checks) keep the plan exactly when they should and step
+    the tensors now in place, as the eager reference steps them."""
+    monkeypatch.setenv("FASTMUP_PLAN_CHECKS", checks)
+    if checks == "compiled" and fastmup.ext.plan_checks() is None:
+        pytest.skip("the plan module cannot be built here")
+    model = build("mlp", 16)
+    twin = clone(model)
+    opt = MuSGD(model.parameters(), lr=0.1, momentum=0.9, backend="auto")  # auto: a strided gradient steps on the eager path
+    ref = MuSGD(twin.parameters(), lr=0.1, momentum=0.9, backend="eager")
+    w, tw = model.hidden.weight, twin.hidden.weight
+
+    def misaligned(g):
+        out = torch.empty(g.numel() + 1, dtype=g.dtype)[1:].view_as(g)
+        return out.copy_(g)
+
+    changes = {
+        "new gradients": lambda: None,
+        "one without a gradient": lambda: setattr(model.inp.weight, "grad", None) or setattr(twin.inp.weight, "grad", None),
+        "a misaligned gradient": lambda: setattr(w, "grad", misaligned(w.grad)),
+        "a strided gradient": lambda: setattr(w, "grad", w.grad.t().contiguous().t()),
+        "new param data": lambda: setattr(w, "data", w.data.clone()),
+        "a new state buffer": lambda: opt.state[w].__setitem__("momentum_buffer", opt.state[w]["momentum_buffer"].clone()),
+        "the same gradient tensors": None,
+    }
+    kept = {}
+    train("mlp", model, opt, steps=1)
+    train("mlp", twin, ref, steps=1)
+    for name, change in changes.items():
+        batch = MODELS["mlp"][1]()
+        for m, o in ((model, opt), (twin, ref)):
+            if change is not None:
+                o.zero_grad(set_to_none=True)
+            loss_of("mlp", m, batch).backward()
+        if change is not None:
+            change()
+        before = opt._batches
+        opt.step()
+        ref.step()
+        kept[name] = opt._batches is before
+        torch.testing.assert_close(list(model.parameters()), list(twin.parameters()), rtol=1e-6, atol=1e-7, msg=name)
+        assert {b.backend for b in opt._batches} <= {"cpu", "eager"}
+        assert (opt._plan_inputs.checks is not None) == (checks == "compiled"), name
+        if opt._batches is before:
+            for b in opt._batches:
+                assert all(row == [0 if p.grad is None else p.grad.data_ptr() for p in b.owners] for row in _grad_rows(b)), name
+    assert kept == {
+        "new gradients": True,
+        "one without a gradient": True,
+        "a misaligned gradient": False,
+        "a strided gradient": False,
+        "new param data": False,
+        "a new state buffer": False,
+        "the same gradient tensors": True,
+    }
+    assert w.grad is not None and tw.grad is not None
