@@ -559,15 +559,20 @@ class MuOptimizer(Optimizer):
         inputs.grad_refs = list(map(weakref.ref, grads)) if every else [_grad_ref(g) for g in grads]
         inputs.grad_ptrs = addresses
         inputs.spare = (previous, present)  # written by the next step's call
-        has_grad = None if every else present.astype(bool)
-        for batch, at in zip(self._batches, inputs.grad_kinds[5]):
+        self._rebind_batches(grads, addresses, None if every else present.astype(bool), inputs.grad_kinds[5])
+        return True
+
+    def _rebind_batches(self, grads: list, addresses: np.ndarray, has_grad: Optional[np.ndarray], places: list) -> None:
+        """Point each batch at its members' gradients (``places``: each
+        batch's places in the flat list, None: all of it in order) and skip
+        those without one (``has_grad`` False; None: every member has one)."""
+        for batch, at in zip(self._batches, places):
             if at is None:
                 batch.rebind_grads(grads, addresses)
                 batch.set_active(has_grad)
             else:
                 batch.rebind_grads(list(map(grads.__getitem__, at.tolist())), addresses[at])
                 batch.set_active(None if has_grad is None else has_grad[at])
-        return True
 
     def _compile_checks(self, inputs: _PlanInputs) -> None:
         """Give ``inputs`` the compiled checks (:func:`fastmup.ext.plan_checks`)
@@ -648,13 +653,7 @@ class MuOptimizer(Optimizer):
         else:
             inputs.grad_refs = [_grad_ref(g) for g in grads]
         inputs.grad_ptrs = ptrs
-        for batch, at in zip(self._batches, places):
-            if at is None:
-                batch.rebind_grads(grads, flat_ptrs)
-                batch.set_active(has_grad)
-            else:
-                batch.rebind_grads(list(map(grads.__getitem__, at.tolist())), flat_ptrs[at])
-                batch.set_active(None if has_grad is None else has_grad[at])
+        self._rebind_batches(grads, flat_ptrs, has_grad, places)
         return True
 
     def _grad_kinds(self, inputs: _PlanInputs) -> tuple:
