@@ -119,7 +119,14 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
 // issue at HBM bandwidth for SGD (the 6-byte-per-element loops: 80% allows
 // 34 instructions per element, the plain update already takes 12-26), and
 // 92% / 101% for Adam, over the 80% budget of fastmup.inspect (no spills:
-// 72-111 registers); fastmup.optim.backend leaves it to Triton.
+// 72-111 registers); fastmup.optim.backend leaves it to Triton.  A cheaper
+// generator alone does not fit either (same build, the worst loop always a
+// scalar one with the loss-scale division): one hash word per pair of
+// elements with one mix per word still needs 102% / 123% for SGD and
+// 88% / 97% for Adam; with adjacent pairs per thread in the scalar loops,
+// cheaper rounding and one range check per pair, 83% / 91% and 79% / 83%.
+// A single multiply-xorshift per word would fit more loops but its bits are
+// strongly correlated between neighbouring elements, so it is no option.
 //
 // What one entry's storage mode needs: the aux stream at the entry's first
 // element (kMaster: fp32 masters, kRemainder: int16 remainders).
