@@ -46,9 +46,9 @@ every tensor of the batch advance, as in the eager reference.  When AMP's
 ``found_inf`` is set nothing is written (the tickets still reset).
 
 Launch layout as in :mod:`fastmup.kernels.adam`: one program per ``BLOCK``
-elements of one tensor, at most one masked tile, then full tiles without a
-mask (16-byte vector accesses when every address of the batch and of the
-step's HVPs is aligned); every group value (betas, v, warm-up, variant) is a
+elements of one tensor, full tiles without a mask (16-byte vector accesses
+when every address of the batch and of the step's HVPs is aligned), then at
+most one masked tile; every group value (betas, v, warm-up, variant) is a
 table value, so one compiled kernel and one launch cover a dtype signature.
 """
 from __future__ import annotations
@@ -149,11 +149,7 @@ def _tiles(
     ALIGNED: tl.constexpr,
 ):
     """The program's ``n`` elements: at most one masked partial tile, then
-    its full tiles, without a mask, so that their accesses vectorise.
-
-    The partial tile first: then nothing is needed after the main loop.  A
-    value kept for a later tile would be live through it unused, which
-    ptxas (Triton 3.6) spills rather than give the loop more registers."""
+    its full tiles, without a mask, so that their accesses vectorise."""
     for masked in tl.static_range(1, -1, -1):
         first_tile, end_tile = tile_range(n, TILE, masked)
         for tile in range(first_tile, end_tile):
