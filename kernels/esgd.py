@@ -38,9 +38,7 @@ then (after a barrier over its warps) takes a ticket (``atomic_add`` on a
 per-tensor int32 counter, acq_rel);
 the program that draws the last ticket (``nblocks_i - 1``) is the last to
 have loaded, so it alone stores the new scalars and resets the counter to 0
-for the next launch.  The elements need none of the scalar state, so all
-of this comes before them and nothing of it is live through their loops.
-No host work, no extra launch, no host sync.  Every
+for the next launch.  No host work, no extra launch, no host sync.  Every
 tensor, empty ones included, gets at least one program, so the scalars of
 every tensor of the batch advance, as in the eager reference.  When AMP's
 ``found_inf`` is set nothing is written (the tickets still reset).
@@ -148,9 +146,9 @@ def _tiles(
     HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """The program's ``n`` elements: at most one masked partial tile, then
-    its full tiles, without a mask, so that their accesses vectorise."""
-    for masked in tl.static_range(1, -1, -1):
+    """The program's ``n`` elements: its full tiles first, without a mask, so
+    that their accesses vectorise, then at most one masked partial tile."""
+    for masked in tl.static_range(2):
         first_tile, end_tile = tile_range(n, TILE, masked)
         for tile in range(first_tile, end_tile):
             _tile(
