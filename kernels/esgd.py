@@ -59,7 +59,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import block_extent, grad_scalars, lerp, lerp_coefficients, load_tile, optional_ptr, param_grad_ptrs
-from ._common import prepared_grad, skip_on_found_inf, store_tile, stream_ptr, tensor_row, tile_range, unscale
+from ._common import prepared_grad, program_pass, store_tile, stream_ptr, tensor_row, unscale
 
 __all__ = ["esgd_kernel", "launch", "BLOCK", "TILE"]
 
@@ -139,27 +139,6 @@ def _tile(
 
 
 @triton.jit
-def _tiles(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, n,
-    clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2, is_max, bc2_sqrt, eps, decay, coef,
-    PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, HVP: tl.constexpr, HVP_DTYPE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr, UPDATE_P: tl.constexpr, TILE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    """The program's ``n`` elements: its full tiles first, without a mask, so
-    that their accesses vectorise, then at most one masked partial tile."""
-    for masked in tl.static_range(2):
-        first_tile, end_tile = tile_range(n, TILE, masked)
-        for tile in range(first_tile, end_tile):
-            _tile(
-                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
-                clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2, one_minus_beta2,
-                is_max, bc2_sqrt, eps, decay, coef,
-                PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, BY_RECIPROCAL, UPDATE_P, TILE, masked, ALIGNED,
-            )
-
-
-@triton.jit
 def esgd_kernel(
     # where each hyperparameter is in a row: the spec's columns
     COL_LR: tl.constexpr,
@@ -196,7 +175,7 @@ def esgd_kernel(
     beta1 = tl.load(row + COL_BETA1)
     beta2 = tl.load(row + COL_BETA2)
     eps = tl.load(row + COL_EPS)
-    step, bc1, bc2, cum, v = _advanced_scalars(
+    _, bc1, bc2, cum, v = _advanced_scalars(
         row, i, steps_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP, COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT
     )
     step_size = lr * (1.0 - cum)
@@ -209,11 +188,46 @@ def esgd_kernel(
     coeff_m, small_m = lerp_coefficients((1.0 - beta1).to(tl.float32))  # exp_avg.lerp_(g, 1-β1)
     coeff_q, small_q = lerp_coefficients((1.0 - v).to(tl.float32))  # torch.lerp(m, g, 1-v)
     clip, scale, inv_scale, exact = grad_scalars(grad_clip_ptr, grad_scale_ptr, HAS_CLIP, HAS_SCALE)
-    moves = bc2 != 1.0  # the tensor has seen an HVP: p is updated
+
+    # Full tiles first, without a mask, so that their accesses vectorise;
+    # then at most one masked partial tile.  (static_range: compiled twice.)
+    for masked in tl.static_range(2):
+        i, start, n, first_tile, end_tile = program_pass(
+            tensor_of_block_ptr, start_of_block_ptr, numels_ptr, found_inf_ptr, BLOCK, TILE, masked, HAS_FOUND_INF
+        )
+        # Before its first HVP a tensor does not move: p is neither read nor
+        # written.  Decided per pass, outside the loop (a flag tested in the
+        # loop would keep bc2 in registers through it); the common case first.
+        _, _, bc2_now, _, _ = _advanced_scalars(
+            rows_ptr + i * NCOLS, i, steps_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
+            COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT,
+        )
+        param_ptr, grad_ptr = param_grad_ptrs(ptrs_ptr, n_tensors, i, start, PARAM, GRAD, ALIGNED)
+        exp_avg_ptr = stream_ptr(ptrs_ptr, 2, n_tensors, i, start, STATE, ALIGNED)
+        exp_avg_d_ptr = stream_ptr(ptrs_ptr, 3, n_tensors, i, start, STATE, ALIGNED)
+        hvp_ptr = optional_ptr(hvp_ptrs_ptr, 0, n_tensors, i, start, HVP_DTYPE, ALIGNED, HVP, grad_ptr)  # read only if HVP
+        # With a grad_scale: the pass for a power of two first, else the dividing one.
+        for skip_p in tl.static_range(2):
+            if (bc2_now == 1.0) == skip_p:
+                for divide in tl.static_range(2):
+                    if exact == (divide == 0):
+                        for tile in range(first_tile, end_tile):
+                            _tile(
+                                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, tile * TILE, n - tile * TILE,
+                                clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
+                                is_max, bc2_sqrt, eps32, decay, coef,
+                                PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, divide == 0, not skip_p, TILE, masked,
+                                ALIGNED,
+                            )
 
     # ---- the new scalar state: stored by the last program of the tensor ----
-    # Before the element loops, which read no scalar state: nothing of it is
-    # then live through them (ptxas spilled what was, under Triton 3.6).
+    # Read again rather than kept live through the loops (registers), and
+    # unchanged: no program stores before every program has its ticket.
+    i, _, _ = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
+    step, bc1, bc2, cum, v = _advanced_scalars(
+        rows_ptr + i * NCOLS, i, steps_ptr, bc1_ptr, bc2_ptr, cum_ptr, HVP,
+        COL_BETA1, COL_BETA2, COL_V, COL_LR_WARMUP, COL_VARIANT,
+    )
     n_blocks = tl.maximum(tl.cdiv(tl.load(numels_ptr + i), BLOCK), 1)
     # The barrier keeps every warp's loads of the old scalars before the
     # ticket; acq_rel orders this program's ticket after them for the others.
@@ -228,41 +242,6 @@ def esgd_kernel(
     tl.store(bc1_ptr + i, bc1, mask=write)
     tl.store(bc2_ptr + i, bc2, mask=write)
     tl.store(cum_ptr + i, cum, mask=write)
-
-    # ---- the elements: every value the loops need is computed by now -------
-    i, start, n = block_extent(tensor_of_block_ptr, start_of_block_ptr, numels_ptr, BLOCK)
-    n = skip_on_found_inf(n, found_inf_ptr, HAS_FOUND_INF)
-    param_ptr, grad_ptr = param_grad_ptrs(ptrs_ptr, n_tensors, i, start, PARAM, GRAD, ALIGNED)
-    exp_avg_ptr = stream_ptr(ptrs_ptr, 2, n_tensors, i, start, STATE, ALIGNED)
-    exp_avg_d_ptr = stream_ptr(ptrs_ptr, 3, n_tensors, i, start, STATE, ALIGNED)
-    hvp_ptr = optional_ptr(hvp_ptrs_ptr, 0, n_tensors, i, start, HVP_DTYPE, ALIGNED, HVP, grad_ptr)  # read only if HVP
-    # One leaf per case: before its first HVP a tensor does not move (p is
-    # neither read nor written; the common case first), and with a
-    # grad_scale the loops for a power of two come first, else the dividing
-    # ones.  If/else, not consecutive ifs: the values of one leaf's loops
-    # are then not live through another's (ptxas spilled them).
-    if moves:
-        if exact:
-            _tiles(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, n,
-                   clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
-                   is_max, bc2_sqrt, eps32, decay, coef,
-                   PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, True, True, TILE, ALIGNED)
-        else:
-            _tiles(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, n,
-                   clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
-                   is_max, bc2_sqrt, eps32, decay, coef,
-                   PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, False, True, TILE, ALIGNED)
-    else:
-        if exact:
-            _tiles(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, n,
-                   clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
-                   is_max, bc2_sqrt, eps32, decay, coef,
-                   PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, True, False, TILE, ALIGNED)
-        else:
-            _tiles(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_d_ptr, hvp_ptr, n,
-                   clip, scale, inv_scale, coeff_m, small_m, coeff_q, small_q, beta2_32, one_minus_beta2,
-                   is_max, bc2_sqrt, eps32, decay, coef,
-                   PARAM, GRAD, STATE, HVP, HVP_DTYPE, HAS_CLIP, HAS_SCALE, False, False, TILE, ALIGNED)
 
 
 def launch(
