@@ -162,8 +162,15 @@ def _tile(
             v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
             store_tile(max_sq_ptr + at, v_hat, left, STATE, TILE, MASKED, ALIGNED)
 
-    # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).
-    denom = _div_bias_correction(tl.sqrt_rn(v_hat), bc2_sqrt, inv_bc2_sqrt) + eps
+    # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).  The
+    # partial tile, once per program, keeps the plain division but with
+    # stochastic rounding: the same bits, and no register for the reciprocal
+    # (fp32 with amsgrad and AMP would spill there on sm_80; with stochastic
+    # rounding and fp32 state the division's calls would on sm_90).
+    if MASKED and STORAGE != rounding.STOCHASTIC:
+        denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
+    else:
+        denom = _div_bias_correction(tl.sqrt_rn(v_hat), bc2_sqrt, inv_bc2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
 
     store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, key2, PARAM, STORAGE, TILE, MASKED, ALIGNED)
