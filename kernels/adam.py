@@ -98,16 +98,18 @@ DECAY_COUPLED = tl.constexpr(2)
 
 
 @triton.jit
-def _runs_decay_loop(coupled_wd, DECAY: tl.constexpr, STORAGE: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _runs_decay_loop(coupled_wd, DECAY: tl.constexpr, STORAGE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     ALIGNED: tl.constexpr):
     """Whether the program runs the tile loop compiled for ``DECAY``.
 
-    With stochastic rounding and no grad_scale, the two decays are two
-    loops, the coupled add where ``coupled_wd != 0``, else the decoupled
-    factor: one instruction a element where a branch in the loop takes two
-    (both, predicated), which misaligned buffers cannot spare.  Otherwise
-    one loop (with a grad_scale the kernel has two passes already; four
-    loops spill registers on sm_80 with amsgrad)."""
-    if STORAGE == rounding.STOCHASTIC and not HAS_SCALE:
+    With stochastic rounding on misaligned buffers and no grad_scale, the
+    two decays are two loops, the coupled add where ``coupled_wd != 0``,
+    else the decoupled factor: one instruction a element where a branch in
+    the loop takes two (both, predicated), which the scalar accesses leave
+    no room for.  Otherwise one loop (aligned, the issue is well within its
+    budget; with a grad_scale the kernel has two passes already: four loops
+    spill registers on sm_80 with amsgrad)."""
+    if STORAGE == rounding.STOCHASTIC and not HAS_SCALE and not ALIGNED:
         return (coupled_wd != 0.0) == (DECAY == DECAY_COUPLED)
     else:
         return DECAY == DECAY_IN_LOOP
@@ -242,7 +244,7 @@ def adam_kernel(
         for divide in tl.static_range(2):
             if exact == (divide == 0):
                 for decay_form in tl.static_range(3):
-                    if _runs_decay_loop(coupled_wd, decay_form, STORAGE, HAS_SCALE):
+                    if _runs_decay_loop(coupled_wd, decay_form, STORAGE, HAS_SCALE, ALIGNED):
                         for tile in range(first_tile, end_tile):
                             _tile(
                                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr,
