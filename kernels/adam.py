@@ -165,10 +165,11 @@ def _tile(
             store_tile(max_sq_ptr + at, v_hat, left, STATE, TILE, MASKED, ALIGNED)
 
     # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).  The
-    # partial tile, once per program, keeps the plain division but with
-    # stochastic rounding: the same bits, and no register for the reciprocal
-    # (fp32 with amsgrad and AMP would spill there on sm_80; with stochastic
-    # rounding and fp32 state the division's calls would on sm_90).
+    # partial tile, once per program, keeps the plain division (the same bits)
+    # in the storage modes without stochastic rounding: there its loop has no
+    # register left for the reciprocal (fp32 with amsgrad and AMP would spill
+    # on sm_80); with stochastic rounding the division's slow-path calls would
+    # spill instead (fp32 state, sm_90).
     if MASKED and STORAGE != rounding.STOCHASTIC:
         denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
     else:
