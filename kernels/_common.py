@@ -371,6 +371,27 @@ def lerp(a, b, coeff, small):
 # loads to stores.  Without 16-byte alignment no access can be wider than
 # an element: then tiles are flat, one layout for every dtype as well.
 @triton.jit
+def flat_offsets(TILE: tl.constexpr):
+    """The element offsets of a flat (misaligned) tile: ``[0, TILE)`` in an
+    order that keeps every warp access contiguous and lets a thread reach
+    all its elements from one address.
+
+    Over 4 warps a ``[TILE]`` tile gives thread ``t`` the positions
+    ``t + 128·k``; here position ``lane + 32·warp + 128·k`` holds offset
+    ``lane + 32·k + 32·(TILE/128)·warp``: the warp's 32 lanes still access
+    32 consecutive elements, and a thread's elements are ``T + 32·k`` for
+    one per-thread ``T``, so each stream takes one address per thread and
+    immediate offsets.  (With plain ``t + 128·k`` the compiler, which knows
+    ``t < 1024``, folds the last one, ``(t & 127) | 896``, into ``t | 896``:
+    a second address per stream, advanced every iteration.)  Any order is
+    correct: every stream and the rounding bits use the same offsets."""
+    tl.static_assert(TILE % 128 == 0)
+    REGS: tl.constexpr = TILE // 128
+    a = tl.arange(0, TILE)
+    return (a & 31) | (((a >> 7) & (REGS - 1)) << 5) | (((a >> 5) & 3) * (32 * REGS))
+
+
+@triton.jit
 def _row_offsets(WIDTH: tl.constexpr, ROWS: tl.constexpr):
     return tl.arange(0, ROWS)[:, None] * 8 + tl.arange(0, WIDTH)[None, :]
 
@@ -397,7 +418,7 @@ def load_tile(ptr, limit, DTYPE: tl.constexpr, TILE: tl.constexpr, MASKED: tl.co
     (``ALIGNED``) or ``[TILE]`` (``MASKED``: those below ``limit``, others 0)."""
     ROWS: tl.constexpr = TILE // 8
     if not ALIGNED:
-        return upcast(_load(ptr, tl.arange(0, TILE), limit, MASKED), DTYPE)
+        return upcast(_load(ptr, flat_offsets(TILE), limit, MASKED), DTYPE)
     elif DTYPE.primitive_bitwidth == 16:
         return upcast(_load(ptr, _row_offsets(8, ROWS), limit, MASKED), DTYPE)
     else:
@@ -413,7 +434,7 @@ def store_tile(ptr, x, limit, DTYPE: tl.constexpr, TILE: tl.constexpr, MASKED: t
     of ``ptr`` (``MASKED``: those below ``limit``), rounded once to ``DTYPE``."""
     ROWS: tl.constexpr = TILE // 8
     if not ALIGNED:
-        _store(ptr, tl.arange(0, TILE), downcast(x, DTYPE), limit, MASKED)
+        _store(ptr, flat_offsets(TILE), downcast(x, DTYPE), limit, MASKED)
     elif DTYPE.primitive_bitwidth == 16:
         _store(ptr, _row_offsets(8, ROWS), downcast(x, DTYPE), limit, MASKED)
     else:

@@ -64,13 +64,65 @@ ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 @triton.jit
+def _div_bias_correction(x, d, inv_d):
+    """``tl.div_rn(x, d)``, the IEEE quotient, for ``x = sqrt_rn(v̂)`` and
+    ``d = bc2_sqrt`` (the program's scalar), given ``inv_d = div_rn(1, d)``.
+
+    ``q = x·inv_d`` corrected once by its exact remainder ``x - d·q`` (an
+    fma): four instructions a element, where a division takes ten (the GPU
+    refines the reciprocal and branches to a slow path per element).  It is
+    the correctly rounded quotient on the domain: ``x`` in ``{±0, +inf, NaN}
+    ∪ [2^-75, 2^64]`` (square roots of fp32 values), ``d`` in ``[2^-27, 1]``
+    (square roots of ``1 - β2^t`` for ``β2`` in ``[0, 1)``, rounded from
+    float64) or 0 (``t = 0``).  There the quotient, the product and the
+    remainder stay normal and exact where they must, so the significands
+    alone decide; before its rounding the corrected quotient is
+    ``x/d + (q - x/d)·(1 - d·inv_d)``, which can round differently from
+    ``x/d`` only if a rounding boundary lies within that error of ``x/d``:
+    a few dozen pairs of significands per ``d`` at most, found by a congruence,
+    and none of them rounds differently (checked for every fp32
+    significand of ``d``; tests/kernels/test_adam.py checks a sample).  The
+    maximum sends the NaN remainder of ``x = inf`` to -inf, so that
+    ``inf / d`` stays inf; for any other remainder it is the identity."""
+    q = x * inv_d
+    r = tl.maximum(tl.fma(d, q, -x), float("-inf"))  # -(x - d·q), exact
+    return tl.fma(-r, inv_d, q)
+
+
+# How a tile loop applies the weight decay (the DECAY constexpr of _tile):
+# per program, by a branch inside the loop; or fixed for the loop, the
+# decoupled factor or the coupled add (see _runs_decay_loop).
+DECAY_IN_LOOP = tl.constexpr(0)
+DECAY_FACTOR = tl.constexpr(1)
+DECAY_COUPLED = tl.constexpr(2)
+
+
+@triton.jit
+def _runs_decay_loop(coupled_wd, DECAY: tl.constexpr, STORAGE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    """Whether the program runs the tile loop compiled for ``DECAY``.
+
+    With stochastic rounding on misaligned buffers and no grad_scale, the
+    two decays are two loops, the coupled add where ``coupled_wd != 0``,
+    else the decoupled factor: one instruction a element where a branch in
+    the loop takes two (both, predicated), which the scalar accesses leave
+    no room for.  Otherwise one loop (aligned, the issue is well within its
+    budget; with a grad_scale the kernel has two passes already: four loops
+    spill registers on sm_80 with amsgrad)."""
+    if STORAGE == rounding.STOCHASTIC and not HAS_SCALE and not ALIGNED:
+        return (coupled_wd != 0.0) == (DECAY == DECAY_COUPLED)
+    else:
+        return DECAY == DECAY_IN_LOOP
+
+
+@triton.jit
 def _tile(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr, at, left, element0, key, key2,
     clip, scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
-    amsgrad, bc2_sqrt, eps, neg_step_size,
+    amsgrad, bc2_sqrt, inv_bc2_sqrt, eps, neg_step_size,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, STORAGE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr,
-    TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+    TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr, DECAY: tl.constexpr,
 ):
     """One tile of ``_single_tensor_adam``: elements ``at`` on, ``left`` of
     them valid, ``element0`` the flat index of element ``at`` (the rounding
@@ -84,13 +136,17 @@ def _tile(
     g = prepared_grad(g, clip, scale, inv_scale, GRAD, HAS_CLIP, HAS_SCALE, BY_RECIPROCAL)
     g = tl.where(maximize, -g, g)
     if STORAGE == rounding.STOCHASTIC:
-        # One of the two decays, a branch uniform over the program: the
+        # One of the two decays, uniform over the program (DECAY): the
         # coupled add only when wd != 0, else the decoupled factor (1 for
         # Adam: p·1 = p, nan stays nan; with coupled_wd != 0 the factor is 1,
         # so skipping it changes nothing).  The same values as below, in
         # fewer instructions after the rounding's hash (elsewhere the
         # branches cost registers: spills on sm_80 with amsgrad and AMP).
-        if coupled_wd != 0.0:
+        if DECAY == DECAY_COUPLED:
+            g = tl.fma(coupled_wd, p, g)
+        elif DECAY == DECAY_FACTOR:
+            p = p * decay
+        elif coupled_wd != 0.0:
             g = tl.fma(coupled_wd, p, g)
         else:
             p = p * decay
@@ -108,8 +164,16 @@ def _tile(
             v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
             store_tile(max_sq_ptr + at, v_hat, left, STATE, TILE, MASKED, ALIGNED)
 
-    # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).
-    denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
+    # IEEE sqrt and division (tl.sqrt and "/" may be approximate on GPUs).  The
+    # partial tile, once per program, keeps the plain division (the same bits)
+    # in the storage modes without stochastic rounding: there its loop has no
+    # register left for the reciprocal (fp32 with amsgrad and AMP would spill
+    # on sm_80); with stochastic rounding the division's slow-path calls would
+    # spill instead (fp32 state, sm_90).
+    if MASKED and STORAGE != rounding.STOCHASTIC:
+        denom = tl.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
+    else:
+        denom = _div_bias_correction(tl.sqrt_rn(v_hat), bc2_sqrt, inv_bc2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
 
     store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, key2, PARAM, STORAGE, TILE, MASKED, ALIGNED)
@@ -155,6 +219,7 @@ def adam_kernel(
     # ---- fp32 scalars, each rounded once from float64 ----------------------
     neg_step_size = (-lr / bias_correction(beta1, t)).to(tl.float32)
     bc2_sqrt = tl.sqrt(bias_correction(beta2, t)).to(tl.float32)
+    inv_bc2_sqrt = tl.div_rn(1.0, bc2_sqrt)  # for _div_bias_correction
     eps32 = eps.to(tl.float32)
     # AdamW multiplies p by (1 - lr·wd); Adam adds wd·p to the gradient.
     decay = tl.where(decoupled, 1.0 - lr * wd, 1.0).to(tl.float32)
@@ -179,14 +244,17 @@ def adam_kernel(
         # With a grad_scale: the pass for a power of two first, else the dividing one.
         for divide in tl.static_range(2):
             if exact == (divide == 0):
-                for tile in range(first_tile, end_tile):
-                    _tile(
-                        param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr,
-                        tile * TILE, n - tile * TILE, start + tile * TILE, key, key2,
-                        clip, scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
-                        amsgrad, bc2_sqrt, eps32, neg_step_size,
-                        PARAM, GRAD, STATE, STORAGE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
-                    )
+                for decay_form in tl.static_range(3):
+                    if _runs_decay_loop(coupled_wd, decay_form, STORAGE, HAS_SCALE, ALIGNED):
+                        for tile in range(first_tile, end_tile):
+                            _tile(
+                                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr,
+                                tile * TILE, n - tile * TILE, start + tile * TILE, key, key2,
+                                clip, scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
+                                amsgrad, bc2_sqrt, inv_bc2_sqrt, eps32, neg_step_size,
+                                PARAM, GRAD, STATE, STORAGE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
+                                decay_form,
+                            )
 
 
 def launch(batch, *, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, _load, _row_offsets, _store, load_tile, store_tile, tensor_ptr
+from ._common import INTERPRETED, _load, _row_offsets, _store, flat_offsets, load_tile, store_tile, tensor_ptr
 from .counter_hash import MUL1, MUL2, absorb, hash_word, mix32_rest, tensor_keys
 
 __all__ = [
@@ -194,7 +194,7 @@ def tile_offsets(TILE: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:
         return _row_offsets(8, TILE // 8)
     else:
-        return tl.arange(0, TILE)
+        return flat_offsets(TILE)
 
 
 @triton.jit

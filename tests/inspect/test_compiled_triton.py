@@ -52,11 +52,13 @@ SETTINGS = [
     S("sgd", "bf16", "bf16"), S("sgd", "fp32", "fp32", option=True), S("sgd", "bf16", "bf16", option=True),
     S("sgd", "bf16", "fp32", option=True), S("sgd", "fp32", "bf16", option=True),
     S("sgd", "bf16", "bf16", **ALL_ON), S("sgd", "bf16", "fp32", **ALL_ON, aligned=False),
-    # bf16 parameter storage modes (stochastic rounding, fp32 masters, remainders), fp16 stochastic rounding,
-    # then with everything on (fp16 stochastic rounding misaligned: the heaviest; with a deferred clip: below).
+    # bf16 parameter storage modes (stochastic rounding, fp32 masters, remainders), fp16 stochastic rounding
+    # (Adam's also misaligned: the fewest bytes per element for its hash and rounding), then with everything
+    # on (fp16 stochastic rounding misaligned: the heaviest; with a deferred clip: below).
     S("adam", "bf16", "bf16", storage="stochastic"), S("adam", "bf16", "bf16", storage="master"),
     S("adam", "bf16", "bf16", storage="remainder"), S("sgd", "bf16", "bf16", option=True, storage="stochastic"),
     S("adam", "fp16", "fp16", storage="stochastic"), S("sgd", "fp16", "fp16", option=True, storage="stochastic"),
+    S("adam", "fp16", "fp16", storage="stochastic", aligned=False), S("adam", "bf16", "bf16", storage="stochastic", aligned=False),
     S("sgd", "bf16", "fp32", option=True, storage="master"), S("sgd", "bf16", "bf16", option=True, storage="remainder"),
     S("adam", "bf16", "bf16", **ALL_ON, storage="remainder", aligned=False),
     S("adam", "fp16", "fp16", **ALL_ON, storage="stochastic", aligned=False),

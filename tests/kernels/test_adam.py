@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -154,6 +156,73 @@ def test_storage_conversions_are_torchs():
         out = torch.empty(values.shape, dtype=dtype, device=DEVICE)
         _convert_kernel[(triton.cdiv(values.numel(), 1024),)](values, out, values.numel(), SRC=tl.float32, DST=tl_dtype, BLOCK=1024)
         assert _same_bits(out, values.to(dtype)).all(), dtype
+
+
+@triton.jit
+def _bias_division_kernel(x_ptr, d_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    d = tl.load(d_ptr + offs, mask=mask, other=1.0)
+    tl.store(out_ptr + offs, kernel._div_bias_correction(x, d, tl.div_rn(1.0, d)), mask=mask)
+
+
+def _near_midpoint_pairs(significands):
+    """``(x, d)`` significand pairs in ``[1, 2)`` (``d`` from the odd integers
+    ``significands`` in ``[2^23, 2^24)``, over 2^23) whose quotient lies within
+    the one-correction division's error bound of a rounding boundary: the
+    only pairs where it could round differently from ``x / d``.
+
+    With ``y = RN(1/d)`` and ``e = |1 - d·y|`` the corrected quotient is
+    ``x/d + (q0 - x/d)·(1 - d·y)`` before its rounding, ``|q0 - x/d| <=
+    2^-24 + (x/d)·e``; a midpoint ``m = M·2^-25`` is within that of ``x/d``
+    only if ``|X·2^25 - M·D| <= K`` (``x = X·2^-23``, ``d = D·2^-23``), and
+    for each residue ``r`` in ``[-K, K]`` the congruence ``M·D = -r (mod 2^25)``
+    has one solution ``M`` per 2^25."""
+    xs, ds = [], []
+    for D in significands:
+        d = np.float32(D * 2.0**-23)
+        y = np.float32(1.0) / d
+        e = abs(1.0 - float(d) * float(y))  # exact in float64
+        K = math.ceil(float(d) * (2.0**-24 + 2.0 / float(d) * e) * e * 2.0**48) + 1
+        inverse = pow(int(D), -1, 2**25)
+        for r in range(-K, K + 1):
+            M = (-r * inverse) % 2**25
+            for M in (M, M + 2**25):
+                X, rest = divmod(M * int(D) + r, 2**25)
+                if 2**24 < M < 2**26 and rest == 0 and 2**23 <= X < 2**24:
+                    xs.append(X * 2.0**-23)
+                    ds.append(float(d))
+    return xs, ds
+
+
+def test_bias_correction_division_is_ieee():
+    """``_div_bias_correction`` is ``x / d`` bit for bit on its domain (``x``
+    a square root, ``d = sqrt(1 - β2^t)``): the special values, pairs
+    whose quotient is near a rounding boundary (where one correction step
+    could go wrong; significands of ``d`` just below 1 and 2 included),
+    scaled over the domain's exponents, and square roots of random fp32
+    values over random bias corrections."""
+    gen = np.random.default_rng(0)
+    odd = np.concatenate([
+        (2**24 - 1 - 2 * np.arange(256)),  # d just below 2 (and 1): the largest reciprocal errors
+        (2**23 + 1 + 2 * np.arange(256)),
+        gen.integers(2**22, 2**23, 2048) * 2 + 1,
+    ])
+    xs, ds = _near_midpoint_pairs(odd)
+    assert len(xs) > 3 * len(odd)
+    x = np.array(xs, dtype=np.float32) * np.exp2(gen.integers(-74, 64, len(xs))).astype(np.float32)
+    d = np.array(ds, dtype=np.float32) * np.exp2(gen.integers(-27, 1, len(ds))).astype(np.float32)
+    bc2 = [math.sqrt(1 - b**t) for b in (0.0, 0.9, 0.999, 0.99999, 1 - 2**-52) for t in (1, 2, 3, 10, 1000, 10**6)]
+    special = [0.0, -0.0, float("inf"), float("nan"), math.sqrt(2.0**-149), math.sqrt(3.4028234e38), 1.0, 3.0]
+    sx, sd = zip(*[(a, b) for a in special for b in bc2 + [0.0, 1.0, 2.0**-27]])
+    v = gen.integers(0, 0x7F800001, 100_000, dtype=np.uint32).view(np.float32)  # any value >= 0, inf included
+    x = np.concatenate([x, np.array(sx, dtype=np.float32), np.sqrt(v)])
+    d = np.concatenate([d, np.array(sd, dtype=np.float32), np.array(bc2, dtype=np.float32)[gen.integers(0, len(bc2), len(v))]])
+    x, d = torch.from_numpy(x).to(DEVICE), torch.from_numpy(d).to(DEVICE)
+    out = torch.empty_like(x)
+    _bias_division_kernel[(triton.cdiv(x.numel(), 1024),)](x, d, out, x.numel(), BLOCK=1024)
+    assert _same_bits(out, x / d).all()
 
 
 def test_unaligned_params_take_the_unhinted_path():
