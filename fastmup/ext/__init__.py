@@ -6,14 +6,17 @@ The update math lives once in ``csrc/adam_math.h`` / ``csrc/sgd_math.h`` /
 CUDA launch per batch and ``csrc/host/`` on a pool of CPU threads.  The
 modules are built on first use (:mod:`fastmup.ext.build`) and take raw
 addresses from a :class:`~fastmup.plan.batch.TensorBatch`, so they do not
-depend on PyTorch's C++ ABI.
+depend on PyTorch's C++ ABI.  The one module that does, ``plan``
+(``csrc/plan/checks.cpp``), reads tensors: the optimizer plan's per-step
+checks, an optional speed-up of every backend (:func:`plan_checks`).
 
 * :func:`available` -- cheap, never raises: can this backend be used here?
 * :func:`load` -- build if needed and import the module, or raise a clear error.
 * :func:`launch` -- one step of an algorithm over a batch (what
   ``fastmup.optim.backend.launcher("cpu"|"cuda", algorithm)`` calls).
+* :func:`plan_checks` -- the ``plan`` module, or None (never raises).
 
-``python -m fastmup.ext build [cpu|cuda]`` builds ahead of time.
+``python -m fastmup.ext build [cpu|cuda|plan]`` builds ahead of time.
 """
 from __future__ import annotations
 

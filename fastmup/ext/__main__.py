@@ -1,4 +1,4 @@
-"""``python -m fastmup.ext build [cpu|cuda] [--archs sm_80,sm_90] [--force]`` and ``python -m fastmup.ext info``."""
+"""``python -m fastmup.ext build [cpu|cuda|plan] [--archs sm_80,sm_90] [--force]`` and ``python -m fastmup.ext info``."""
 from __future__ import annotations
 
 import argparse

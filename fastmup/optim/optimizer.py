@@ -585,7 +585,7 @@ class MuOptimizer(Optimizer):
         inputs.ptr_array = np.asarray(inputs.ptrs, dtype=np.int64)
         if not inputs.grad_kinds:
             return
-        dtypes, numels, _devices, _fused_at, fused_mask, _places = inputs.grad_kinds
+        _dtypes, numels, _devices, _fused_at, fused_mask, _places = inputs.grad_kinds
         codes = [_kind_codes(checks, m[0], m[2]) for m in inputs.grad_meta]
         n = len(codes)
         inputs.compiled_kinds = (
