@@ -17,7 +17,6 @@ namespace fastmup {
 // ---------------------------------------------------------------------------
 namespace hash {
 constexpr uint32_t kIV = 0x6A09E667u;
-constexpr uint32_t kGolden = 0x9E3779B9u;
 constexpr uint32_t kMul1 = 0x21F0AAADu;
 constexpr uint32_t kMul2 = 0x735A2D97u;
 // The top bit of the counter's high word marks the rounding draws.
@@ -38,11 +37,12 @@ FASTMUP_HD FASTMUP_INLINE uint32_t mix32(uint32_t x) { return mix32_rest(x ^ (x 
 FASTMUP_HD FASTMUP_INLINE uint32_t absorb(uint32_t h, uint32_t w) { return mix32(h ^ w); }
 }  // namespace hash
 
-// The per-tensor keys of the rounding bits of one step: computed once per
-// tensor (per run of 2^32 elements), then two mixes per element.
+// The per-tensor key of the rounding bits of one step (computed once per
+// tensor and run of 2^32 elements), then one mix per pair of elements: the
+// word of pair k = element_lo >> 1 gives element 2k its low half and 2k + 1
+// its high half (fastmup.optim.precision's docstring).
 struct RoundingKey {
   uint32_t key;
-  uint32_t key2;
 
   // seed_prefix = absorb(absorb(IV, seed_lo), seed_hi), computed on the host.
   FASTMUP_HD static FASTMUP_INLINE RoundingKey of(uint32_t seed_prefix, uint32_t step, uint32_t tensor_id,
@@ -50,31 +50,24 @@ struct RoundingKey {
     uint32_t h = hash::absorb(seed_prefix, step);
     h = hash::absorb(h, hash::kRoundingCounterHi);
     h = hash::absorb(h, tensor_id);
-    h = hash::absorb(h, element_hi);
-    return RoundingKey{h, hash::mix32(h ^ hash::kGolden)};
+    return RoundingKey{hash::absorb(h, element_hi)};
   }
+  // The 32-bit word of the pair whose index has low word `pair_lo`.
+  FASTMUP_HD FASTMUP_INLINE uint32_t pair_word(uint32_t pair_lo) const { return hash::mix32(pair_lo ^ key); }
   // The 16 random bits of the element whose index has low word `element_lo`.
   FASTMUP_HD FASTMUP_INLINE uint32_t bits(uint32_t element_lo) const {
-    return word(head(element_lo), key2_head(), 0u) >> 16;
+    return (pair_word(element_lo >> 1) >> ((element_lo & 1u) << 4)) & 0xffffu;
   }
 
-  // The same hash with the steps that depend only on the high bits of the
-  // index done once for a run of words: for element_lo = base ^ j with j <
-  // 2^16 (base a multiple of a power of two above j), mix32(element_lo ^
-  // key) begins with k ^ (k >> 16), k = element_lo ^ key, and k >> 16 does
-  // not depend on j, so that
-  //   bits(base ^ j) = word(head(base), key2_head(), j) >> 16,
-  // and the second mix's first xorshift of key2 is key2_head (per tensor).
+  // The same words with the mix's first step done once for a run of pairs:
+  // for pair_lo = base ^ j with j < 2^16 (base a multiple of a power of two
+  // above j), k = pair_lo ^ key has k >> 16 = (base ^ key) >> 16, so
+  //   pair_word(base ^ j) = word(head(base), j).
   FASTMUP_HD FASTMUP_INLINE uint32_t head(uint32_t base) const {
     const uint32_t k = base ^ key;
     return k ^ (k >> 16);
   }
-  FASTMUP_HD FASTMUP_INLINE uint32_t key2_head() const { return key2 ^ (key2 >> 16); }
-  // The 32-bit hash word (its high half: the 16 bits) of element base ^ j.
-  FASTMUP_HD static FASTMUP_INLINE uint32_t word(uint32_t head, uint32_t key2_head, uint32_t j) {
-    const uint32_t y = hash::mix32_rest(head ^ j);  // mix32(element_lo ^ key)
-    return hash::mix32_rest(y ^ (y >> 16) ^ key2_head);  // mix32(y ^ key2)
-  }
+  FASTMUP_HD static FASTMUP_INLINE uint32_t word(uint32_t head, uint32_t j) { return hash::mix32_rest(head ^ j); }
 };
 
 // ---------------------------------------------------------------------------
@@ -174,7 +167,7 @@ enum Storage : int { kNearest = 0, kStochastic = 1, kMaster = 2, kRemainder = 3 
 struct StorageRun {
   int mode = kNearest;
   void* aux = nullptr;    // the fp32 master or int16 remainder of the run's first element
-  RoundingKey key{0u, 0u};
+  RoundingKey key{0u};
   uint64_t element0 = 0;  // the flat index of the run's first element
 };
 

@@ -117,7 +117,7 @@ def _runs_decay_loop(coupled_wd, DECAY: tl.constexpr, STORAGE: tl.constexpr, HAS
 
 @triton.jit
 def _tile(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr, at, left, element0, key, key2,
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr, at, left, element0, key,
     clip, scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2, one_minus_beta2,
     amsgrad, bc2_sqrt, inv_bc2_sqrt, eps, neg_step_size,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, STORAGE: tl.constexpr, HAS_AMSGRAD: tl.constexpr,
@@ -176,7 +176,7 @@ def _tile(
         denom = _div_bias_correction(tl.sqrt_rn(v_hat), bc2_sqrt, inv_bc2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
 
-    store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, key2, PARAM, STORAGE, TILE, MASKED, ALIGNED)
+    store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, PARAM, STORAGE, TILE, MASKED, ALIGNED)
     store_tile(exp_avg_ptr + at, m, left, STATE, TILE, MASKED, ALIGNED)
     store_tile(exp_avg_sq_ptr + at, v, left, STATE, TILE, MASKED, ALIGNED)
 
@@ -240,7 +240,7 @@ def adam_kernel(
         exp_avg_sq_ptr = stream_ptr(ptrs_ptr, 3, n_tensors, i, start, STATE, ALIGNED)
         max_sq_ptr = optional_ptr(ptrs_ptr, 4, n_tensors, i, start, STATE, ALIGNED, HAS_AMSGRAD, exp_avg_sq_ptr)
         aux_ptr = storage_pointer(ptrs_ptr, n_tensors, i, start, param_ptr, STORAGE, ROW_STORAGE, ALIGNED)
-        key, key2 = storage_key(ids_ptr, rounding_prefix, tl.load(steps_ptr + i), i, start, STORAGE)
+        key = storage_key(ids_ptr, rounding_prefix, tl.load(steps_ptr + i), i, start, STORAGE)
         # With a grad_scale: the pass for a power of two first, else the dividing one.
         for divide in tl.static_range(2):
             if exact == (divide == 0):
@@ -249,7 +249,7 @@ def adam_kernel(
                         for tile in range(first_tile, end_tile):
                             _tile(
                                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_sq_ptr, aux_ptr,
-                                tile * TILE, n - tile * TILE, start + tile * TILE, key, key2,
+                                tile * TILE, n - tile * TILE, start + tile * TILE, key,
                                 clip, scale, inv_scale, maximize, coupled_wd, decay, lerp_coeff, small, beta2_32, one_minus_beta2,
                                 amsgrad, bc2_sqrt, inv_bc2_sqrt, eps32, neg_step_size,
                                 PARAM, GRAD, STATE, STORAGE, HAS_AMSGRAD, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,

@@ -4,8 +4,9 @@ The Triton versions of :mod:`fastmup.optim.precision` (whose docstring
 gives the math) and of ``csrc/rounding.h``, bit for bit:
 
 * :func:`rounding_key` / :func:`rounding_bits`: the 16 random bits of an
-  element, from the counter-based hash of :mod:`fastmup.optim.rademacher`
-  (:mod:`fastmup.kernels.counter_hash`) keyed by (seed, step, tensor, element);
+  element, half of one mix of its pair's index under the key of the
+  counter-based hash of :mod:`fastmup.optim.rademacher`
+  (:mod:`fastmup.kernels.counter_hash`) for (seed, step, tensor);
 * :func:`stochastic_round`: fp32 -> bf16/fp16 with those bits;
 * :func:`remainder_split` / :func:`remainder_join`: an fp32 master weight as
   a bf16 parameter (nearest, ties away from zero) and an int16 remainder,
@@ -25,8 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, _load, _row_offsets, _store, flat_offsets, load_tile, store_tile, tensor_ptr
-from .counter_hash import MUL1, MUL2, absorb, hash_word, mix32_rest, tensor_keys
+from ._common import _load, _row_offsets, _store, flat_offsets, load_tile, store_tile, tensor_ptr
+from .counter_hash import absorb, mix32, mix32_rest
 
 __all__ = [
     "STORAGE_CODES",
@@ -50,7 +51,7 @@ COUNTER_HI_SHIFT = tl.constexpr(31)
 
 @triton.jit
 def rounding_key(prefix, step, tensor_id, element_hi):
-    """``(key, key2)`` (uint32) of one tensor's rounding bits at ``step``.
+    """The key (uint32) of one tensor's rounding bits at ``step``.
 
     ``prefix``: ``fastmup.optim.precision.seed_prefix`` (the batch's
     ``rounding_prefix``) as an int32 bit pattern; ``step``: the tensor's
@@ -58,30 +59,17 @@ def rounding_key(prefix, step, tensor_id, element_hi):
     used); ``element_hi``: the high word of the element indices (int64)."""
     h = absorb(prefix.to(tl.uint32, bitcast=True), step.to(tl.uint32))
     h = absorb(h, tl.full((), 1, tl.uint32) << COUNTER_HI_SHIFT)
-    return tensor_keys(h, tensor_id, element_hi)
+    h = absorb(h, tensor_id.to(tl.uint32))
+    return absorb(h, element_hi.to(tl.uint32))
 
 
 @triton.jit
-def rounding_bits(element_lo, key, key2):
+def rounding_bits(element_lo, key):
     """The 16 random bits (uint32 in ``[0, 2^16)``) of the elements whose
-    indices have low words ``element_lo`` (uint32)."""
-    return hash_word(element_lo, key, key2) >> 16
-
-
-@triton.jit
-def _opaque(x):
-    """``x`` (uint32), through an identity LLVM cannot see into when compiled
-    (ptxas drops the move); the interpreter returns ``x``.
-
-    It keeps LLVM from rewriting ``(z ^ (z >> 15)) >> 16`` (the hash word's
-    last xorshift, then the fp16 rounding's shift of it) into
-    ``(z >> 16) ^ (z >> 31)``: two shifts and a xor, where ptxas otherwise
-    folds the shift into the add that consumes it (one instruction less per
-    element)."""
-    if INTERPRETED:
-        return x
-    else:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
+    indices have low words ``element_lo`` (uint32): the low half of their
+    pair's word for even elements, the high half for odd ones."""
+    w = mix32((element_lo >> 1) ^ key)
+    return (w >> ((element_lo & 1) << 4)) & 0xFFFF
 
 
 @triton.jit
@@ -221,13 +209,12 @@ def storage_pointer(ptrs_ptr, n_tensors, i, start, fallback, STORAGE: tl.constex
 
 @triton.jit
 def storage_key(ids_ptr, rounding_prefix, step, i, start, STORAGE: tl.constexpr):
-    """``(key, key2)`` of tensor ``i``'s rounding bits at ``step`` (zeros,
-    never read, for the modes without stochastic rounding)."""
+    """The key of tensor ``i``'s rounding bits at ``step`` (zero, never
+    read, for the modes without stochastic rounding)."""
     if STORAGE == STOCHASTIC:
         return rounding_key(rounding_prefix, step, tl.load(ids_ptr + i), start >> 32)
     else:
-        zero = tl.full((), 0, tl.uint32)
-        return zero, zero
+        return tl.full((), 0, tl.uint32)
 
 
 @triton.jit
@@ -246,7 +233,7 @@ def load_param(param_ptr, aux_ptr, limit, PARAM: tl.constexpr, STORAGE: tl.const
 
 
 @triton.jit
-def store_param(param_ptr, aux_ptr, x, limit, element0, key, key2, PARAM: tl.constexpr, STORAGE: tl.constexpr,
+def store_param(param_ptr, aux_ptr, x, limit, element0, key, PARAM: tl.constexpr, STORAGE: tl.constexpr,
                 TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
     """Store the update's fp32 tile ``x`` as the storage mode keeps it
     (``element0``: the flat index of the tile's first element, a multiple
@@ -254,15 +241,14 @@ def store_param(param_ptr, aux_ptr, x, limit, element0, key, key2, PARAM: tl.con
     if STORAGE == STOCHASTIC:
         tl.static_assert(TILE <= 65536 and (TILE & (TILE - 1)) == 0)
         # rounding_bits of element0 + offs, whose low word is element0 ^ offs
-        # (element0 a multiple of TILE), so the first xorshift of the first
-        # mix is a scalar's: (k ^ offs) >> 16 = k >> 16 (offs < TILE <= 2^16)
-        k = element0.to(tl.uint32) ^ key
-        k = k ^ (k >> 16)
-        y = mix32_rest(k ^ tile_offsets(TILE, ALIGNED).to(tl.uint32))
-        # mix32(y ^ key2), the key's shift on the scalar (_opaque: see there)
-        z = (y ^ (y >> 16) ^ (key2 ^ (key2 >> 16))) * MUL1
-        z = (z ^ (z >> 15)) * MUL2
-        w = z ^ _opaque(z >> 15)
+        # (element0 a multiple of TILE): its pair is (element0 >> 1) ^ (offs >> 1),
+        # so the mix's first xorshift is a scalar's, (k ^ j) >> 16 = k >> 16
+        # for j = offs >> 1 < 2^15
+        offs = tile_offsets(TILE, ALIGNED).to(tl.uint32)
+        k = (element0.to(tl.uint32) >> 1) ^ key
+        z = mix32_rest((k ^ (k >> 16)) ^ (offs >> 1))
+        # the form _stochastic_round_word reads (r = w >> 16): the low half moved up for even elements
+        w = tl.where((offs & 1) != 0, z, z << 16)
         _store_raw(param_ptr, _stochastic_round_word(x, w, PARAM), limit, TILE, MASKED, ALIGNED)
     elif STORAGE == MASTER:
         store_tile(aux_ptr, x, limit, tl.float32, TILE, MASKED, ALIGNED)

@@ -49,7 +49,7 @@ ROLES = ("param", "grad", "momentum_buffer")
 
 @triton.jit
 def _tile(
-    param_ptr, grad_ptr, buf_ptr, aux_ptr, at, left, element0, key, key2,
+    param_ptr, grad_ptr, buf_ptr, aux_ptr, at, left, element0, key,
     clip, scale, inv_scale, maximize, wd, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr,
     PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr, STORAGE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, BY_RECIPROCAL: tl.constexpr,
@@ -79,7 +79,7 @@ def _tile(
                 g = b
 
     p = tl.fma(neg_lr, g, p)
-    store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, key2, PARAM, STORAGE, TILE, MASKED, ALIGNED)
+    store_param(param_ptr + at, aux_ptr + at, p, left, element0, key, PARAM, STORAGE, TILE, MASKED, ALIGNED)
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def sgd_kernel(
         )
         param_ptr, grad_ptr = param_grad_ptrs(ptrs_ptr, n_tensors, i, start, PARAM, GRAD, ALIGNED)
         aux_ptr = storage_pointer(ptrs_ptr, n_tensors, i, start, param_ptr, STORAGE, ROW_STORAGE, ALIGNED)
-        key, key2 = storage_key(ids_ptr, rounding_prefix, tl.load(steps_ptr + i), i, start, STORAGE)
+        key = storage_key(ids_ptr, rounding_prefix, tl.load(steps_ptr + i), i, start, STORAGE)
         # the buffer of tensors with momentum != 0 (the others never touch it)
         buf_ptr = optional_ptr(ptrs_ptr, 2, n_tensors, i, start, STATE, ALIGNED, HAS_MOMENTUM, grad_ptr)
         # With a grad_scale: the pass for a power of two first, else the dividing one.
@@ -134,7 +134,7 @@ def sgd_kernel(
             if exact == (divide == 0):
                 for tile in range(first_tile, end_tile):
                     _tile(
-                        param_ptr, grad_ptr, buf_ptr, aux_ptr, tile * TILE, n - tile * TILE, start + tile * TILE, key, key2,
+                        param_ptr, grad_ptr, buf_ptr, aux_ptr, tile * TILE, n - tile * TILE, start + tile * TILE, key,
                         clip, scale, inv_scale, maximize, wd32, has_buf, first, one_minus_dampening, mu, nesterov, neg_lr,
                         PARAM, GRAD, STATE, STORAGE, HAS_MOMENTUM, HAS_CLIP, HAS_SCALE, divide == 0, TILE, masked, ALIGNED,
                     )

@@ -32,8 +32,8 @@ def _sr_kernel(x_ptr, r_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexp
 def _bits_kernel(out_ptr, prefix, step_ptr, tensor_id, start, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = start + offs.to(tl.int64)
-    key, key2 = rounding.rounding_key(prefix, tl.load(step_ptr), tensor_id.to(tl.int64), start >> 32)
-    r = rounding.rounding_bits(e.to(tl.uint32), key, key2)
+    key = rounding.rounding_key(prefix, tl.load(step_ptr), tensor_id.to(tl.int64), start >> 32)
+    r = rounding.rounding_bits(e.to(tl.uint32), key)
     tl.store(out_ptr + offs, r.to(tl.int32), mask=offs < n)
 
 

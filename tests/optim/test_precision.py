@@ -143,13 +143,42 @@ def test_stochastic_rounding_of_inf_and_nan(dtype):
         assert out[0] == float("inf") and out[1] == -float("inf") and torch.isnan(out[2])
 
 
-def test_rounding_bits_are_the_probe_generators():
+def _spec_bits(seed: int, step: int, tensor_id: int, element: int) -> int:
+    """The module docstring's formula, in Python integers."""
+    prefix = rademacher.draw_prefix(seed, precision.ROUNDING_COUNTER | step)
+    key = rademacher.tensor_key(prefix, tensor_id, element >> 32)
+    word = rademacher.mix32(((element & 0xFFFFFFFF) >> 1) ^ key)
+    return (word >> (16 * (element & 1))) & 0xFFFF
+
+
+def test_rounding_bits_are_the_documented_hash():
     seed, step, tid = 987654321, 5, 3
-    bits = precision.rounding_bits(seed, step, tid, 100, start=(1 << 32) - 50)
-    for k in (0, 49, 50, 99):
-        e = (1 << 32) - 50 + k
-        word = rademacher.probe_bits(seed, precision.ROUNDING_COUNTER | step, tid, e)
-        assert bits[k].item() == word >> 16
+    start = (1 << 32) - 51  # odd: the first element is a pair's high half; the run crosses 2^32
+    bits = precision.rounding_bits(seed, step, tid, 100, start=start)
+    for k in (0, 1, 2, 49, 50, 51, 98, 99):
+        assert bits[k].item() == _spec_bits(seed, step, tid, start + k), k
+
+
+def test_rounding_bits_are_uniform_and_uncorrelated():
+    """The round-up decisions that stochastic rounding makes from these bits:
+    uniform, and neighbours (the two halves of one word among them) and the
+    same element at the next step independent, within 5 standard errors."""
+    n = 1 << 20
+    r = precision.rounding_bits(12345, 7, 2, n)
+    counts = torch.bincount(r >> 8, minlength=256).double()
+    chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum().item()
+    assert chi2 < 400, chi2  # 255 degrees of freedom: p < 1e-7 above 400
+    bound = 5 / n**0.5
+    for p in (0.5, 0.1, 0.9):
+        up = (r < p * 65536).double()
+        up -= up.mean()
+        for lag in (1, 2, 3, 8, 16, 64):
+            corr = (up[:-lag] * up[lag:]).mean() / up.var()
+            assert abs(corr) < bound, (p, lag, corr)
+        nxt = (precision.rounding_bits(12345, 8, 2, n) < p * 65536).double()
+        nxt -= nxt.mean()
+        corr = (up * nxt).mean() / (up.std() * nxt.std())
+        assert abs(corr) < bound, (p, "step", corr)
 
 
 def test_rounding_bits_differ_by_step_tensor_and_seed():
