@@ -317,11 +317,39 @@ def scale_reciprocal(scale):
 @triton.jit
 def unscale(g, scale, inv_scale, BY_RECIPROCAL: tl.constexpr):
     """``g / scale`` (IEEE division), as a multiplication by ``inv_scale``
-    when :func:`scale_reciprocal` found it exact."""
+    when :func:`scale_reciprocal` found it exact, else :func:`divide`."""
     if BY_RECIPROCAL:
         return g * inv_scale
     else:
-        return tl.div_rn(g, scale)
+        return divide(g, scale)
+
+
+@triton.jit
+def divide(x, s):
+    """``x / s`` for fp32 ``x`` and a scalar ``s``, rounded as IEEE fp32
+    division rounds it, through fp64 with the reciprocal formed once.
+
+    ``q = RN64(x · RN64(1/s))`` is within ``2^-52·|x/s|`` of ``x/s``.  No fp32
+    rounding boundary (a midpoint of two fp32 neighbours) lies that close to
+    a quotient of two fp32 numbers without being it: ``x - m·s`` is a
+    multiple of ``2^-47`` times ``m·s``'s binade, so a quotient that is not a
+    midpoint ``m`` is at least ``2^-49`` (relative; ``2^-174`` absolute below
+    2^-126) away from one.  One exists as a quotient only below 2^-126, where
+    the grid is fixed (``x = m·s`` needs more significant bits than ``x`` has
+    above it); for that case one correction step in fp64 with the exact
+    residual ``e = x - q·s`` lands on ``m`` itself, which the conversion to
+    fp32 rounds to even as the division does.  ``e`` is 0 where ``q`` is
+    exact (keeping ``q`` keeps the sign of a zero) and NaN for an infinite or
+    NaN ``x`` (then ``q`` is the IEEE result).  Eight instructions per
+    element where ``tl.div_rn`` takes ten, four more in its slow-path call,
+    which the loops then keep."""
+    s64 = s.to(tl.float64)
+    r = 1.0 / s64
+    x64 = x.to(tl.float64)
+    q = x64 * r
+    e = tl.fma(-q, s64, x64)
+    q = tl.where(tl.abs(e) > 0.0, tl.fma(e, r, q), q)
+    return q.to(tl.float32)
 
 
 @triton.jit
@@ -389,6 +417,17 @@ def flat_offsets(TILE: tl.constexpr):
     REGS: tl.constexpr = TILE // 128
     a = tl.arange(0, TILE)
     return (a & 31) | (((a >> 7) & (REGS - 1)) << 5) | (((a >> 5) & 3) * (32 * REGS))
+
+
+@triton.jit
+def flat_pair_offsets(TILE: tl.constexpr):
+    """``flat_offsets(TILE) >> 1`` built from the same bit fields, so that a
+    compiled kernel sees every element's value as its thread's one with a
+    constant ``or``-ed in (the stochastic rounding bits' pair index)."""
+    tl.static_assert(TILE % 128 == 0)
+    REGS: tl.constexpr = TILE // 128
+    a = tl.arange(0, TILE)
+    return ((a & 31) >> 1) | (((a >> 7) & (REGS - 1)) << 4) | (((a >> 5) & 3) * (16 * REGS))
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _load, _row_offsets, _store, flat_offsets, load_tile, store_tile, tensor_ptr
+from ._common import _load, _row_offsets, _store, flat_offsets, flat_pair_offsets, load_tile, store_tile, tensor_ptr
 from .counter_hash import absorb, mix32, mix32_rest
 
 __all__ = [
@@ -186,6 +186,15 @@ def tile_offsets(TILE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _tile_pairs(TILE: tl.constexpr, ALIGNED: tl.constexpr):
+    """``tile_offsets(TILE, ALIGNED) >> 1``: each element's pair within the tile."""
+    if ALIGNED:
+        return tl.arange(0, TILE // 8)[:, None] * 4 + (tl.arange(0, 8) >> 1)[None, :]
+    else:
+        return flat_pair_offsets(TILE)
+
+
+@triton.jit
 def _load_raw(ptr, limit, TILE: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
     return _load(ptr, tile_offsets(TILE, ALIGNED), limit, MASKED)
 
@@ -246,7 +255,7 @@ def store_param(param_ptr, aux_ptr, x, limit, element0, key, PARAM: tl.constexpr
         # for j = offs >> 1 < 2^15
         offs = tile_offsets(TILE, ALIGNED).to(tl.uint32)
         k = (element0.to(tl.uint32) >> 1) ^ key
-        z = mix32_rest((k ^ (k >> 16)) ^ (offs >> 1))
+        z = mix32_rest((k ^ (k >> 16)) ^ _tile_pairs(TILE, ALIGNED).to(tl.uint32))
         # the form _stochastic_round_word reads (r = w >> 16): the low half moved up for even elements
         w = tl.where((offs & 1) != 0, z, z << 16)
         _store_raw(param_ptr, _stochastic_round_word(x, w, PARAM), limit, TILE, MASKED, ALIGNED)
