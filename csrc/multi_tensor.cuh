@@ -129,9 +129,14 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
 // strongly correlated between neighbouring elements, so it is no option.
 //
 // What one entry's storage mode needs: the aux stream at the entry's first
-// element (kMaster: fp32 masters, kRemainder: int16 remainders).
+// element (kMaster: fp32 masters, kRemainder: int16 remainders), or for
+// stochastic rounding the RoundingKey head of the entry's first pair (the
+// word of the entry's pair j is RoundingKey::word(head, j): the entry starts
+// at a multiple of the block, a power of two of at most 2^17 elements, so
+// its pair indices are that multiple's half ^ j with j < 2^16).
 struct EntryStorage {
   void* aux = nullptr;
+  uint32_t head = 0;
 };
 
 // The bf16/fp16 copy of an fp32 master: bf16 as the remainder split rounds
@@ -182,7 +187,14 @@ __device__ FASTMUP_INLINE void load_param_pack(const P* p, const EntryStorage& e
 // N updated fp32 parameters from element i, stored as the mode keeps them.
 template <int STORAGE, int N, class P>
 __device__ FASTMUP_INLINE void store_param_pack(P* p, const EntryStorage& es, int i, const float (&in)[N]) {
-  if constexpr (STORAGE == kMaster) {
+  if constexpr (STORAGE == kStochastic) {
+    uint32_t words[N / 2];  // i is a multiple of N: the pack is pairs i / 2 ... of the entry
+    stochastic_pack<P, N>(in, es.head, static_cast<uint32_t>(i) >> 1, words);
+    Pack<P, N> pk;
+#pragma unroll
+    for (int k = 0; k < Pack<P, N>::kWords; ++k) pk.words[k] = make_uint4(words[4 * k], words[4 * k + 1], words[4 * k + 2], words[4 * k + 3]);
+    store_words(p + i, pk);
+  } else if constexpr (STORAGE == kMaster) {
     store_pack<N>(static_cast<float*>(es.aux) + i, in);
     Pack<P, N> pk;
 #pragma unroll
@@ -274,6 +286,49 @@ __device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, 
       if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
     if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
   };
+  if constexpr (STORAGE == kStochastic) {
+    // Four adjacent elements per thread instead (done is a multiple of 4):
+    // two pairs, each sharing a hash word, rounded with one check
+    // (stochastic_pack); the up to three elements left at the end of the
+    // entry, by one thread, as a pair and a single (the low half of a pair).
+    auto update = [&](int k) {
+      float pf = to_float(p[k]);
+      float st[kMaxStates];
+#pragma unroll
+      for (int q = 0; q < 2; ++q) st[q] = (MASK & (1 << q)) ? to_float(st_ptr[q][k]) : 0.0f;
+      st[2] = (MASK & 4) ? to_float(s2[k]) : 0.0f;
+      const float gk = to_float(g[k]);
+      Op::template apply<MASK>(s, pf, CLIP ? clip_gradient<G>(gk, coef) : gk, st);
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+        if (kStored & (1 << q)) st_ptr[q][k] = from_float<S>(st[q]);
+      if constexpr ((kStored & 4) != 0) s2[k] = from_float<S2>(st[2]);
+      return pf;
+    };
+    int i = done + 4 * static_cast<int>(threadIdx.x);
+#pragma unroll 1
+    for (; i + 3 < n; i += 4 * kThreads) {
+      float x[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) x[q] = update(i + q);
+      uint32_t b[2];
+      stochastic_pack<P, 4>(x, es.head, static_cast<uint32_t>(i) >> 1, b);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) p[i + q] = P{static_cast<uint16_t>(b[q / 2] >> (16 * (q % 2)))};
+    }
+    if (i + 1 < n) {
+      const float x0 = update(i), x1 = update(i + 1);
+      const uint32_t b = stochastic_pair<P>(x0, x1, RoundingKey::word(es.head, static_cast<uint32_t>(i) >> 1));
+      p[i] = P{static_cast<uint16_t>(b)};
+      p[i + 1] = P{static_cast<uint16_t>(b >> 16)};
+      i += 2;
+    }
+    if (i < n) {
+      const float x0 = update(i);
+      p[i] = P{static_cast<uint16_t>(stochastic_pair<P>(x0, x0, RoundingKey::word(es.head, static_cast<uint32_t>(i) >> 1)))};
+    }
+    return;
+  }
   int i = done + static_cast<int>(threadIdx.x);
 #pragma unroll 1
   for (; i + kThreads < n; i += 2 * kThreads) {
@@ -374,7 +429,7 @@ __device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t
 // One entry, in the variant its scalars and the launch's unscaling ask for.
 template <class Op, class P, class G, class S, int STORAGE>
 __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const typename Op::Scalars& s,
-                                               const Unscale& unscale, int64_t b, int64_t t) {
+                                               const Unscale& unscale, int64_t b, int64_t t, const RoundingKey& key) {
   const int64_t start = a.start_of_block[b];
   const int n = static_cast<int>(min(a.block, a.numels[t] - start));
   P* p = tensor_ptr<P>(a.param_ptrs, t, start);
@@ -383,6 +438,7 @@ __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const t
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
   Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
   EntryStorage es;
+  if constexpr (STORAGE == kStochastic) es.head = key.head(static_cast<uint32_t>(start) >> 1);
   if constexpr (STORAGE == kMaster) es.aux = tensor_ptr<float>(a.storage_ptrs, t, start);
   if constexpr (STORAGE == kRemainder) es.aux = tensor_ptr<int16_t>(a.storage_ptrs, t, start);
   dispatch_variant<Op>(s, unscale, [&](auto mask) {
@@ -403,15 +459,27 @@ __device__ FASTMUP_INLINE void update_entries(const MultiTensorArgs& a) {
   int t = -1;   // the tensor of the current run
   int run = 0;  // entries of t seen in this run
   typename Op::Scalars s;
+  // stochastic rounding: the key of tensor t's elements whose index has high
+  // word key_hi (entries never straddle 2^32 elements: the block divides it)
+  RoundingKey key{0u};
+  uint32_t key_hi = 0;
   for (int b = first; b < last; ++b) {
     const int tb = a.tensor_of_block[b];
-    if (tb != t) {
+    const bool new_tensor = tb != t;
+    if (new_tensor) {
       if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
       t = tb;
       run = 0;
       s = Op::prepare(a, t, unscale);
     }
-    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t);
+    if constexpr (STORAGE == kStochastic) {
+      const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(a.start_of_block[b]) >> 32);
+      if (new_tensor || hi != key_hi) {
+        key_hi = hi;
+        key = RoundingKey::of(a.rounding_prefix, static_cast<uint32_t>(a.steps[t]), static_cast<uint32_t>(a.tensor_ids[t]), hi);
+      }
+    }
+    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t, key);
     ++run;
   }
   if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
@@ -511,8 +579,12 @@ void dispatch_storage(const MultiTensorArgs& a, const F& f) {
     f(Nearest{});
   } else {
     if (a.storage == kNearest) return f(Nearest{});
-    if (a.storage == kStochastic)
-      throw std::invalid_argument("fastmup CUDA backend: no stochastic rounding kernel (use the triton backend)");
+    if (a.storage == kStochastic && a.tensor_ids == nullptr)
+      throw std::invalid_argument("fastmup: stochastic rounding needs tensor_ids");
+    // the kernels derive an entry's hash words from its first pair (EntryStorage)
+    if (a.storage == kStochastic && (a.block < 2 || a.block > (int64_t(1) << 17) || (a.block & (a.block - 1)) != 0))
+      throw std::invalid_argument("fastmup CUDA backend: stochastic rounding needs a power-of-two block of 2 to 2^17 elements, got " +
+                                  std::to_string(a.block));
     if (a.storage < kNearest || a.storage > kRemainder)
       throw std::invalid_argument("fastmup: unknown parameter storage code " + std::to_string(a.storage));
     if ((a.storage == kMaster || a.storage == kRemainder) && a.storage_ptrs == nullptr)
@@ -521,6 +593,7 @@ void dispatch_storage(const MultiTensorArgs& a, const F& f) {
       throw std::invalid_argument("fastmup CUDA backend: parameter storage modes take gradients in the parameter's dtype");
     } else {
       switch (a.storage) {
+        case kStochastic: return f(std::integral_constant<int, kStochastic>{});
         case kMaster: return f(std::integral_constant<int, kMaster>{});
         default:
           if constexpr (std::is_same<P, Bf16>::value) return f(std::integral_constant<int, kRemainder>{});
