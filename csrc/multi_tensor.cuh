@@ -13,11 +13,12 @@
 //   aligned, each thread moves VEC consecutive elements with 16-byte global
 //   loads/stores (VEC = 16 / smallest element size), straight from and to
 //   registers; the tail of a tensor, and tensors with a misaligned buffer,
-//   take the scalar path (two elements per thread and iteration, the
-//   deferred clip decided outside the loop).
+//   take the scalar path (two elements per thread and iteration, four under
+//   stochastic rounding; the deferred clip decided outside the loop).
 // * bf16/fp16 parameters under a storage mode of fastmup.optim.precision
-//   (fp32 master weights, bf16 + 16-bit remainders) run kernels of their own
-//   (multi_tensor_storage_kernel), chosen once per launch.
+//   (stochastic rounding, fp32 master weights, bf16 + 16-bit remainders) run
+//   kernels of their own (multi_tensor_storage_kernel), chosen once per
+//   launch.
 // * found_inf and grad_scale are read on the device: no host sync, and the
 //   launch is capturable in a CUDA graph.  A power-of-two grad_scale (or
 //   none) is undone by an exact multiply, any other by a division
@@ -106,27 +107,18 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
 
 // ---------------------------------------------------------------------------
 // The parameter under its storage mode (rounding.h; fastmup.optim.precision)
-// of fp32 masters or bf16 remainders, as the host driver loads and stores its tiles (csrc/host/kernels.inc:
-// load_param_tile, store_param_tile): STORAGE is a compile-time choice made
-// once per launch, so the default kernel (kNearest) is the plain one.
+// of stochastic rounding, fp32 masters or bf16 remainders, as the host driver
+// loads and stores its tiles (csrc/host/kernels.inc: load_param_tile,
+// store_param_tile), with the same bits: STORAGE is a compile-time choice
+// made once per launch, so the default kernel (kNearest) is the plain one.
 // ---------------------------------------------------------------------------
-// Stochastic rounding (kStochastic) has no CUDA kernel: its counter-based
-// bits cost 15 instructions per element even with the steps that see only
-// the index's high bits done once per 16-byte pack (RoundingKey::head/word:
-// two multiplies and three xorshifts per mix, nothing left to share), and the
-// rounding 4 (bf16) to 12 (fp16) more.  Built that way (nvcc 13, sm_90), the
-// loops need up to 110% (bf16) and 134% (fp16) of an H200's instruction
-// issue at HBM bandwidth for SGD (the 6-byte-per-element loops: 80% allows
-// 34 instructions per element, the plain update already takes 12-26), and
-// 92% / 101% for Adam, over the 80% budget of fastmup.inspect (no spills:
-// 72-111 registers); fastmup.optim.backend leaves it to Triton.  A cheaper
-// generator alone does not fit either (same build, the worst loop always a
-// scalar one with the loss-scale division): one hash word per pair of
-// elements with one mix per word still needs 102% / 123% for SGD and
-// 88% / 97% for Adam; with adjacent pairs per thread in the scalar loops,
-// cheaper rounding and one range check per pair, 83% / 91% and 79% / 83%.
-// A single multiply-xorshift per word would fit more loops but its bits are
-// strongly correlated between neighbouring elements, so it is no option.
+// Stochastic rounding spends its instructions on the hash (one mix per pair
+// of elements, its first step once per entry) and rounds each pair in the
+// cheap forms of rounding.h (stochastic_pack) with one check per pack: the
+// 6-byte-per-element SGD loops have about 34 instructions per element under
+// the 80% issue budget of fastmup.inspect, the plain update already 22-28 in
+// the scalar loops with the loss-scale division, hence their four adjacent
+// elements per thread (two pairs, one check, the loop's own work shared).
 //
 // What one entry's storage mode needs: the aux stream at the entry's first
 // element (kMaster: fp32 masters, kRemainder: int16 remainders), or for
@@ -265,8 +257,8 @@ __device__ FASTMUP_INLINE float clip_gradient(float g, float coef) {
 // The scalar loop of update_entry from element `done` on: two elements per
 // thread and iteration (kThreads apart), so that the loop's count and
 // address arithmetic and the reciprocal of a uniform divisor are shared, the
-// odd element left after it; CLIP (the deferred clip, uniform) decided
-// outside it.
+// odd element left after it (stochastic rounding: four adjacent ones, below);
+// CLIP (the deferred clip, uniform) decided outside it.
 template <class Op, int MASK, int STORAGE, bool CLIP, class P, class G, class S, class S2>
 __device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
                                            int done, int n, float coef, const EntryStorage& es) {
@@ -564,7 +556,7 @@ template <>
 struct TakesStorageModes<::fastmup::EsgdOp> : std::false_type {};
 
 // Calls f(std::integral_constant<int, STORAGE>{}) for the launch's storage
-// mode (kNearest, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
+// mode (kNearest, kStochastic, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
 // parameters (fp32 ones are stored as they are), remainders to bf16 ones
 // (fp16 parameters under kRemainder are stored to nearest, like the host).
 // The mode kernels are built for gradients in the parameter's dtype (what

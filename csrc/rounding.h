@@ -185,10 +185,15 @@ FASTMUP_HD FASTMUP_INLINE uint32_t fp16_rz(uint32_t u) {
   return ((u >> 16) & 0x8000u) | m;
 }
 FASTMUP_HD FASTMUP_INLINE uint32_t fp16x2_rz(uint32_t lo, uint32_t hi) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   uint32_t d;
   asm("cvt.rz.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(__uint_as_float(hi)), "f"(__uint_as_float(lo)));
   return d;
+#elif defined(__CUDA_ARCH__)  // no paired conversion before sm_80
+  unsigned short d0, d1;
+  asm("cvt.rz.f16.f32 %0, %1;" : "=h"(d0) : "f"(__uint_as_float(lo)));
+  asm("cvt.rz.f16.f32 %0, %1;" : "=h"(d1) : "f"(__uint_as_float(hi)));
+  return uint32_t(d0) | (uint32_t(d1) << 16);
 #else
   return fp16_rz(lo) | (fp16_rz(hi) << 16);
 #endif

@@ -22,12 +22,12 @@ for ESGD-M's HVP steps the EMA or the max rule (``max_rule``): :data:`VARIANTS`.
 Each variant has a 16-byte vector loop (every buffer aligned) and two scalar
 loops (the tail, or every element of a misaligned tensor), with and without
 the deferred clip (``clip``), each moving two elements per thread and
-iteration (:data:`SCALAR_ELEMENTS`).  Loops are told
+iteration (four under stochastic rounding: :func:`scalar_elements`).  Loops are told
 apart in the SASS (:func:`_roles`): vector loops have 128-bit accesses
 (``aligned: True``); the bytes a loop moves give its mask, its IEEE divisions
 and NaN-propagating maxes per element the rest.  One copy of a loop body
 handles the vector width (``VecWidth`` of multi_tensor.cuh: 16 bytes of the
-narrowest dtype) or, in a scalar loop (two copies), one element.
+narrowest dtype) or, in a scalar loop, its elements per iteration.
 
 Record fields are those of :mod:`fastmup.inspect.records`; ``variant`` is
 ``{"param", "grad", "state", "mask", "divide", ["max_rule",] ["clip",] "aligned"[, "storage"]}``
@@ -111,8 +111,7 @@ STORAGE_NAMES = {0: "nearest", 1: "stochastic", 2: "master", 3: "remainder"}
 
 #: Op -> param dtype -> the storage modes other than "nearest" compiled for it
 #: (``multi_tensor_storage_kernel``, instantiated for gradients in the param's
-#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none, and
-#: stochastic rounding has no CUDA kernel (csrc/multi_tensor.cuh says why)
+#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none
 STORAGE_KERNELS = {
     "AdamOp": {"bf16": ("stochastic", "master", "remainder"), "fp16": ("stochastic", "master")},
     "SgdOp": {"bf16": ("stochastic", "master", "remainder"), "fp16": ("stochastic", "master")},
