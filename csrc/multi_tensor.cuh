@@ -264,7 +264,8 @@ __device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, 
                                            int done, int n, float coef, const EntryStorage& es) {
   constexpr int kStored = Op::template stored<MASK>();
   S* st_ptr[2] = {s0, s1};
-  auto one = [&](int i) {
+  // element i's update, its state stored: the fp32 parameter to store
+  auto update = [&](int i) {
     float pf = load_param<STORAGE>(p, es, i);
     float st[kMaxStates];
 #pragma unroll
@@ -272,31 +273,17 @@ __device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, 
     st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
     const float gi = to_float(g[i]);
     Op::template apply<MASK>(s, pf, CLIP ? clip_gradient<G>(gi, coef) : gi, st);
-    store_param<STORAGE>(p, es, i, pf);
 #pragma unroll
     for (int k = 0; k < 2; ++k)
       if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
     if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
+    return pf;
   };
   if constexpr (STORAGE == kStochastic) {
     // Four adjacent elements per thread instead (done is a multiple of 4):
     // two pairs, each sharing a hash word, rounded with one check
     // (stochastic_pack); the up to three elements left at the end of the
     // entry, by one thread, as a pair and a single (the low half of a pair).
-    auto update = [&](int k) {
-      float pf = to_float(p[k]);
-      float st[kMaxStates];
-#pragma unroll
-      for (int q = 0; q < 2; ++q) st[q] = (MASK & (1 << q)) ? to_float(st_ptr[q][k]) : 0.0f;
-      st[2] = (MASK & 4) ? to_float(s2[k]) : 0.0f;
-      const float gk = to_float(g[k]);
-      Op::template apply<MASK>(s, pf, CLIP ? clip_gradient<G>(gk, coef) : gk, st);
-#pragma unroll
-      for (int q = 0; q < 2; ++q)
-        if (kStored & (1 << q)) st_ptr[q][k] = from_float<S>(st[q]);
-      if constexpr ((kStored & 4) != 0) s2[k] = from_float<S2>(st[2]);
-      return pf;
-    };
     int i = done + 4 * static_cast<int>(threadIdx.x);
 #pragma unroll 1
     for (; i + 3 < n; i += 4 * kThreads) {
@@ -321,6 +308,7 @@ __device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, 
     }
     return;
   }
+  auto one = [&](int i) { store_param<STORAGE>(p, es, i, update(i)); };
   int i = done + static_cast<int>(threadIdx.x);
 #pragma unroll 1
   for (; i + kThreads < n; i += 2 * kThreads) {
