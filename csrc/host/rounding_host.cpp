@@ -41,8 +41,8 @@ void rounding_bits(uint32_t seed_prefix, uint32_t step, uint32_t tensor_id, int6
 // The CUDA kernels' rounding of one block-map entry (multi_tensor.cuh:
 // store_param_pack, scalar_loop) on n <= 2^17 fp32 values of a tensor from
 // element `start` (a multiple of a power of two >= n): packs of N elements
-// (stochastic_pack) from the entry's head, then the rest as pairs and a
-// single, as the kernels' tails take them.
+// (stochastic_pack) from the entry's head, then the rest as pairs and a last
+// single (stochastic_pair), the forms of the kernels' tails.
 template <class P, int N>
 void pack_run(const float* x, uint16_t* out, int64_t n, const RoundingKey& key, uint32_t start_lo) {
   const uint32_t head = key.head(start_lo >> 1);
