@@ -13,11 +13,12 @@
 //   aligned, each thread moves VEC consecutive elements with 16-byte global
 //   loads/stores (VEC = 16 / smallest element size), straight from and to
 //   registers; the tail of a tensor, and tensors with a misaligned buffer,
-//   take the scalar path (two elements per thread and iteration, the
-//   deferred clip decided outside the loop).
+//   take the scalar path (two elements per thread and iteration, four under
+//   stochastic rounding; the deferred clip decided outside the loop).
 // * bf16/fp16 parameters under a storage mode of fastmup.optim.precision
-//   (fp32 master weights, bf16 + 16-bit remainders) run kernels of their own
-//   (multi_tensor_storage_kernel), chosen once per launch.
+//   (stochastic rounding, fp32 master weights, bf16 + 16-bit remainders) run
+//   kernels of their own (multi_tensor_storage_kernel), chosen once per
+//   launch.
 // * found_inf and grad_scale are read on the device: no host sync, and the
 //   launch is capturable in a CUDA graph.  A power-of-two grad_scale (or
 //   none) is undone by an exact multiply, any other by a division
@@ -106,32 +107,28 @@ __device__ FASTMUP_INLINE void store_pack(T* dst, const float (&in)[N]) {
 
 // ---------------------------------------------------------------------------
 // The parameter under its storage mode (rounding.h; fastmup.optim.precision)
-// of fp32 masters or bf16 remainders, as the host driver loads and stores its tiles (csrc/host/kernels.inc:
-// load_param_tile, store_param_tile): STORAGE is a compile-time choice made
-// once per launch, so the default kernel (kNearest) is the plain one.
+// of stochastic rounding, fp32 masters or bf16 remainders, as the host driver
+// loads and stores its tiles (csrc/host/kernels.inc: load_param_tile,
+// store_param_tile), with the same bits: STORAGE is a compile-time choice
+// made once per launch, so the default kernel (kNearest) is the plain one.
 // ---------------------------------------------------------------------------
-// Stochastic rounding (kStochastic) has no CUDA kernel: its counter-based
-// bits cost 15 instructions per element even with the steps that see only
-// the index's high bits done once per 16-byte pack (RoundingKey::head/word:
-// two multiplies and three xorshifts per mix, nothing left to share), and the
-// rounding 4 (bf16) to 12 (fp16) more.  Built that way (nvcc 13, sm_90), the
-// loops need up to 110% (bf16) and 134% (fp16) of an H200's instruction
-// issue at HBM bandwidth for SGD (the 6-byte-per-element loops: 80% allows
-// 34 instructions per element, the plain update already takes 12-26), and
-// 92% / 101% for Adam, over the 80% budget of fastmup.inspect (no spills:
-// 72-111 registers); fastmup.optim.backend leaves it to Triton.  A cheaper
-// generator alone does not fit either (same build, the worst loop always a
-// scalar one with the loss-scale division): one hash word per pair of
-// elements with one mix per word still needs 102% / 123% for SGD and
-// 88% / 97% for Adam; with adjacent pairs per thread in the scalar loops,
-// cheaper rounding and one range check per pair, 83% / 91% and 79% / 83%.
-// A single multiply-xorshift per word would fit more loops but its bits are
-// strongly correlated between neighbouring elements, so it is no option.
+// Stochastic rounding spends its instructions on the hash (one mix per pair
+// of elements, its first step once per entry) and rounds each pair in the
+// cheap forms of rounding.h (stochastic_pack) with one check per pack: the
+// 6-byte-per-element SGD loops have about 34 instructions per element under
+// the 80% issue budget of fastmup.inspect, the plain update already 22-28 in
+// the scalar loops with the loss-scale division, hence their four adjacent
+// elements per thread (two pairs, one check, the loop's own work shared).
 //
 // What one entry's storage mode needs: the aux stream at the entry's first
-// element (kMaster: fp32 masters, kRemainder: int16 remainders).
+// element (kMaster: fp32 masters, kRemainder: int16 remainders), or for
+// stochastic rounding the RoundingKey head of the entry's first pair (the
+// word of the entry's pair j is RoundingKey::word(head, j): the entry starts
+// at a multiple of the block, a power of two of at most 2^17 elements, so
+// its pair indices are that multiple's half ^ j with j < 2^16).
 struct EntryStorage {
   void* aux = nullptr;
+  uint32_t head = 0;
 };
 
 // The bf16/fp16 copy of an fp32 master: bf16 as the remainder split rounds
@@ -182,7 +179,14 @@ __device__ FASTMUP_INLINE void load_param_pack(const P* p, const EntryStorage& e
 // N updated fp32 parameters from element i, stored as the mode keeps them.
 template <int STORAGE, int N, class P>
 __device__ FASTMUP_INLINE void store_param_pack(P* p, const EntryStorage& es, int i, const float (&in)[N]) {
-  if constexpr (STORAGE == kMaster) {
+  if constexpr (STORAGE == kStochastic) {
+    uint32_t words[N / 2];  // i is a multiple of N: the pack is pairs i / 2 ... of the entry
+    stochastic_pack<P, N>(in, es.head, static_cast<uint32_t>(i) >> 1, words);
+    Pack<P, N> pk;
+#pragma unroll
+    for (int k = 0; k < Pack<P, N>::kWords; ++k) pk.words[k] = make_uint4(words[4 * k], words[4 * k + 1], words[4 * k + 2], words[4 * k + 3]);
+    store_words(p + i, pk);
+  } else if constexpr (STORAGE == kMaster) {
     store_pack<N>(static_cast<float*>(es.aux) + i, in);
     Pack<P, N> pk;
 #pragma unroll
@@ -253,14 +257,15 @@ __device__ FASTMUP_INLINE float clip_gradient(float g, float coef) {
 // The scalar loop of update_entry from element `done` on: two elements per
 // thread and iteration (kThreads apart), so that the loop's count and
 // address arithmetic and the reciprocal of a uniform divisor are shared, the
-// odd element left after it; CLIP (the deferred clip, uniform) decided
-// outside it.
+// odd element left after it (stochastic rounding: four adjacent ones, below);
+// CLIP (the deferred clip, uniform) decided outside it.
 template <class Op, int MASK, int STORAGE, bool CLIP, class P, class G, class S, class S2>
 __device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, const G* g, S* s0, S* s1, S2* s2,
                                            int done, int n, float coef, const EntryStorage& es) {
   constexpr int kStored = Op::template stored<MASK>();
   S* st_ptr[2] = {s0, s1};
-  auto one = [&](int i) {
+  // element i's update, its state stored: the fp32 parameter to store
+  auto update = [&](int i) {
     float pf = load_param<STORAGE>(p, es, i);
     float st[kMaxStates];
 #pragma unroll
@@ -268,12 +273,42 @@ __device__ FASTMUP_INLINE void scalar_loop(const typename Op::Scalars& s, P* p, 
     st[2] = (MASK & 4) ? to_float(s2[i]) : 0.0f;
     const float gi = to_float(g[i]);
     Op::template apply<MASK>(s, pf, CLIP ? clip_gradient<G>(gi, coef) : gi, st);
-    store_param<STORAGE>(p, es, i, pf);
 #pragma unroll
     for (int k = 0; k < 2; ++k)
       if (kStored & (1 << k)) st_ptr[k][i] = from_float<S>(st[k]);
     if constexpr ((kStored & 4) != 0) s2[i] = from_float<S2>(st[2]);
+    return pf;
   };
+  if constexpr (STORAGE == kStochastic) {
+    // Four adjacent elements per thread instead (done is a multiple of 4):
+    // two pairs, each sharing a hash word, rounded with one check
+    // (stochastic_pack); the up to three elements left at the end of the
+    // entry, by one thread, as a pair and a single (the low half of a pair).
+    int i = done + 4 * static_cast<int>(threadIdx.x);
+#pragma unroll 1
+    for (; i + 3 < n; i += 4 * kThreads) {
+      float x[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) x[q] = update(i + q);
+      uint32_t b[2];
+      stochastic_pack<P, 4>(x, es.head, static_cast<uint32_t>(i) >> 1, b);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) p[i + q] = P{static_cast<uint16_t>(b[q / 2] >> (16 * (q % 2)))};
+    }
+    if (i + 1 < n) {
+      const float x0 = update(i), x1 = update(i + 1);
+      const uint32_t b = stochastic_pair<P>(x0, x1, RoundingKey::word(es.head, static_cast<uint32_t>(i) >> 1));
+      p[i] = P{static_cast<uint16_t>(b)};
+      p[i + 1] = P{static_cast<uint16_t>(b >> 16)};
+      i += 2;
+    }
+    if (i < n) {
+      const float x0 = update(i);
+      p[i] = P{static_cast<uint16_t>(stochastic_pair<P>(x0, x0, RoundingKey::word(es.head, static_cast<uint32_t>(i) >> 1)))};
+    }
+    return;
+  }
+  auto one = [&](int i) { store_param<STORAGE>(p, es, i, update(i)); };
   int i = done + static_cast<int>(threadIdx.x);
 #pragma unroll 1
   for (; i + kThreads < n; i += 2 * kThreads) {
@@ -374,7 +409,7 @@ __device__ FASTMUP_INLINE void advance_scalars(const MultiTensorArgs& a, int64_t
 // One entry, in the variant its scalars and the launch's unscaling ask for.
 template <class Op, class P, class G, class S, int STORAGE>
 __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const typename Op::Scalars& s,
-                                               const Unscale& unscale, int64_t b, int64_t t) {
+                                               const Unscale& unscale, int64_t b, int64_t t, const RoundingKey& key) {
   const int64_t start = a.start_of_block[b];
   const int n = static_cast<int>(min(a.block, a.numels[t] - start));
   P* p = tensor_ptr<P>(a.param_ptrs, t, start);
@@ -383,6 +418,7 @@ __device__ FASTMUP_INLINE void update_entry_of(const MultiTensorArgs& a, const t
   S* s1 = tensor_ptr<S>(a.state_ptrs[1], t, start);
   Slot2<Op, G, S>* s2 = tensor_ptr<Slot2<Op, G, S>>(a.state_ptrs[2], t, start);
   EntryStorage es;
+  if constexpr (STORAGE == kStochastic) es.head = key.head(static_cast<uint32_t>(start) >> 1);
   if constexpr (STORAGE == kMaster) es.aux = tensor_ptr<float>(a.storage_ptrs, t, start);
   if constexpr (STORAGE == kRemainder) es.aux = tensor_ptr<int16_t>(a.storage_ptrs, t, start);
   dispatch_variant<Op>(s, unscale, [&](auto mask) {
@@ -403,15 +439,27 @@ __device__ FASTMUP_INLINE void update_entries(const MultiTensorArgs& a) {
   int t = -1;   // the tensor of the current run
   int run = 0;  // entries of t seen in this run
   typename Op::Scalars s;
+  // stochastic rounding: the key of tensor t's elements whose index has high
+  // word key_hi (entries never straddle 2^32 elements: the block divides it)
+  RoundingKey key{0u};
+  uint32_t key_hi = 0;
   for (int b = first; b < last; ++b) {
     const int tb = a.tensor_of_block[b];
-    if (tb != t) {
+    const bool new_tensor = tb != t;
+    if (new_tensor) {
       if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
       t = tb;
       run = 0;
       s = Op::prepare(a, t, unscale);
     }
-    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t);
+    if constexpr (STORAGE == kStochastic) {
+      const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(a.start_of_block[b]) >> 32);
+      if (new_tensor || hi != key_hi) {
+        key_hi = hi;
+        key = RoundingKey::of(a.rounding_prefix, static_cast<uint32_t>(a.steps[t]), static_cast<uint32_t>(a.tensor_ids[t]), hi);
+      }
+    }
+    update_entry_of<Op, P, G, S, STORAGE>(a, s, unscale, b, t, key);
     ++run;
   }
   if (Op::kAdvancesScalars && run > 0) advance_scalars<Op>(a, t, run);
@@ -496,7 +544,7 @@ template <>
 struct TakesStorageModes<::fastmup::EsgdOp> : std::false_type {};
 
 // Calls f(std::integral_constant<int, STORAGE>{}) for the launch's storage
-// mode (kNearest, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
+// mode (kNearest, kStochastic, kMaster, kRemainder), as the host driver reads it: the modes apply to bf16/fp16
 // parameters (fp32 ones are stored as they are), remainders to bf16 ones
 // (fp16 parameters under kRemainder are stored to nearest, like the host).
 // The mode kernels are built for gradients in the parameter's dtype (what
@@ -511,8 +559,12 @@ void dispatch_storage(const MultiTensorArgs& a, const F& f) {
     f(Nearest{});
   } else {
     if (a.storage == kNearest) return f(Nearest{});
-    if (a.storage == kStochastic)
-      throw std::invalid_argument("fastmup CUDA backend: no stochastic rounding kernel (use the triton backend)");
+    if (a.storage == kStochastic && a.tensor_ids == nullptr)
+      throw std::invalid_argument("fastmup: stochastic rounding needs tensor_ids");
+    // the kernels derive an entry's hash words from its first pair (EntryStorage)
+    if (a.storage == kStochastic && (a.block < 2 || a.block > (int64_t(1) << 17) || (a.block & (a.block - 1)) != 0))
+      throw std::invalid_argument("fastmup CUDA backend: stochastic rounding needs a power-of-two block of 2 to 2^17 elements, got " +
+                                  std::to_string(a.block));
     if (a.storage < kNearest || a.storage > kRemainder)
       throw std::invalid_argument("fastmup: unknown parameter storage code " + std::to_string(a.storage));
     if ((a.storage == kMaster || a.storage == kRemainder) && a.storage_ptrs == nullptr)
@@ -521,6 +573,7 @@ void dispatch_storage(const MultiTensorArgs& a, const F& f) {
       throw std::invalid_argument("fastmup CUDA backend: parameter storage modes take gradients in the parameter's dtype");
     } else {
       switch (a.storage) {
+        case kStochastic: return f(std::integral_constant<int, kStochastic>{});
         case kMaster: return f(std::integral_constant<int, kMaster>{});
         default:
           if constexpr (std::is_same<P, Bf16>::value) return f(std::integral_constant<int, kRemainder>{});

@@ -125,6 +125,171 @@ struct StochasticStore<Fp16> {
 };
 
 // ---------------------------------------------------------------------------
+// Pairs and packs: the rounding of the CUDA kernels, where elements 2k and
+// 2k + 1 of a tensor take the two halves of one hash word w (RoundingKey),
+// and a pair's two 16-bit results go out as one 32-bit word (element 2k in
+// the low half).  Each is the same as stochastic_bf16 / stochastic_fp16_word
+// on the two halves, bit for bit (tests/ext/test_rounding.py runs them on
+// the host), in fewer instructions: a cheap form that is exact for all but
+// rare inputs, a check of those that costs about one instruction per element,
+// and the exact form out of line for a pair or pack that fails it.
+// ---------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__)
+#define FASTMUP_COLD __noinline__
+#else
+#define FASTMUP_COLD __attribute__((noinline))
+#endif
+#if defined(__CUDACC__)
+#define FASTMUP_UNROLL _Pragma("unroll")
+#else
+#define FASTMUP_UNROLL
+#endif
+
+// (lo >> 16) | (hi & 0xffff0000): the high halves of two words, one byte
+// permute on the device.
+FASTMUP_HD FASTMUP_INLINE uint32_t high_halves(uint32_t lo, uint32_t hi) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(lo, hi, 0x7632);
+#else
+  return (lo >> 16) | (hi & 0xffff0000u);
+#endif
+}
+
+// The exact pairs, for any inputs.
+FASTMUP_HD FASTMUP_INLINE uint32_t stochastic_bf16_pair(float x0, float x1, uint32_t w) {
+  return uint32_t(stochastic_bf16(x0, w & 0xffffu)) | (uint32_t(stochastic_bf16(x1, w >> 16)) << 16);
+}
+FASTMUP_HD FASTMUP_INLINE uint32_t stochastic_fp16_pair(float x0, float x1, uint32_t w) {
+  return uint32_t(stochastic_fp16_word(x0, w << 16)) | (uint32_t(stochastic_fp16_word(x1, w)) << 16);
+}
+
+// bf16: (u + r) >> 16 of both halves, packed by one permute.  Exact unless
+// x0 or x1 is NaN (whose sum can carry out of the NaN range; the exact form
+// gives 0x7fc0).
+FASTMUP_HD FASTMUP_INLINE uint32_t dithered_bf16_pair(float x0, float x1, uint32_t w) {
+  return high_halves(float_bits(x0) + (w & 0xffffu), float_bits(x1) + (w >> 16));
+}
+
+// fp16 round-toward-zero of two fp32 patterns (lo into the low half), the
+// device's cvt.rz.f16x2.f32.  The host form is the same conversion: the
+// dropped bits truncated (normals), subnormals from the exact |v| 2^24,
+// finite values from 65504 on saturating to 65504, inf and NaN kept.
+FASTMUP_HD FASTMUP_INLINE uint32_t fp16_rz(uint32_t u) {
+  const uint32_t a = u & 0x7fffffffu;
+  uint32_t m;
+  if (a > 0x7f800000u) m = 0x7e00u;
+  else if (a == 0x7f800000u) m = 0x7c00u;
+  else if (a >= 0x477fe000u) m = 0x7bffu;
+  else if (a >= 0x38800000u) m = (a - 0x38000000u) >> 13;
+  else m = static_cast<uint32_t>(bits_float(a) * 16777216.0f);
+  return ((u >> 16) & 0x8000u) | m;
+}
+FASTMUP_HD FASTMUP_INLINE uint32_t fp16x2_rz(uint32_t lo, uint32_t hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t d;
+  asm("cvt.rz.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(__uint_as_float(hi)), "f"(__uint_as_float(lo)));
+  return d;
+#elif defined(__CUDA_ARCH__)  // no paired conversion before sm_80
+  unsigned short d0, d1;
+  asm("cvt.rz.f16.f32 %0, %1;" : "=h"(d0) : "f"(__uint_as_float(lo)));
+  asm("cvt.rz.f16.f32 %0, %1;" : "=h"(d1) : "f"(__uint_as_float(hi)));
+  return uint32_t(d0) | (uint32_t(d1) << 16);
+#else
+  return fp16_rz(lo) | (fp16_rz(hi) << 16);
+#endif
+}
+
+// fp16: the 13 random bits r >> 3 added below fp16's 10 mantissa bits, then
+// truncated by the conversion.  For |x| in [2^-14, 65504] (fp16's normal
+// range) that is stochastic_fp16_word's normal case: the sum stays below
+// 2^16 (65504 + 2^13 - 1 ulps of fp32 < 65536) and in the normal range, so
+// truncating it drops exactly the 13 bits ((a + (r >> 3) - bits(2^-15)) >>
+// 13, the sign apart).  Exact when fp16_pair_exact says so.
+FASTMUP_HD FASTMUP_INLINE uint32_t truncated_fp16_pair(float x0, float x1, uint32_t w) {
+  return fp16x2_rz(float_bits(x0) + ((w & 0xffffu) >> 3), float_bits(x1) + (w >> 19));
+}
+
+// Whether both halves of truncated_fp16_pair's result h are exact: their
+// magnitudes in [0x0401, 0x7bfe].  A truncated sum of that magnitude is at
+// least bits(2^-14) + 2^13 (so |x| > 2^-14 however large its dither) and
+// below bits(65504) (so |x| < 65504); every input outside the range gives a
+// magnitude outside it (below 2^-14: under 0x0401, as the dither adds under
+// 2^-25; from 65504 on 0x7bff, inf 0x7c00, NaN more; NaN patterns whose sum
+// carries into the sign bit, or out of it, a tiny value), and the few exact
+// ones at the edges (0x0400, 0x7bff) take the exact form.  One packed
+// half-precision compare per bound on the device.
+FASTMUP_HD FASTMUP_INLINE bool fp16_pair_exact(uint32_t h) {
+#if defined(__CUDA_ARCH__)
+  uint32_t ok;
+  asm("{\n\t.reg .b32 m, lo, hi;\n\t.reg .pred p, q, r, s;\n\t"
+      "abs.f16x2 m, %1;\n\t"
+      "mov.b32 lo, 0x04010401;\n\t"
+      "mov.b32 hi, 0x7bfe7bfe;\n\t"
+      "setp.ge.f16x2 p|q, m, lo;\n\t"
+      "setp.le.and.f16x2 r|s, m, hi, p;\n\t"
+      "and.pred r, r, s;\n\t"
+      "and.pred r, r, q;\n\t"
+      "selp.u32 %0, 1, 0, r;\n\t}"
+      : "=r"(ok) : "r"(h));
+  return ok != 0;
+#else
+  const uint32_t m0 = h & 0x7fffu, m1 = (h >> 16) & 0x7fffu;
+  return m0 - 0x0401u <= 0x7bfeu - 0x0401u && m1 - 0x0401u <= 0x7bfeu - 0x0401u;
+#endif
+}
+
+// The exact pairs out of line (the rare inputs), so that the code around
+// their call stays the cheap form's.
+template <class P>
+FASTMUP_HD FASTMUP_COLD uint32_t stochastic_pair_cold(float x0, float x1, uint32_t w) {
+  if constexpr (std::is_same<P, Bf16>::value) return stochastic_bf16_pair(x0, x1, w);
+  else return stochastic_fp16_pair(x0, x1, w);
+}
+
+// Whether the cheap form of a pair is exact (bf16: no NaN; fp16: the check
+// of its result).
+template <class P>
+FASTMUP_HD FASTMUP_INLINE bool cheap_pair_exact(float x0, float x1, uint32_t h) {
+  if constexpr (std::is_same<P, Bf16>::value) return !((x0 != x0) | (x1 != x1));
+  else return fp16_pair_exact(h);
+}
+template <class P>
+FASTMUP_HD FASTMUP_INLINE uint32_t cheap_pair(float x0, float x1, uint32_t w) {
+  if constexpr (std::is_same<P, Bf16>::value) return dithered_bf16_pair(x0, x1, w);
+  else return truncated_fp16_pair(x0, x1, w);
+}
+
+// One pair (x0: the even element) with its hash word w, as the packed bits
+// of stochastic_bf16 / stochastic_fp16 of w's two halves.
+template <class P>
+FASTMUP_HD FASTMUP_INLINE uint32_t stochastic_pair(float x0, float x1, uint32_t w) {
+  const uint32_t h = cheap_pair<P>(x0, x1, w);
+  return cheap_pair_exact<P>(x0, x1, h) ? h : stochastic_pair_cold<P>(x0, x1, w);
+}
+
+// N consecutive elements (N even) whose first is the even element of pair
+// j0 of a run with RoundingKey head `head` (pair j0 + k's word is
+// RoundingKey::word(head, j0 ^ k): j0 a multiple of N / 2), as N / 2 packed
+// words; one check for the pack, the exact form for all of it if it fails.
+template <class P, int N>
+FASTMUP_HD FASTMUP_INLINE void stochastic_pack(const float (&x)[N], uint32_t head, uint32_t j0, uint32_t (&out)[N / 2]) {
+  static_assert(N % 2 == 0 && (N & (N - 1)) == 0, "a pack is a power-of-two number of pairs");
+  const uint32_t h = head ^ j0;
+  uint32_t w[N / 2];
+  bool exact = true;
+  FASTMUP_UNROLL
+  for (int k = 0; k < N / 2; ++k) {
+    w[k] = RoundingKey::word(h, static_cast<uint32_t>(k));
+    out[k] = cheap_pair<P>(x[2 * k], x[2 * k + 1], w[k]);
+    exact &= cheap_pair_exact<P>(x[2 * k], x[2 * k + 1], out[k]);
+  }
+  if (!exact) {
+    FASTMUP_UNROLL
+    for (int k = 0; k < N / 2; ++k) out[k] = stochastic_pair_cold<P>(x[2 * k], x[2 * k + 1], w[k]);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // The exact split of an fp32 master weight into a bf16 parameter (nearest,
 // ties away from zero) and a 16-bit remainder (the low half of the bits):
 // hi = u >> 16, lo = u & 0xffff, c = lo >> 15, b = hi + c, except for the two

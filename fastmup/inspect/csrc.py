@@ -22,12 +22,12 @@ for ESGD-M's HVP steps the EMA or the max rule (``max_rule``): :data:`VARIANTS`.
 Each variant has a 16-byte vector loop (every buffer aligned) and two scalar
 loops (the tail, or every element of a misaligned tensor), with and without
 the deferred clip (``clip``), each moving two elements per thread and
-iteration (:data:`SCALAR_ELEMENTS`).  Loops are told
+iteration (four under stochastic rounding: :func:`scalar_elements`).  Loops are told
 apart in the SASS (:func:`_roles`): vector loops have 128-bit accesses
 (``aligned: True``); the bytes a loop moves give its mask, its IEEE divisions
 and NaN-propagating maxes per element the rest.  One copy of a loop body
 handles the vector width (``VecWidth`` of multi_tensor.cuh: 16 bytes of the
-narrowest dtype) or, in a scalar loop (two copies), one element.
+narrowest dtype) or, in a scalar loop, its elements per iteration.
 
 Record fields are those of :mod:`fastmup.inspect.records`; ``variant`` is
 ``{"param", "grad", "state", "mask", "divide", ["max_rule",] ["clip",] "aligned"[, "storage"]}``
@@ -111,11 +111,10 @@ STORAGE_NAMES = {0: "nearest", 1: "stochastic", 2: "master", 3: "remainder"}
 
 #: Op -> param dtype -> the storage modes other than "nearest" compiled for it
 #: (``multi_tensor_storage_kernel``, instantiated for gradients in the param's
-#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none, and
-#: stochastic rounding has no CUDA kernel (csrc/multi_tensor.cuh says why)
+#: dtype): 16-bit params, remainders for bf16 only; ESGD-M takes none
 STORAGE_KERNELS = {
-    "AdamOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
-    "SgdOp": {"bf16": ("master", "remainder"), "fp16": ("master",)},
+    "AdamOp": {"bf16": ("stochastic", "master", "remainder"), "fp16": ("stochastic", "master")},
+    "SgdOp": {"bf16": ("stochastic", "master", "remainder"), "fp16": ("stochastic", "master")},
     "EsgdOp": {},
 }
 
@@ -195,16 +194,32 @@ def _expected_bytes(op: str, mask: str, sizes: dict[str, int], storage: str = "n
 
 #: elements per thread in one iteration of a scalar loop (multi_tensor.cuh's scalar_loop)
 SCALAR_ELEMENTS = 2
+#: the same for the parameter storage modes whose scalar loops differ: stochastic
+#: rounding takes four adjacent elements (two pairs of hash-word halves) per iteration
+SCALAR_ELEMENTS_OF_STORAGE = {"stochastic": 4}
 
 
-def _roles(op: str, loops: list[dict], sizes: dict[str, int], storage: str = "nearest") -> list[tuple[int, Optional[Variant], bool, Optional[bool]]]:
+def scalar_elements(storage: str = "nearest") -> int:
+    """Elements per thread and iteration of a scalar loop under ``storage``."""
+    return SCALAR_ELEMENTS_OF_STORAGE.get(storage, SCALAR_ELEMENTS)
+
+
+#: NaN tests (``FSETP.NAN``, besides the variant's) per element that a parameter
+#: storage mode may add, by param dtype: stochastic rounding to bf16 tests each
+#: pair of results for NaN (rounding.h's dithered_bf16_pair is exact otherwise)
+ROUNDING_NAN_TESTS = {("stochastic", "bf16"): 0.5}
+
+
+def _roles(op: str, loops: list[dict], sizes: dict[str, int], storage: str = "nearest",
+           nan_tests: float = 0.0) -> list[tuple[int, Optional[Variant], bool, Optional[bool]]]:
     """(loop index, variant, aligned, clip) for the loops of one kernel function.
 
     Vector loops have 128-bit accesses (``aligned``), scalar loops none.  A
     loop is a variant's when it moves a whole number of elements of the
     variant's streams (vector loops: a multiple of the vector width; scalar
-    loops: :data:`SCALAR_ELEMENTS`) and has the variant's divisions and
-    NaN-propagating maxes for that many elements.  Each variant has one
+    loops: :func:`scalar_elements`) and has the variant's divisions and
+    NaN-propagating maxes for that many elements (and up to ``nan_tests``
+    per element more: :data:`ROUNDING_NAN_TESTS`).  Each variant has one
     vector loop and two scalar loops, one with the deferred clip (``clip``:
     the longer, as it does the clip's work besides) and one without; the
     loops must match them one to one; when the code does not (a changed
@@ -220,9 +235,10 @@ def _roles(op: str, loops: list[dict], sizes: dict[str, int], storage: str = "ne
         def fits(loop: dict, v: Variant) -> bool:
             expected = _expected_bytes(op, v.mask, sizes, storage)
             elements, rest = divmod(loop["bytes"], expected)
-            if rest or not elements or (elements % vec if aligned else elements != SCALAR_ELEMENTS):
+            if rest or not elements or (elements % vec if aligned else elements != scalar_elements(storage)):
                 return False
-            return loop.get("divisions") == v.divisions * elements and loop.get("nan_maxes") == v.nan_maxes * elements
+            nan = loop.get("nan_maxes", 0) - v.nan_maxes * elements
+            return loop.get("divisions") == v.divisions * elements and 0 <= nan <= nan_tests * elements
 
         options = {k: [n for n, v in enumerate(variants) if fits(loops[k], v)] for k in kind}
         assignment: dict[int, int] = {}
@@ -295,7 +311,7 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                         ptx_uncontracted=sass.ptx_fma_count(plain_ptx.get(mangled, "")),
                         contractible=sass.ptx_contractible_count(ptx.get(mangled, "")),
                     )
-                    roles = _roles(op, facts["loops"], sizes, storage)
+                    roles = _roles(op, facts["loops"], sizes, storage, ROUNDING_NAN_TESTS.get((storage, _DTYPES[p][0]), 0.0))
                     for n, (index, v, aligned, clip) in enumerate(roles):
                         flags = v.flags(op) if v is not None else {"mask": f"loop{n}"}
                         if clip is not None:
@@ -313,7 +329,7 @@ def _analyse(sources: Sequence[Path], archs: Sequence[int]) -> list[dict]:
                                 variant=variant,
                                 facts=facts,
                                 shared_bytes=0,
-                                elements_per_iteration=16 // min(sizes.values()) if aligned else SCALAR_ELEMENTS,
+                                elements_per_iteration=16 // min(sizes.values()) if aligned else scalar_elements(storage),
                                 streams=streams,
                                 default=v is not None and aligned and not v.divide and not v.max_rule
                                 and (v.mask == "base" or op != "AdamOp") and storage == "nearest",

@@ -1,7 +1,8 @@
 """Reading compiled GPU code: SASS listings (``cuobjdump -sass``) and PTX.
 
-A kernel's SASS is split into basic blocks; branches (``BRA``) give the
-control-flow edges, and a branch back to an earlier block closes a loop.
+A kernel's SASS is split into basic blocks; branches (``BRA``, and the
+predicated ``CALL`` that ptxas may use as one: :func:`_jump_targets`) give
+the control-flow edges, and a branch back to an earlier block closes a loop.
 For every innermost loop that touches global memory, :func:`analyse` counts
 what one iteration does:
 
@@ -176,13 +177,30 @@ class _Block:
         return any(i.base == "CALL" and not i.predicated for i in self.instructions)
 
 
+def _call_target(i: Instruction) -> Optional[int]:
+    if i.base != "CALL":
+        return None
+    m = _ADDRESS.search(i.text)
+    return int(m.group(1), 16) if m else None
+
+
+def _jump_targets(ins: list[Instruction]) -> dict[int, int]:
+    """Address -> target of each predicated CALL that is a jump: ptxas may
+    leave a loop through a predicated ``CALL.REL.NOINC`` to a block that
+    branches also reach (its convergence point), which never returns; a
+    subroutine (a division's slow path) is entered by calls only."""
+    branched = {i.branch_target for i in ins if i.branch_target is not None}
+    return {i.address: t for i in ins if i.predicated for t in [_call_target(i)] if t is not None and t in branched}
+
+
 def _blocks(fn: Function) -> dict[int, _Block]:
     ins = fn.instructions
     if not ins:
         return {}
+    jumps = _jump_targets(ins)
     leaders = {ins[0].address}
     for k, i in enumerate(ins):
-        target = i.branch_target
+        target = i.branch_target if i.address not in jumps else jumps[i.address]
         if target is not None:
             leaders.add(target)
         if (target is not None or i.ends_flow) and k + 1 < len(ins):
@@ -199,7 +217,7 @@ def _blocks(fn: Function) -> dict[int, _Block]:
     for k, start in enumerate(order):
         block = blocks[start]
         last = block.instructions[-1]
-        target = last.branch_target
+        target = last.branch_target if last.address not in jumps else jumps[last.address]
         if target is not None and target in blocks:
             block.successors.append(target)
         if not last.ends_flow and k + 1 < len(order):

@@ -49,7 +49,7 @@ class Refusal(NamedTuple):
 STORAGE_MODES: dict[str, tuple[str, ...]] = {
     "triton": ("nearest", "stochastic", "master", "remainder"),
     "cpu": ("nearest", "stochastic", "master", "remainder"),
-    "cuda": ("nearest", "master", "remainder"),  # no stochastic rounding kernel (csrc/multi_tensor.cuh)
+    "cuda": ("nearest", "stochastic", "master", "remainder"),
 }
 
 

@@ -227,7 +227,9 @@ def test_esgd_trajectory_matches_eager(cuda_ext, variant):
 # parameter storage modes (fp32 masters, bf16 remainders)
 # ----------------------------------------------------------------------
 STORAGE_CASES = [(torch.bfloat16, dict(master_weights="fp32")), (torch.bfloat16, dict(master_weights="remainder")),
-                 (torch.float16, dict(master_weights="fp32"))]
+                 (torch.float16, dict(master_weights="fp32")), (torch.bfloat16, dict(stochastic_rounding=True, rounding_seed=11)),
+                 (torch.float16, dict(stochastic_rounding=True))]
+STORAGE_IDS = ["bf16-master", "bf16-remainder", "fp16-master", "bf16-stochastic", "fp16-stochastic"]
 STORAGE_OPTIMIZERS = [(MuAdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)), (MuAdam, dict(lr=1e-2)),
                       (MuSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01))]
 
@@ -259,11 +261,12 @@ def _storage_steps(opt, params, steps, seed=1, scale=None):
 
 
 @pytest.mark.parametrize("amp", ["none", "other"])
-@pytest.mark.parametrize("dtype,mode", STORAGE_CASES, ids=["bf16-master", "bf16-remainder", "fp16-master"])
+@pytest.mark.parametrize("dtype,mode", STORAGE_CASES, ids=STORAGE_IDS)
 @pytest.mark.parametrize("cls,kw", STORAGE_OPTIMIZERS, ids=lambda c: getattr(c, "__name__", ""))
 def test_storage_modes_bit_identical_to_the_cpu_backend(cuda_ext, cls, kw, dtype, mode, amp):
     """The storage kernels load and store the parameter as the host's tiles
-    do (the same rounding.h code): params and every state buffer, masters
+    do (the same rounding.h code; stochastic rounding by pairs and packs,
+    the host element by element): params and every state buffer, masters
     and remainders included, equal to the bit after three steps."""
     results = {}
     for backend, device in (("cpu", "cpu"), ("cuda", "cuda")):
@@ -276,7 +279,7 @@ def test_storage_modes_bit_identical_to_the_cpu_backend(cuda_ext, cls, kw, dtype
         assert _same_bits(a.cpu(), b.cpu()), f"tensor {i} ({a.dtype}, {tuple(a.shape)}): cuda differs from cpu"
 
 
-@pytest.mark.parametrize("dtype,mode", STORAGE_CASES, ids=["bf16-master", "bf16-remainder", "fp16-master"])
+@pytest.mark.parametrize("dtype,mode", STORAGE_CASES, ids=STORAGE_IDS)
 def test_storage_modes_sgd_with_exact_updates_matches_eager_bit_for_bit(cuda_ext, dtype, mode):
     """lr a power of two, no momentum or decay: p - lr·g is one rounding in
     torch's kernels and in the csrc functor alike, so the stored params,
@@ -304,14 +307,3 @@ def test_remainders_and_fp32_masters_give_the_same_trajectory_on_the_gpu(cuda_ex
     for x, y in zip(a, b):
         assert torch.equal(x.detach().view(torch.int16), y.detach().view(torch.int16))
         assert _same_bits(precision.decode_remainder(y.detach(), ob.state[y][REMAINDER_BUFFER]), oa.state[x][MASTER_BUFFER])
-
-
-def test_explicit_cuda_backend_refuses_stochastic_rounding(cuda_ext):
-    params = _storage_params(torch.bfloat16, "cuda")
-    opt = MuAdamW(params, lr=1e-3, backend="cuda", stochastic_rounding=True)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    before = [p.detach().clone() for p in params]
-    with pytest.raises(NotImplementedError, match="stochastic"):
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, before))

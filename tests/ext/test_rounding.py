@@ -9,7 +9,7 @@ import torch
 from fastmup.optim import precision
 
 from tests.ext import needs_cpu_build
-from tests.fp32_patterns import fp32_patterns
+from tests.fp32_patterns import SPECIAL_BITS, fp32_patterns, from_bits
 
 pytestmark = needs_cpu_build
 
@@ -30,6 +30,94 @@ def test_rounding_bits_match_reference(cpu_ext, start):
     out = torch.empty(n, dtype=torch.int32)
     cpu_ext.rounding_bits(precision.seed_prefix(seed), step, tid, start, out.data_ptr(), n)
     assert torch.equal(out.long(), precision.rounding_bits(seed, step, tid, n, start=start))
+
+
+# ----------------------------------------------------------------------
+# the pair and pack forms of the CUDA kernels (rounding.h: stochastic_pack,
+# stochastic_pair), run by the host build
+# ----------------------------------------------------------------------
+def _with_specials_everywhere(pack: int, seed: int) -> torch.Tensor:
+    """Each special pattern at each position of a pack of ordinary values, so
+    that every pair position takes the exact form after a failed check."""
+    special = from_bits(torch.tensor(SPECIAL_BITS, dtype=torch.int64))
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(len(SPECIAL_BITS) * pack, pack, generator=g)
+    for k, v in enumerate(special):
+        for q in range(pack):
+            out[k * pack + q, q] = v
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.bfloat16, 1), (torch.float16, 2)])
+@pytest.mark.parametrize("pack", [2, 4, 8])
+def test_cuda_pack_rounding_matches_reference(cpu_ext, dtype, code, pack):
+    """The kernels' packs (from the entry's head, at every pair offset a pack
+    takes), their tails (pairs and a last single) and entries at and across
+    the 2^32-element key boundary, against the reference bits and rounding,
+    on every class of value and on specials at every position of a pack."""
+    seed, step, tid = (1 << 35) + 3, 77, 5
+    values = [fp32_patterns(2048, seed=7), torch.roll(fp32_patterns(2048, seed=8), 3), _with_specials_everywhere(pack, 9)]
+    for x in values:
+        for n in sorted({min(k, x.numel()) for k in (8192, 8191, 13, 3, 2, 1, 0)}, reverse=True):
+            block = 8192 if n > 7 else 8
+            for start in (0, 5 * block, (1 << 32) - block, (3 << 32) + 7 * block):
+                xs = x[:n].contiguous()
+                out = torch.empty(n, dtype=torch.int16)
+                cpu_ext.stochastic_packs(code, pack, precision.seed_prefix(seed), step, tid, start, xs.data_ptr(), out.data_ptr(), n)
+                r = precision.rounding_bits(seed, step, tid, n, start=start)
+                want = precision.stochastic_round(xs, dtype, r).view(torch.int16)
+                assert torch.equal(out, want), (n, start, (out != want).nonzero()[:5].flatten().tolist())
+
+
+def test_cuda_pack_rounding_refuses_bad_runs(cpu_ext):
+    x = torch.zeros(8)
+    out = torch.empty(8, dtype=torch.int16)
+    with pytest.raises(ValueError, match="pack must be"):
+        cpu_ext.stochastic_packs(1, 16, 0, 1, 0, 0, x.data_ptr(), out.data_ptr(), 8)
+    with pytest.raises(ValueError, match="multiple of a power of two"):
+        cpu_ext.stochastic_packs(1, 8, 0, 1, 0, 4, x.data_ptr(), out.data_ptr(), 8)
+
+
+def _cheap(cpu_ext, code, x, words):
+    h = torch.empty(words.numel(), dtype=torch.int32)
+    ok = torch.empty(words.numel(), dtype=torch.uint8)
+    cpu_ext.cheap_pairs(code, x.data_ptr(), words.data_ptr(), h.data_ptr(), ok.data_ptr(), words.numel())
+    return h.long() & 0xFFFFFFFF, ok.bool()
+
+
+def _reference_pairs(x, dtype, words):
+    w = words.long() & 0xFFFFFFFF
+    r = torch.stack([w & 0xFFFF, w >> 16], dim=1).reshape(-1)
+    b = precision.stochastic_round(x, dtype, r).view(torch.int16).long() & 0xFFFF
+    return b[0::2] | (b[1::2] << 16)
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.bfloat16, 1), (torch.float16, 2)])
+def test_cheap_pair_check(cpu_ext, dtype, code):
+    """Where the check of the cheap form (bf16: dither and truncate; fp16:
+    dither and the round-toward-zero conversion) passes, its result is the
+    reference's; it fails on what the cheap form gets wrong (bf16 NaNs, fp16
+    values outside its normal range), and passes on ordinary values."""
+    g = torch.Generator().manual_seed(10)
+    x = fp32_patterns(1 << 15, seed=11)
+    x = x[: x.numel() // 2 * 2]
+    words = torch.randint(-(2**31), 2**31, (x.numel() // 2,), dtype=torch.int64, generator=g).to(torch.int32)
+    h, ok = _cheap(cpu_ext, code, x, words)
+    want = _reference_pairs(x, dtype, words)
+    assert torch.equal(h[ok], want[ok])
+    assert (h[~ok] != want[~ok]).any()  # the check is needed: some cheap results are wrong
+    pair_nan = x.isnan().reshape(-1, 2).any(dim=1)
+    if dtype == torch.bfloat16:
+        assert torch.equal(~ok, pair_nan)
+    else:
+        a = x.abs().reshape(-1, 2)
+        assert not ok[((a < 2.0**-14) | (a > 65504) | a.isnan()).any(dim=1)].any()
+    # ordinary values (fp16: inside its normal range) take the cheap form
+    magnitude = torch.exp2(torch.rand(1 << 14, generator=g) * 26 - 12)  # 2^-12 .. 2^14
+    y = torch.where(torch.rand(1 << 14, generator=g) < 0.5, -magnitude, magnitude)
+    words = words[: y.numel() // 2]
+    h, ok = _cheap(cpu_ext, code, y, words)
+    assert ok.all() and torch.equal(h, _reference_pairs(y, dtype, words))
 
 
 def test_remainder_split_matches_reference(cpu_ext):

@@ -58,7 +58,7 @@ def test_every_kernel_compiles_for_both_targets(records):
     # 3 algorithms x 9 (param, state) dtype pairs, then the storage modes of each 16-bit param and state dtype
     storage = {(spec[0], param, state, mode) for op, spec in csrc.OPS.items() for param, modes in csrc.STORAGE_KERNELS[op].items()
                for mode in modes for state in ("fp32", "bf16", "fp16")}
-    assert len(storage) == 2 * 3 * (2 + 1)  # Adam and SGD: bf16 masters and remainders, fp16 masters
+    assert len(storage) == 2 * 3 * (3 + 2)  # Adam and SGD: bf16 stochastic rounding, masters and remainders; fp16 the first two
     assert len(found) == 27 + len(storage) and storage <= set(found)
     for (kernel, _, _, _), loops in found.items():
         (op,) = [op for op, spec in csrc.OPS.items() if spec[0] == kernel]
@@ -123,8 +123,8 @@ def test_the_command_line_prints_and_writes_the_records(records, tmp_path, capsy
     assert lines[0].split() == [h for h, _ in COLUMNS] and len(lines) == 2 + len(written)
     assert written and all(r["kernel"] == "sgd" and r["arch"] == 90 and r["variant"]["param"] == "bf16" for r in written)
     # three state dtypes; two masks, each unscaled two ways; a vector loop and two scalar ones (with and without the
-    # deferred clip); to nearest, fp32 masters, remainders
-    assert len(written) == 3 * 4 * 3 * 3
+    # deferred clip); to nearest, stochastic rounding, fp32 masters, remainders
+    assert len(written) == 3 * 4 * 3 * 4
     main(["--source", "csrc", "--kernel", "sgd", "--arch", "90", "--dtype", "bf16", "--worst", "--markdown"])
     md = capsys.readouterr().out.splitlines()
     assert md[0].startswith("| source |") and len(md) == 2 + 3

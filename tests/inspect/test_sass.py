@@ -79,6 +79,33 @@ def test_loops(function):
     assert records.main_loop(loops[1:], 2, 4.0) == 0  # no full-tile loop: the first
 
 
+# An inner loop left through a predicated CALL to the convergence point that
+# a branch also reaches (as ptxas may emit), inside an outer loop.
+JUMP_CALL_LISTING = """
+		Function : jumps
+        /*0000*/                   LDG.E R0, desc[UR4][R2.64] ;
+        /*0010*/               @P0 BRA 0x60 ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R8.64] ;
+        /*0030*/                   STG.E.128 desc[UR4][R8.64], R4 ;
+        /*0040*/               @P1 CALL.REL.NOINC 0x60 ;
+        /*0050*/                   BRA 0x20 ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R0 ;
+        /*0070*/               @P2 BRA 0x0 ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_a_predicated_call_to_a_branch_target_is_a_jump():
+    """The CALL is the inner loop's exit edge, so the outer loop contains it
+    (only the inner loop is reported); a call to a subroutine stays one."""
+    (fn,) = sass.parse_sass(JUMP_CALL_LISTING)
+    assert sass._jump_targets(fn.instructions) == {0x40: 0x60}
+    (inner,) = sass.analyse(fn)
+    assert inner.header == 0x20 and inner.instructions == 4 and inner.bytes == 32
+    (plain,) = sass.parse_sass(LISTING)
+    assert sass._jump_targets(plain.instructions) == {}
+
+
 def test_main_loop_is_the_heaviest_full_tile_version():
     """Versions of the full-tile loop (2 copies unrolled, or one; fewer or
     more instructions per element), a masked tail and a loop moving other

@@ -129,17 +129,14 @@ def test_functional_entry_points_name_themselves():
 
 
 def test_storage_modes_each_backend_implements():
-    """The cuda kernels store fp32 masters and bf16 remainders, not
-    stochastic rounding (csrc/multi_tensor.cuh); their storage kernels take
-    gradients in the parameter's dtype."""
+    """Every fused backend implements every storage mode; the cuda storage
+    kernels take gradients in the parameter's dtype (csrc/multi_tensor.cuh)."""
     p = torch.zeros(8, dtype=torch.bfloat16)
-    for storage in ("nearest", "master", "remainder"):
-        assert backend.fused_refusal(p, p, torch.float32, storage, "cuda") is None
-    refusal = backend.fused_refusal(p, p, torch.float32, "stochastic", "cuda")
-    assert refusal.error is NotImplementedError and "stochastic" in refusal.reason
-    for name in ("triton", "cpu"):
-        assert backend.fused_refusal(p, p, torch.float32, "stochastic", name) is None
-    mixed = backend.fused_refusal(p, p.float(), torch.float32, "master", "cuda")
-    assert mixed.error is TypeError and "master" in mixed.reason
+    for name in ("cuda", "triton", "cpu"):
+        for storage in ("nearest", "stochastic", "master", "remainder"):
+            assert backend.fused_refusal(p, p, torch.float32, storage, name) is None
+    for storage in ("stochastic", "master"):
+        mixed = backend.fused_refusal(p, p.float(), torch.float32, storage, "cuda")
+        assert mixed.error is TypeError and storage in mixed.reason
     assert backend.fused_refusal(p, p.float(), torch.float32, "master", "cpu") is None
     assert backend.fused_refusal(p, p.float(), torch.float32, "nearest", "cuda") is None
