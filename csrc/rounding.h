@@ -238,33 +238,31 @@ FASTMUP_HD FASTMUP_INLINE bool fp16_pair_exact(uint32_t h) {
 #endif
 }
 
-// The exact pairs out of line (the rare inputs), so that the code around
-// their call stays the cheap form's.
+// The pair forms of one parameter dtype: the cheap one (cheap), whether its
+// result h is exact (exact: bf16, no NaN; fp16, the check of its result),
+// and the exact form out of line (cold: the rare inputs, so that the code
+// around its call stays the cheap form's).
 template <class P>
-FASTMUP_HD FASTMUP_COLD uint32_t stochastic_pair_cold(float x0, float x1, uint32_t w) {
-  if constexpr (std::is_same<P, Bf16>::value) return stochastic_bf16_pair(x0, x1, w);
-  else return stochastic_fp16_pair(x0, x1, w);
-}
-
-// Whether the cheap form of a pair is exact (bf16: no NaN; fp16: the check
-// of its result).
-template <class P>
-FASTMUP_HD FASTMUP_INLINE bool cheap_pair_exact(float x0, float x1, uint32_t h) {
-  if constexpr (std::is_same<P, Bf16>::value) return !((x0 != x0) | (x1 != x1));
-  else return fp16_pair_exact(h);
-}
-template <class P>
-FASTMUP_HD FASTMUP_INLINE uint32_t cheap_pair(float x0, float x1, uint32_t w) {
-  if constexpr (std::is_same<P, Bf16>::value) return dithered_bf16_pair(x0, x1, w);
-  else return truncated_fp16_pair(x0, x1, w);
-}
+struct PairRounding;
+template <>
+struct PairRounding<Bf16> {
+  FASTMUP_HD static FASTMUP_INLINE uint32_t cheap(float x0, float x1, uint32_t w) { return dithered_bf16_pair(x0, x1, w); }
+  FASTMUP_HD static FASTMUP_INLINE bool exact(float x0, float x1, uint32_t) { return !((x0 != x0) | (x1 != x1)); }
+  FASTMUP_HD static FASTMUP_COLD uint32_t cold(float x0, float x1, uint32_t w) { return stochastic_bf16_pair(x0, x1, w); }
+};
+template <>
+struct PairRounding<Fp16> {
+  FASTMUP_HD static FASTMUP_INLINE uint32_t cheap(float x0, float x1, uint32_t w) { return truncated_fp16_pair(x0, x1, w); }
+  FASTMUP_HD static FASTMUP_INLINE bool exact(float, float, uint32_t h) { return fp16_pair_exact(h); }
+  FASTMUP_HD static FASTMUP_COLD uint32_t cold(float x0, float x1, uint32_t w) { return stochastic_fp16_pair(x0, x1, w); }
+};
 
 // One pair (x0: the even element) with its hash word w, as the packed bits
 // of stochastic_bf16 / stochastic_fp16 of w's two halves.
 template <class P>
 FASTMUP_HD FASTMUP_INLINE uint32_t stochastic_pair(float x0, float x1, uint32_t w) {
-  const uint32_t h = cheap_pair<P>(x0, x1, w);
-  return cheap_pair_exact<P>(x0, x1, h) ? h : stochastic_pair_cold<P>(x0, x1, w);
+  const uint32_t h = PairRounding<P>::cheap(x0, x1, w);
+  return PairRounding<P>::exact(x0, x1, h) ? h : PairRounding<P>::cold(x0, x1, w);
 }
 
 // N consecutive elements (N even) whose first is the even element of pair
@@ -280,12 +278,12 @@ FASTMUP_HD FASTMUP_INLINE void stochastic_pack(const float (&x)[N], uint32_t hea
   FASTMUP_UNROLL
   for (int k = 0; k < N / 2; ++k) {
     w[k] = RoundingKey::word(h, static_cast<uint32_t>(k));
-    out[k] = cheap_pair<P>(x[2 * k], x[2 * k + 1], w[k]);
-    exact &= cheap_pair_exact<P>(x[2 * k], x[2 * k + 1], out[k]);
+    out[k] = PairRounding<P>::cheap(x[2 * k], x[2 * k + 1], w[k]);
+    exact &= PairRounding<P>::exact(x[2 * k], x[2 * k + 1], out[k]);
   }
   if (!exact) {
     FASTMUP_UNROLL
-    for (int k = 0; k < N / 2; ++k) out[k] = stochastic_pair_cold<P>(x[2 * k], x[2 * k + 1], w[k]);
+    for (int k = 0; k < N / 2; ++k) out[k] = PairRounding<P>::cold(x[2 * k], x[2 * k + 1], w[k]);
   }
 }
 

@@ -325,31 +325,47 @@ def unscale(g, scale, inv_scale, BY_RECIPROCAL: tl.constexpr):
 
 
 @triton.jit
+def reciprocal_split(s):
+    """``(hi, lo)``, fp64: ``1/s`` as ``hi + lo`` to about ``2^-105``, for a
+    scalar fp32 ``s``, with ``hi`` below ``1/|s|`` in magnitude so that
+    ``lo`` is never 0 and has its sign (``s`` = ±0: ``lo`` = ±inf, ``s`` =
+    ±inf: ``hi = lo = 0``, so that :func:`divide` gives the division's
+    infinities and NaNs)."""
+    a = tl.abs(s).to(tl.float64)
+    hi = 1.0 / a
+    # one ulp less where the rounded reciprocal is not below 1/a (the residual
+    # 1 - hi·a is exact in fp64: hi·a is within 2^-52 of 1)
+    hi = tl.where(tl.fma(-hi, a, 1.0) <= 0.0, (hi.to(tl.int64, bitcast=True) - 1).to(tl.float64, bitcast=True), hi)
+    lo = tl.fma(-hi, a, 1.0) * hi
+    hi = tl.where(a == 0.0, float("inf"), tl.where(a == float("inf"), 0.0, hi))
+    lo = tl.where(a == 0.0, float("inf"), tl.where(a == float("inf"), 0.0, lo))
+    sign = tl.where((s.to(tl.uint32, bitcast=True) >> 31) != 0, -1.0, 1.0).to(tl.float64)  # -0 too
+    return hi * sign, lo * sign
+
+
+@triton.jit
 def divide(x, s):
     """``x / s`` for fp32 ``x`` and a scalar ``s``, rounded as IEEE fp32
-    division rounds it, through fp64 with the reciprocal formed once.
+    division rounds it, through fp64 with the reciprocal formed once
+    (:func:`reciprocal_split`).
 
-    ``q = RN64(x · RN64(1/s))`` is within ``2^-52·|x/s|`` of ``x/s``.  No fp32
-    rounding boundary (a midpoint of two fp32 neighbours) lies that close to
-    a quotient of two fp32 numbers without being it: ``x - m·s`` is a
-    multiple of ``2^-47`` times ``m·s``'s binade, so a quotient that is not a
-    midpoint ``m`` is at least ``2^-49`` (relative; ``2^-174`` absolute below
-    2^-126) away from one.  One exists as a quotient only below 2^-126, where
-    the grid is fixed (``x = m·s`` needs more significant bits than ``x`` has
-    above it); for that case one correction step in fp64 with the exact
-    residual ``e = x - q·s`` lands on ``m`` itself, which the conversion to
-    fp32 rounds to even as the division does.  ``e`` is 0 where ``q`` is
-    exact (keeping ``q`` keeps the sign of a zero) and NaN for an infinite or
-    NaN ``x`` (then ``q`` is the IEEE result).  Eight instructions per
-    element where ``tl.div_rn`` takes ten, four more in its slow-path call,
-    which the loops then keep."""
-    s64 = s.to(tl.float64)
-    r = 1.0 / s64
+    ``q = RN64(x·hi + RN64(x·lo))`` is within ``2^-104·|x/s|`` of ``x/s``.
+    No fp32 rounding boundary (a midpoint of two fp32 neighbours) lies that
+    close to a quotient of two fp32 numbers without being it: ``x - m·s`` is
+    a multiple of ``2^-47`` times ``m·s``'s binade, so a quotient that is not
+    a midpoint ``m`` is at least ``2^-49`` (relative; ``2^-174`` absolute
+    below 2^-126) away from one, and rounding ``q`` to fp32 rounds ``x/s``.
+    A quotient is a midpoint only below 2^-126, where the grid is fixed
+    (``x = m·s`` needs more significant bits than ``x`` has above it); then
+    ``q`` is ``m`` itself (fp64 holds it, and the error is far below half its
+    ulp), which the conversion rounds to even as the division does (``hi``
+    alone, within ``2^-53``, would round it to either side).  ``x·hi`` and
+    ``x·lo`` have one sign and ``lo`` is not 0, so infinities, NaNs and
+    signed zeros come out as the division's.  Four instructions per element where ``tl.div_rn`` takes
+    ten, four more in its slow-path call, which the loops then keep."""
+    hi, lo = reciprocal_split(s)
     x64 = x.to(tl.float64)
-    q = x64 * r
-    e = tl.fma(-q, s64, x64)
-    q = tl.where(tl.abs(e) > 0.0, tl.fma(e, r, q), q)
-    return q.to(tl.float32)
+    return tl.fma(x64, hi, x64 * lo).to(tl.float32)
 
 
 @triton.jit

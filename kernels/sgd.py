@@ -62,7 +62,8 @@ def _tile(
     g = load_tile(grad_ptr + at, left, GRAD, TILE, MASKED, ALIGNED)
     # the deferred clip (what g.mul_(clip) would hold), then the eager path's g / scale
     g = prepared_grad(g, clip, scale, inv_scale, GRAD, HAS_CLIP, HAS_SCALE, BY_RECIPROCAL)
-    g = tl.where(maximize, -g, g)
+    if not HAS_SCALE:  # else maximize's sign rides on the scale (sgd_kernel)
+        g = tl.where(maximize, -g, g)
     # Skip the add when wd = 0 so that 0·inf does not turn a finite grad into nan.
     g = tl.where(wd != 0.0, tl.fma(wd, p, g), g)
 
@@ -117,6 +118,11 @@ def sgd_kernel(
     has_buf = momentum != 0.0
     first = tl.load(steps_ptr + i) == 1.0  # torch seeds the buffer with g on the first step
     clip, scale, inv_scale, exact = grad_scalars(grad_clip_ptr, grad_scale_ptr, HAS_CLIP, HAS_SCALE)
+    if HAS_SCALE:
+        # -(g / s) == g / -s and -(g * r) == g * -r exactly: maximize's negation
+        # folded into the unscaling (one select per element less)
+        scale = tl.where(maximize, -scale, scale)
+        inv_scale = tl.where(maximize, -inv_scale, inv_scale)
 
     # Full tiles first, without a mask, so that their accesses vectorise;
     # then at most one masked partial tile.  (static_range: compiled twice.)

@@ -89,7 +89,7 @@ void stochastic_packs(int code, int pack, uint32_t seed_prefix, uint32_t step, u
 }
 
 // The cheap form of each pair (x[2k], x[2k + 1]) with hash word w[k] and
-// whether its check passes (rounding.h: cheap_pair, cheap_pair_exact).
+// whether its check passes (rounding.h: PairRounding's cheap and exact).
 void cheap_pairs(int code, uint64_t src, uint64_t words, uint64_t dst, uint64_t exact, int64_t npairs) {
   if (code != kBFloat16 && code != kFloat16) throw std::invalid_argument("cheap_pairs: dtype code must be bf16 or fp16");
   const float* x = address<const float>(src);
@@ -103,11 +103,11 @@ void cheap_pairs(int code, uint64_t src, uint64_t words, uint64_t dst, uint64_t 
     uint32_t h;
     bool e;
     if (code == kBFloat16) {
-      h = cheap_pair<Bf16>(x0, x1, wk);
-      e = cheap_pair_exact<Bf16>(x0, x1, h);
+      h = PairRounding<Bf16>::cheap(x0, x1, wk);
+      e = PairRounding<Bf16>::exact(x0, x1, h);
     } else {
-      h = cheap_pair<Fp16>(x0, x1, wk);
-      e = cheap_pair_exact<Fp16>(x0, x1, h);
+      h = PairRounding<Fp16>::cheap(x0, x1, wk);
+      e = PairRounding<Fp16>::exact(x0, x1, h);
     }
     out[k] = static_cast<int32_t>(h);
     ok[k] = e;
