@@ -64,9 +64,12 @@ SETTINGS = [
     S("adam", "fp16", "fp16", **ALL_ON, storage="stochastic", aligned=False),
     S("sgd", "fp16", "fp16", **ALL_ON, storage="stochastic", aligned=False),
     # stochastic rounding with AMP but without amsgrad or momentum (three streams for SGD: the fewest bytes
-    # per element for the hash, the rounding and the division by a grad_scale without an exact reciprocal)
+    # per element for the hash, the rounding and the division by a grad_scale without an exact reciprocal;
+    # fp16 on misaligned buffers the heaviest of all)
     S("adam", "bf16", "bf16", amp="scale+found_inf", storage="stochastic", aligned=False),
+    S("adam", "fp16", "fp16", amp="scale+found_inf", storage="stochastic", aligned=False),
     S("sgd", "bf16", "bf16", amp="scale+found_inf", storage="stochastic", aligned=False),
+    S("sgd", "fp16", "fp16", amp="scale+found_inf", storage="stochastic", aligned=False),
     S("sgd", "fp16", "fp16", amp="scale+found_inf", storage="stochastic"),
     # ESGD-M plain and HVP steps (the latter draw the probes: one probe kernel per dtype)
     S("esgd", "fp32", "fp32"), S("esgd", "bf16", "bf16"), S("esgd", "bf16", "fp32"),
